@@ -1,0 +1,11 @@
+// _kvtier: the native half of the kvtier Python package.
+#include <pybind11/pybind11.h>
+
+#include "python/src/bindings.h"
+
+PYBIND11_MODULE(_kvtier, m) {
+  m.doc() = "kvtier native engine (C++20). Use the `kvtier` package, not this module directly.";
+  kvtier::py::RegisterStatus(m);
+  kvtier::py::RegisterDatapath(m);
+  kvtier::py::RegisterEngine(m);
+}

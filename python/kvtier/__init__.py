@@ -1,0 +1,28 @@
+"""kvtier: a tiered KV-cache layer for LLM inference engines.
+
+``import kvtier`` needs no third-party package and no native module: the
+configuration is pure Python, and :class:`Engine` (which loads the ``_kvtier``
+extension) is imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kvtier._version import __version__
+from kvtier.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from kvtier.engine import Engine
+
+__all__ = ["Config", "ConfigError", "Engine", "__version__", "load_config"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that `import kvtier` works without the extension (and before
+    # kvtier.engine exists); the import error surfaces where Engine is used.
+    if name == "Engine":
+        from kvtier.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'kvtier' has no attribute {name!r}")

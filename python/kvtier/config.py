@@ -1,0 +1,455 @@
+"""kvtier configuration: one frozen, validated :class:`Config` per process.
+
+Precedence, lowest to highest:
+
+1. the documented defaults (``docs/configuration.md``),
+2. the YAML file named by ``KVTIER_CONFIG``,
+3. environment variables ``KVTIER_<KEY>`` (key in upper case),
+4. an explicit overrides mapping (e.g. vLLM's ``kv_connector_extra_config``).
+
+Everything is checked once, at start-up: an unknown key fails with the
+closest known key as a suggestion, a bad value fails naming the key, the value,
+where it came from and what is allowed. A process never runs on a half-valid
+configuration.
+
+Sizes accept plain integers (bytes) or a number with a unit: decimal units
+(``kB``, ``MB``, ``GB``, ``TB``; powers of 10) and binary units (``KiB``,
+``MiB``, ``GiB``, ``TiB``; powers of 2), so ``"20GB"`` is 20 * 10**9 bytes and
+``"1.5 GiB"`` is 1.5 * 2**30 bytes.
+
+PyYAML is imported only when a file is actually read, so ``import kvtier``
+needs no third-party package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+__all__ = [
+    "ENV_CONFIG_FILE",
+    "ENV_PREFIX",
+    "Config",
+    "ConfigError",
+    "format_size",
+    "load_config",
+    "load_config_with_sources",
+    "parse_size",
+]
+
+ENV_PREFIX = "KVTIER_"
+ENV_CONFIG_FILE = "KVTIER_CONFIG"
+
+
+class ConfigError(ValueError):
+    """An invalid kvtier configuration: unknown key, bad value or bad file."""
+
+
+# --------------------------------------------------------------------------
+# Sizes
+
+KIB = 1 << 10
+MIB = 1 << 20
+GIB = 1 << 30
+
+_SIZE_UNITS: dict[str, int] = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+_SIZE_HELP = (
+    "a byte count or a number with a unit: B, kB, MB, GB, TB (powers of 10) "
+    "or KiB, MiB, GiB, TiB (powers of 2), e.g. 512MiB, 20GB, '1.5 GiB'"
+)
+
+
+def parse_size(value: object) -> int:
+    """Parses a size in bytes. Raises ``TypeError`` / ``ValueError`` (not
+    ConfigError: the caller adds the key) when the value is not a whole,
+    non-negative size."""
+    if isinstance(value, bool):
+        raise TypeError(f"expected a size, got a boolean; {_SIZE_HELP}")
+    if isinstance(value, int):
+        number, scale = Decimal(value), 1
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite size; {_SIZE_HELP}")
+        number, scale = Decimal(repr(value)), 1
+    elif isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match is None:
+            raise ValueError(f"not a size; {_SIZE_HELP}")
+        unit = match.group(2).lower() or "b"
+        if unit not in _SIZE_UNITS:
+            raise ValueError(f"unknown unit {match.group(2)!r}; {_SIZE_HELP}")
+        try:
+            number = Decimal(match.group(1))
+        except InvalidOperation as exc:  # the regex should make this unreachable
+            raise ValueError(f"not a size; {_SIZE_HELP}") from exc
+        scale = _SIZE_UNITS[unit]
+    else:
+        raise TypeError(f"expected a size, got {type(value).__name__}; {_SIZE_HELP}")
+    total = number * scale
+    if total < 0:
+        raise ValueError("a size cannot be negative")
+    if total != total.to_integral_value():
+        raise ValueError(f"{total} is not a whole number of bytes")
+    return int(total)
+
+
+def format_size(n: int) -> str:
+    """The shortest exact spelling: '4GiB', '20GB', '1536MiB' or plain bytes."""
+    if n == 0:
+        return "0"
+    exact = [(n // scale, unit) for unit, scale in _DISPLAY_UNITS if n % scale == 0]
+    if not exact:
+        return str(n)
+    count, unit = min(exact)  # the fewest digits reads best: 20GB, not 19531250KiB
+    return f"{count}{unit}"
+
+
+_DISPLAY_UNITS = (("TiB", 2**40), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB),
+                  ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3))
+
+
+# --------------------------------------------------------------------------
+# Scalar parsers. Each returns the typed value or raises TypeError /
+# ValueError with the reason; _parse_value turns that into a ConfigError naming key and source.
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+def _parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+    raise ValueError("expected a boolean: true/false, 1/0, yes/no or on/off")
+
+
+def _parse_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise TypeError("expected an integer, got a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip(), 10)
+        except ValueError:
+            pass
+    raise ValueError("expected an integer")
+
+
+def _parse_float(value: object) -> float:
+    if isinstance(value, bool):
+        raise TypeError("expected a number, got a boolean")
+    result: float | None = None
+    if isinstance(value, (int, float)):
+        result = float(value)
+    elif isinstance(value, str):
+        try:
+            result = float(value.strip())
+        except ValueError:
+            result = None
+    if result is None or not math.isfinite(result):
+        raise ValueError("expected a finite number")
+    return result
+
+
+def _parse_str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__} (quote it in YAML)")
+    return value
+
+
+def _parse_disk_path(value: object) -> str:
+    text = _parse_str(value).strip()
+    if text.lower() in ("", "none"):
+        return ""  # disables the disk tier
+    return os.path.abspath(os.path.expanduser(text))
+
+
+@dataclass(frozen=True)
+class _Key:
+    """How one key is parsed, bounded and documented."""
+
+    parse: Callable[[object], Any]
+    allowed: str  # human-readable allowed values, used in every error message
+    check: Callable[[Any], bool] = lambda _value: True
+    choices: tuple[str, ...] = ()
+
+
+def _choice(*options: str) -> _Key:
+    def parse(value: object) -> str:
+        text = _parse_str(value).strip().lower()
+        if text not in options:
+            raise ValueError("not one of the allowed values")
+        return text
+
+    return _Key(parse, "one of " + ", ".join(repr(o) for o in options), choices=options)
+
+
+def _int_range(lo: int, hi: int, allowed: str | None = None) -> _Key:
+    return _Key(_parse_int, allowed or f"an integer in [{lo}, {hi}]", lambda v: lo <= v <= hi)
+
+
+def _size_at_least(minimum: int) -> _Key:
+    return _Key(parse_size, f"a size >= {format_size(minimum)} ({_SIZE_HELP})",
+                lambda v: v >= minimum)
+
+
+# --------------------------------------------------------------------------
+# The configuration. Field order is the order of docs/configuration.md.
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective kvtier configuration. Sizes are in bytes, paths expanded."""
+
+    chunk_size: int = 256
+    partial_chunks: str = "keep"
+    cpu_capacity: int = 4 * GIB
+    cpu_high_watermark: float = 0.90
+    cpu_low_watermark: float = 0.80
+    eviction_policy: str = "s3fifo"
+    ttl_seconds: float = 0.0
+    index_capacity: int = 0
+    huge_pages: str = "auto"
+    numa_node: int = -1
+    disk_path: str = "~/.cache/kvtier/disk"
+    disk_capacity: int = 16 * GIB
+    disk_segment_size: int = 0
+    disk_queue_depth: int = 64
+    gds: str = "auto"
+    write_behind: bool = True
+    write_behind_queue: int = 1024
+    io_threads: int = 2
+    copy_threads: int = 0
+    namespace: str = ""
+    log_level: str = "info"
+
+    @property
+    def disk_enabled(self) -> bool:
+        return self.disk_path != ""
+
+    def to_native(self) -> dict[str, int | float | str | bool]:
+        """Plain Python scalars, keyed by field name, for the C++ engine."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def describe(self, sources: Mapping[str, str] | None = None) -> str:
+        """One ``key = value`` line per key; with ``sources``, where it came from."""
+        lines = []
+        width = max(len(f.name) for f in dataclasses.fields(self))
+        for f in dataclasses.fields(self):
+            line = f"{f.name:<{width}} = {_display(f.name, getattr(self, f.name))}"
+            if sources is not None:
+                line = f"{line:<{width + 28}} # {sources.get(f.name, 'default')}"
+            lines.append(line)
+        return "\n".join(lines)
+
+
+_SIZE_KEYS = frozenset({"cpu_capacity", "disk_capacity", "disk_segment_size"})
+
+
+def _display(name: str, value: object) -> str:
+    if name in _SIZE_KEYS and isinstance(value, int):
+        return format_size(value)
+    if name == "disk_path" and value == "":
+        return "none (disk tier disabled)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value) if value == "" else value
+    return str(value)
+
+
+def _segment_ok(v: int) -> bool:
+    return v == 0 or (v >= MIB and v % (4 * KIB) == 0)
+
+
+_KEYS: dict[str, _Key] = {
+    "chunk_size": _int_range(16, 65536, "an integer number of tokens in [16, 65536]"),
+    "partial_chunks": _choice("keep", "drop"),
+    "cpu_capacity": _size_at_least(16 * MIB),
+    "cpu_high_watermark": _Key(_parse_float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0),
+    # The upper bound depends on cpu_high_watermark: checked in _check_cross_keys.
+    "cpu_low_watermark": _Key(_parse_float, "a number in (0, cpu_high_watermark)",
+                              lambda v: 0.0 < v < 1.0),
+    "eviction_policy": _choice("s3fifo", "lru"),
+    "ttl_seconds": _Key(_parse_float, "a number of seconds >= 0 (0 = never expire)",
+                        lambda v: v >= 0.0),
+    "index_capacity": _Key(_parse_int, "0 (auto) or an integer in [1024, 2**31]",
+                           lambda v: v == 0 or 1024 <= v <= 2**31),
+    "huge_pages": _choice("auto", "on", "off"),
+    "numa_node": _int_range(-1, 1023, "-1 (no binding) or a NUMA node in [0, 1023]"),
+    "disk_path": _Key(_parse_disk_path,
+                      "a directory path, or '' / 'none' to disable the disk tier"),
+    "disk_capacity": _size_at_least(64 * MIB),
+    "disk_segment_size": _Key(parse_size, "0 (auto) or a size >= 1MiB that is a multiple of 4KiB",
+                              _segment_ok),
+    "disk_queue_depth": _int_range(1, 4096),
+    "gds": _choice("auto", "on", "off"),
+    "write_behind": _Key(_parse_bool, "a boolean: true/false, 1/0, yes/no, on/off"),
+    "write_behind_queue": _int_range(1, 1_000_000, "an integer number of chunks in [1, 1000000]"),
+    "io_threads": _int_range(1, 64),
+    "copy_threads": _int_range(0, 256, "0 (auto) or an integer in [1, 256]"),
+    "namespace": _Key(_parse_str, "a string"),
+    "log_level": _choice("debug", "info", "warning", "error"),
+}
+
+KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
+# A key added to Config without a parser (or the reverse) is a programming error.
+assert set(KEYS) == set(_KEYS), "Config fields and _KEYS must list the same keys"
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+def _unknown_key_error(key: object, source: str) -> ConfigError:
+    text = str(key)
+    close = difflib.get_close_matches(text.lower(), KEYS, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown configuration key {text!r} (from {source}){hint} "
+                       f"Known keys: {', '.join(KEYS)}")
+
+
+def _parse_value(key: str, raw: object, source: str) -> object:
+    spec = _KEYS[key]
+    try:
+        value = spec.parse(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad value for {key!r} (from {source}): {raw!r}: {exc}; "
+                          f"allowed: {spec.allowed}") from None
+    if not spec.check(value):
+        raise ConfigError(f"bad value for {key!r} (from {source}): {raw!r} is out of range; "
+                          f"allowed: {spec.allowed}")
+    return value
+
+
+def _read_yaml(path: str) -> Mapping[object, object]:
+    source = f"{ENV_CONFIG_FILE}={path}"
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {source}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file is not a regular file: {source}")
+    try:
+        import yaml
+    except ImportError as exc:
+        raise ConfigError(f"reading {source} needs PyYAML (pip install pyyaml)") from exc
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"malformed YAML in config file {path}: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if data is None:  # an empty file (or only comments) sets nothing
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value, "
+                          f"got a {type(data).__name__}")
+    return data
+
+
+def _check_cross_keys(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    low, high = values["cpu_low_watermark"], values["cpu_high_watermark"]
+    if not low < high:
+        raise ConfigError(
+            f"bad value for 'cpu_low_watermark' (from {sources['cpu_low_watermark']}): {low!r} "
+            f"must be below cpu_high_watermark = {high!r} (from {sources['cpu_high_watermark']}); "
+            "allowed: a number in (0, cpu_high_watermark)")
+    segment, capacity = values["disk_segment_size"], values["disk_capacity"]
+    if values["disk_path"] and segment > capacity:
+        raise ConfigError(
+            f"bad value for 'disk_segment_size' (from {sources['disk_segment_size']}): "
+            f"{format_size(segment)} exceeds disk_capacity = {format_size(capacity)}; "
+            "allowed: 0 (auto) or a size up to disk_capacity")
+
+
+def _env_layer(environ: Mapping[str, str]) -> Iterable[tuple[str, object, str]]:
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key in _KEYS:
+            yield key, raw, f"env {name}"
+            continue
+        # The KVTIER_ prefix is shared with tool variables (KVTIER_WHEEL,
+        # KVTIER_CUDA ...), so only a near miss of a key is an error: that is
+        # almost certainly a typo whose silent loss would be worse.
+        close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(f"unknown configuration variable {name}; did you mean "
+                              f"{ENV_PREFIX}{close[0].upper()}?")
+
+
+def load_config_with_sources(
+    overrides: Mapping[str, object] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """Like :func:`load_config`, also returning where each value came from:
+    ``"default"``, ``"file <path>"``, ``"env KVTIER_<KEY>"`` or ``"override"``."""
+    env = os.environ if environ is None else environ
+    defaults = Config()
+    values: dict[str, Any] = {k: getattr(defaults, k) for k in KEYS}
+    # The default disk_path is spelled with '~' for the docs; expand it like a set one.
+    values["disk_path"] = _parse_disk_path(values["disk_path"])
+    sources = dict.fromkeys(KEYS, "default")
+
+    layers: list[tuple[str, object, str]] = []
+    path = env.get(ENV_CONFIG_FILE, "")
+    if path:
+        for key, raw in _read_yaml(path).items():
+            if not isinstance(key, str) or key not in _KEYS:
+                raise _unknown_key_error(key, f"file {path}")
+            layers.append((key, raw, f"file {path}"))
+    layers.extend(_env_layer(env))
+    for key, raw in (overrides or {}).items():
+        if not isinstance(key, str) or key not in _KEYS:
+            raise _unknown_key_error(key, "overrides")
+        layers.append((key, raw, "override"))
+
+    for key, raw, source in layers:  # later layers win
+        values[key] = _parse_value(key, raw, source)
+        sources[key] = source
+    _check_cross_keys(values, sources)
+    return Config(**values), sources
+
+
+def load_config(
+    overrides: Mapping[str, object] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Builds the effective configuration: defaults < ``KVTIER_CONFIG`` YAML
+    file < ``KVTIER_<KEY>`` environment variables < ``overrides``.
+
+    ``environ`` defaults to ``os.environ``. Raises :class:`ConfigError` on an
+    unknown key, a bad value, or a missing, malformed or non-mapping file.
+    """
+    return load_config_with_sources(overrides, environ=environ)[0]

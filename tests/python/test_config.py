@@ -10,9 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import kvtier
+import pytest
 from kvtier import Config, ConfigError, load_config
 from kvtier.config import format_size, load_config_with_sources, parse_size
 
@@ -195,7 +194,8 @@ def test_boundaries_accepted() -> None:
          "copy_threads": 256, "numa_node": 0, "disk_segment_size": "64MiB"},
         environ={})
     assert config.chunk_size == 16 and config.index_capacity == 2**31
-    assert load_config({"chunk_size": 65536, "index_capacity": 1024}, environ={}).chunk_size == 65536
+    upper = load_config({"chunk_size": 65536, "index_capacity": 1024}, environ={})
+    assert (upper.chunk_size, upper.index_capacity) == (65536, 1024)
 
 
 def test_to_native_is_plain_scalars(tmp_path: Path) -> None:
@@ -212,10 +212,10 @@ def test_describe_lists_every_key_and_source(tmp_path: Path) -> None:
                                                environ={"KVTIER_GDS": "off"})
     text = config.describe(sources)
     for f in dataclasses.fields(Config):
-        assert re.search(rf"^{f.name}\s+= ", text, re.M), f.name
-    assert re.search(r"^chunk_size\s+= 128\s+# override$", text, re.M)
-    assert re.search(r"^gds\s+= off\s+# env KVTIER_GDS$", text, re.M)
-    assert re.search(r"^cpu_capacity\s+= 4GiB\s+# default$", text, re.M)
+        assert re.search(rf"^{f.name}\s+= ", text, re.MULTILINE), f.name
+    assert re.search(r"^chunk_size\s+= 128\s+# override$", text, re.MULTILINE)
+    assert re.search(r"^gds\s+= off\s+# env KVTIER_GDS$", text, re.MULTILINE)
+    assert re.search(r"^cpu_capacity\s+= 4GiB\s+# default$", text, re.MULTILINE)
 
 
 # ------------------------------------------------------------------ errors
@@ -239,7 +239,7 @@ def test_unknown_key_without_close_match_lists_keys() -> None:
 
 
 def test_env_typo_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="KVTIER_CPU_CAPACTY.*KVTIER_CPU_CAPACITY"):
+    with pytest.raises(ConfigError, match=r"KVTIER_CPU_CAPACTY.*KVTIER_CPU_CAPACITY"):
         load_config(environ={"KVTIER_CPU_CAPACTY": "1GiB"})
 
 
@@ -294,14 +294,14 @@ def test_bad_env_value_names_variable_source() -> None:
 
 
 def test_low_watermark_must_be_below_high() -> None:
-    with pytest.raises(ConfigError, match="cpu_low_watermark.*must be below cpu_high_watermark"):
+    with pytest.raises(ConfigError, match=r"cpu_low_watermark.*must be below cpu_high_watermark"):
         load_config({"cpu_high_watermark": 0.5}, environ={})  # default low is 0.80
     config = load_config({"cpu_high_watermark": 0.5, "cpu_low_watermark": 0.4}, environ={})
     assert (config.cpu_low_watermark, config.cpu_high_watermark) == (0.4, 0.5)
 
 
 def test_segment_larger_than_disk_rejected_only_with_disk() -> None:
-    with pytest.raises(ConfigError, match="disk_segment_size.*exceeds disk_capacity"):
+    with pytest.raises(ConfigError, match=r"disk_segment_size.*exceeds disk_capacity"):
         load_config({"disk_capacity": "64MiB", "disk_segment_size": "128MiB"}, environ={})
     load_config({"disk_capacity": "64MiB", "disk_segment_size": "128MiB", "disk_path": "none"},
                 environ={})
@@ -334,7 +334,7 @@ def test_non_mapping_yaml(tmp_path: Path, text: str) -> None:
 
 def test_nested_value_is_bad_value(tmp_path: Path) -> None:
     env = write_yaml(tmp_path, "io_threads:\n  a: 1\n")
-    with pytest.raises(ConfigError, match="'io_threads'.*allowed"):
+    with pytest.raises(ConfigError, match=r"'io_threads'.*allowed"):
         load_config(environ=env)
 
 
@@ -356,7 +356,7 @@ def test_every_key_is_documented() -> None:
 
 def test_documented_example_yaml_is_valid(tmp_path: Path) -> None:
     doc = (REPO / "docs" / "configuration.md").read_text()
-    blocks = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    blocks = re.findall(r"```yaml\n(.*?)```", doc, re.DOTALL)
     assert blocks, "docs/configuration.md has no yaml example"
     for block in blocks:
         load_config(environ=write_yaml(tmp_path, block))
@@ -381,9 +381,9 @@ def test_cli_config_shows_sources(tmp_path: Path) -> None:
     env = write_yaml(tmp_path, "chunk_size: 512\n") | {"KVTIER_GDS": "off"}
     result = run_cli("config", env=env)
     assert result.returncode == 0, result.stderr
-    assert re.search(r"^chunk_size\s+= 512\s+# file .*kvtier.yaml$", result.stdout, re.M)
-    assert re.search(r"^gds\s+= off\s+# env KVTIER_GDS$", result.stdout, re.M)
-    assert re.search(r"^io_threads\s+= 2\s+# default$", result.stdout, re.M)
+    assert re.search(r"^chunk_size\s+= 512\s+# file .*kvtier.yaml$", result.stdout, re.MULTILINE)
+    assert re.search(r"^gds\s+= off\s+# env KVTIER_GDS$", result.stdout, re.MULTILINE)
+    assert re.search(r"^io_threads\s+= 2\s+# default$", result.stdout, re.MULTILINE)
 
 
 def test_cli_config_json(tmp_path: Path) -> None:

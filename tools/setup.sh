@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Installs what building and testing kvtier needs, on a fresh Debian 12
+# machine, as root. Idempotent and cheap to rerun:
+#   - apt runs only when a package is missing (checked with dpkg), and
+#     `apt-get update` only then;
+#   - ./.venv is created with the machine's python3 (3.11) only if missing or
+#     broken;
+#   - tools/requirements.txt is installed only when it (or the interpreter)
+#     changed since the last successful install (stamp in .venv).
+#
+# Environment: KVTIER_PYTHON  interpreter for the venv (default: python3)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="$ROOT/.venv"
+REQUIREMENTS="$ROOT/tools/requirements.txt"
+STAMP="$VENV/.kvtier-requirements.sha256"
+PYTHON=${KVTIER_PYTHON:-python3}
+
+APT_PACKAGES=(
+  bazel-bootstrap
+  g++
+  liburing-dev
+  libnuma-dev
+  libgtest-dev
+  libgmock-dev
+  libbenchmark-dev
+  libxxhash-dev
+  libhiredis-dev
+  redis-server
+)
+
+log() { echo "setup.sh: $*"; }
+
+is_installed() {
+  # `dpkg -s` also succeeds for removed packages whose config files remain.
+  [[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" == "installed" ]]
+}
+
+# --- Debian packages -------------------------------------------------------
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  is_installed "$pkg" || missing+=("$pkg")
+done
+# Debian's own python3 needs python3-venv for `-m venv`; other interpreters
+# (pyenv, a built Python) bring ensurepip themselves.
+if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  missing+=(python3-venv)
+fi
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    log "missing Debian packages: ${missing[*]}; run as root to install them" >&2
+    exit 1
+  fi
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q "${missing[@]}"
+else
+  log "Debian packages: all present"
+fi
+
+# --- Python venv -------------------------------------------------------------
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  log "$PYTHON is $("$PYTHON" --version 2>&1), but kvtier's pinned packages need" \
+      "Python 3.11 (set KVTIER_PYTHON)" >&2
+  exit 1
+fi
+if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+  log "creating $VENV with $("$PYTHON" --version 2>&1)"
+  rm -rf "$VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+want=$( { sha256sum "$REQUIREMENTS"; "$VENV/bin/python" --version; } | sha256sum | cut -d' ' -f1)
+have=$(cat "$STAMP" 2>/dev/null || true)
+if [[ "$want" != "$have" ]]; then
+  log "installing tools/requirements.txt into $VENV (a few minutes on a new venv)"
+  rm -f "$STAMP"
+  "$VENV/bin/python" -m pip install --quiet -r "$REQUIREMENTS"
+  echo "$want" >"$STAMP"  # only after a complete install
+else
+  log "Python packages: up to date"
+fi
+log "done"

@@ -1,0 +1,44 @@
+// CPU reference gather/scatter between paged engine KV and the chunk buffer.
+//
+// This is the production copy for CPU engines (vLLM CPU) and the oracle the
+// CUDA kernels (cuda/kv_copy.h, same argument shape) are tested against.
+//
+// Contract
+// - Gather copies, for every layer and every token i with slots[i] >= 0, the
+//   token's K (and V) rows from the paged tensors into `dst`, laid out as the
+//   chunk buffer format of kv_layout.h for n = slots.size() tokens. Bytes of
+//   padding tokens (slots[i] < 0) in `dst` are left untouched.
+// - Scatter is the inverse: it writes the paged KV of every slot >= 0 from
+//   `src` and touches nothing else of the engine's memory.
+// - Arguments are checked before any byte moves, so an error never leaves a
+//   half-copied buffer: kInvalidArgument for a slot >= num_slots (naming its
+//   index and value), a buffer whose size is not ChunkBytes(n), or
+//   num_threads < 1; kFailedPrecondition when the layout lives on a CUDA
+//   device. No other codes.
+// - Threads: up to num_threads (the caller's thread included) split the
+//   (layer, token) space; fewer are used for small copies, where starting a
+//   thread costs more than it saves. The call returns after all of them
+//   joined, so the copy is complete and visible to the caller (thread join is
+//   the synchronisation; nothing here uses atomics).
+// - Scatter with the same slot twice is a caller error: which token's bytes
+//   land there is unspecified (and a data race when threads > 1).
+// - Copies are byte-exact for any element size; runs of consecutive slots
+//   inside one block are merged into one memcpy when the strides allow it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "cc/common/status.h"
+#include "cc/datapath/kv_layout.h"
+
+namespace kvtier {
+
+Status GatherCpu(const PagedKvLayout& layout, std::span<const int64_t> slots,
+                 std::span<std::byte> dst, int num_threads = 1);
+
+Status ScatterCpu(const PagedKvLayout& layout, std::span<const int64_t> slots,
+                  std::span<const std::byte> src, int num_threads = 1);
+
+}  // namespace kvtier

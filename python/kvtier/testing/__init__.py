@@ -1,0 +1,1 @@
+"""Helpers shipped with kvtier for tests, the demo and benchmarks."""

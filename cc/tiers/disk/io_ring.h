@@ -1,0 +1,80 @@
+// IoRing: an RAII io_uring (liburing) that runs a batch of file reads and
+// writes to completion. The disk tier keeps a pool of these, one per calling
+// thread at a time, so a ring is never shared between threads.
+//
+// Contract
+// - Run(ops) submits every op (as many per io_uring_submit as the SQ holds),
+//   reaps completions, and resubmits the remainder of short transfers and
+//   EAGAIN/EINTR completions, returning only when every op has finished. It
+//   makes no syscalls beyond io_uring_enter; blocking, not polling.
+// - Per-op outcome in IoOp::result: 0, or -errno of the first failure (ENOSPC
+//   included; the caller maps it). A read that hits end of file fails with
+//   -ENODATA rather than looping.
+// - Buffers: each iovec must satisfy O_DIRECT alignment (the caller's job). An
+//   op with fixed_index >= 0 has one iovec inside that registered buffer and
+//   is issued with IORING_OP_{READ,WRITE}_FIXED (no per-I/O page pinning).
+// - Not thread-safe: one thread uses a ring at a time.
+#pragma once
+
+#include <liburing.h>
+#include <sys/uio.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "cc/common/status.h"
+
+namespace kvtier::disk {
+
+struct IoOp {
+  enum class Kind : uint8_t { kRead, kWrite };
+  Kind kind = Kind::kRead;
+  int fd = -1;
+  uint64_t offset = 0;
+  iovec iov[3] = {};
+  int niov = 0;
+  int fixed_index = -1;  // registered buffer index, or -1
+  int result = 0;        // out: 0 or -errno
+
+  // Progress and the iovecs of the current submission, owned by IoRing::Run
+  // (readv/writev read their iovec array during io_uring_submit, so it must
+  // live in the op, not on Prep's stack).
+  uint64_t done = 0;
+  iovec submit_iov[3] = {};
+  uint64_t Length() const {
+    uint64_t n = 0;
+    for (int i = 0; i < niov; ++i) n += iov[i].iov_len;
+    return n;
+  }
+};
+
+class IoRing {
+ public:
+  static StatusOr<std::unique_ptr<IoRing>> Create(uint32_t entries);
+  ~IoRing();
+  IoRing(const IoRing&) = delete;
+  IoRing& operator=(const IoRing&) = delete;
+
+  void Run(std::span<IoOp> ops);
+
+  // Registers [region) as fixed buffers (split in pieces of at most 1 GiB,
+  // the kernel's per-buffer limit), replacing any earlier registration.
+  Status RegisterRegion(std::span<std::byte> region);
+  // Index of the registered buffer that holds [p, p+len), or -1.
+  int FixedIndexFor(const void* p, size_t len) const;
+  const std::byte* region_base() const { return region_.data(); }
+
+ private:
+  explicit IoRing(uint32_t entries) : entries_(entries) {}
+  bool Prep(IoOp& op, uint64_t user_data);
+
+  io_uring ring_{};
+  uint32_t entries_;
+  std::span<std::byte> region_;
+  std::vector<iovec> fixed_;
+};
+
+}  // namespace kvtier::disk

@@ -1,0 +1,1123 @@
+#include "cc/tiers/disk/disk_tier.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <thread>
+
+#include "cc/tiers/disk/crc32c.h"
+#include "cc/tiers/disk/cufile_loader.h"
+#include "cc/tiers/disk/disk_format.h"
+#include "cc/tiers/disk/io_ring.h"
+
+namespace kvtier {
+
+using disk::IoOp;
+using disk::IoRing;
+using disk::kBlock;
+using disk::RecordBytes;
+using disk::RecordHeader;
+using disk::SegmentHeader;
+
+namespace {
+
+constexpr uint64_t kAutoSegmentBytes = 64ull << 20;
+constexpr uint64_t kMinAutoSegmentBytes = 64ull << 10;
+constexpr uint64_t kMaxSegmentBytes = 1ull << 30;  // keeps every I/O under INT_MAX bytes
+constexpr uint64_t kRebuildReadPiece = 16ull << 20;
+
+void Log(const std::string& msg) { std::fprintf(stderr, "[kvtier disk] %s\n", msg.c_str()); }
+
+// RAII 4096-aligned heap buffer that only grows (reused across calls).
+class AlignedBuffer {
+ public:
+  AlignedBuffer() = default;
+  ~AlignedBuffer() { std::free(p_); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  // False if the allocation failed (the old buffer is kept).
+  bool Reserve(size_t n) {
+    if (n <= size_) return true;
+    n = disk::RoundUpToBlock(n);
+    void* p = std::aligned_alloc(kBlock, n);
+    if (p == nullptr) return false;
+    std::free(p_);
+    p_ = static_cast<std::byte*>(p);
+    size_ = n;
+    return true;
+  }
+  std::byte* data() const { return p_; }
+
+ private:
+  std::byte* p_ = nullptr;
+  size_t size_ = 0;
+};
+
+bool IsAligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & (kBlock - 1)) == 0; }
+
+Status WriteAll(int fd, const std::byte* buf, size_t n, uint64_t off, const char* what) {
+  while (n > 0) {
+    const ssize_t w = pwrite(fd, buf, n, static_cast<off_t>(off));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      if (errno == ENOSPC) return ResourceExhausted(std::string("disk full (ENOSPC) writing ") + what);
+      return ErrnoError(std::string("pwrite ") + what, errno);
+    }
+    buf += w;
+    n -= static_cast<size_t>(w);
+    off += static_cast<uint64_t>(w);
+  }
+  return Status::Ok();
+}
+
+Status StatusFromIo(int neg_errno, const std::string& what) {
+  if (neg_errno == -ENOSPC) return ResourceExhausted("disk full (ENOSPC) " + what);
+  return ErrnoError(what, -neg_errno);
+}
+
+RecordHeader MakeHeader(const ChunkKey& key, uint64_t gen, uint64_t fp, uint64_t layout, uint32_t tokens,
+                        uint64_t payload, uint32_t crc, uint16_t flags) {
+  RecordHeader h{};
+  h.magic = disk::kRecordMagic;
+  h.version = disk::kFormatVersion;
+  h.flags = flags;
+  h.segment_gen = gen;
+  h.key_lo = key.lo;
+  h.key_hi = key.hi;
+  h.fingerprint = fp;
+  h.layout_id = layout;
+  h.num_tokens = tokens;
+  h.payload_crc = crc;
+  h.payload_bytes = payload;
+  disk::SealRecordHeader(&h);
+  return h;
+}
+
+// What one rebuild worker found in one segment file.
+struct SegmentScan {
+  uint64_t gen = 0;  // 0: no live generation
+  struct Rec {
+    RecordHeader h;
+    uint64_t offset;
+  };
+  std::vector<Rec> recs;
+  uint64_t corrupt = 0;
+  Status io;
+};
+
+// Walks the records of one segment image. Valid records of the live gen are
+// stepped over by their length; anything else (a torn write, a block left
+// from an older gen, never-written zeros) is stepped over one block at a
+// time, because after a crash a completed record may follow an unfinished
+// one and must still be found.
+void ScanSegmentImage(const std::byte* img, uint64_t seg_bytes, uint32_t idx, SegmentScan* out) {
+  const auto sh = disk::LoadHeader<SegmentHeader>(img);
+  if (!disk::SegmentHeaderValid(sh) || sh.gen == 0 || sh.segment_index != idx || sh.segment_bytes != seg_bytes)
+    return;
+  out->gen = sh.gen;
+  uint64_t pos = kBlock;
+  while (pos + kBlock <= seg_bytes) {
+    const auto h = disk::LoadHeader<RecordHeader>(img + pos);
+    if (h.magic != disk::kRecordMagic) {
+      pos += kBlock;
+      continue;
+    }
+    if (!disk::RecordHeaderValid(h)) {
+      ++out->corrupt;  // our magic with a bad checksum: a damaged header
+      pos += kBlock;
+      continue;
+    }
+    if (h.segment_gen != sh.gen) {  // left over from an earlier use of the segment
+      pos += kBlock;
+      continue;
+    }
+    const uint64_t rec = RecordBytes(h.payload_bytes);
+    if (h.payload_bytes == 0 || pos + rec > seg_bytes) {
+      ++out->corrupt;
+      pos += kBlock;
+      continue;
+    }
+    if ((h.flags & disk::kFlagDead) == 0) {
+      const uint32_t crc = disk::Crc32c(std::span<const std::byte>(img + pos + kBlock, h.payload_bytes));
+      if (crc != h.payload_crc) {
+        ++out->corrupt;
+      } else {
+        out->recs.push_back({h, pos});
+      }
+    }
+    pos += rec;
+  }
+}
+
+}  // namespace
+
+struct DiskTier::RingCtx {
+  std::unique_ptr<IoRing> ring;
+  AlignedBuffer bounce;
+  uint64_t registered_version = 0;
+};
+
+DiskTier::DiskTier(DiskTierOptions options, uint64_t segment_bytes, uint32_t num_segments)
+    : Tier(TierKind::kDisk, "disk"), options_(std::move(options)), segment_bytes_(segment_bytes),
+      segs_(num_segments) {}
+
+DiskTier::~DiskTier() {
+  for (Segment& s : segs_) {
+    if (s.fd >= 0) close(s.fd);
+  }
+  if (lock_fd_ >= 0) close(lock_fd_);  // releases the flock
+}
+
+std::string DiskTier::SegmentPath(uint32_t idx) const {
+  char name[32];
+  std::snprintf(name, sizeof(name), "seg_%05u.kvt", idx);
+  return options_.path + "/" + name;
+}
+
+StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& options) {
+  if (options.path.empty()) return InvalidArgument("DiskTierOptions.path is empty");
+  if (options.capacity_bytes == 0) return InvalidArgument("DiskTierOptions.capacity_bytes is 0");
+  if (options.queue_depth == 0 || options.queue_depth > 4096)
+    return InvalidArgument("DiskTierOptions.queue_depth must be in [1, 4096], got " +
+                           std::to_string(options.queue_depth));
+  uint64_t seg = options.segment_bytes;
+  if (seg == 0) {
+    seg = std::min(kAutoSegmentBytes, (options.capacity_bytes / 8) & ~(kBlock - 1));
+    seg = std::max(seg, kMinAutoSegmentBytes);
+  } else if (seg % kBlock != 0 || seg < 2 * kBlock || seg > kMaxSegmentBytes) {
+    return InvalidArgument("DiskTierOptions.segment_bytes must be a multiple of 4096 in [8192, 1 GiB], got " +
+                           std::to_string(seg));
+  }
+  if (options.capacity_bytes / seg < 2) {
+    return InvalidArgument("DiskTierOptions.capacity_bytes (" + std::to_string(options.capacity_bytes) +
+                           ") must hold at least 2 segments of " + std::to_string(seg) + " bytes");
+  }
+  const uint64_t nseg = options.capacity_bytes / seg;
+  if (nseg > 100000) return InvalidArgument("capacity / segment_bytes gives more than 100000 segments");
+
+  std::error_code ec;
+  std::filesystem::create_directories(options.path, ec);
+  if (ec) return IoError("cannot create disk tier directory " + options.path + ": " + ec.message());
+
+  std::unique_ptr<DiskTier> t(new DiskTier(options, seg, static_cast<uint32_t>(nseg)));
+  KVT_RETURN_IF_ERROR(t->LockDirectory());
+
+  if (options.use_gds) {
+    Status g = disk::CuFile::OpenDriver();
+    t->gds_available_ = g.ok();
+    static std::once_flag logged;
+    std::call_once(logged, [&] {
+      if (g.ok()) {
+        Log("cuFile driver opened; host-memory chunks still use io_uring (no device-memory path yet)");
+      } else {
+        Log("GPUDirect Storage unavailable (" + g.ToString() + "); using io_uring");
+      }
+    });
+  }
+
+  KVT_RETURN_IF_ERROR(t->Rebuild());
+
+  struct statvfs vfs;
+  if (statvfs(options.path.c_str(), &vfs) == 0) {
+    uint64_t have = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+    for (const Segment& s : t->segs_) {
+      if (s.fd >= 0) have += seg;
+    }
+    if (have < nseg * seg) {
+      Log("warning: " + options.path + " has room for " + std::to_string(have >> 20) + " MiB of segments, capacity is " +
+          std::to_string((nseg * seg) >> 20) + " MiB; once it fills, old segments are recycled early (Puts fail only when none can go)");
+    }
+  }
+  return t;
+}
+
+Status DiskTier::LockDirectory() {
+  const std::string lock_path = options_.path + "/LOCK";
+  lock_fd_ = open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (lock_fd_ < 0) return ErrnoError("open " + lock_path, errno);
+  if (flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    if (err != EWOULDBLOCK) return ErrnoError("flock " + lock_path, err);
+    char buf[32] = {};
+    const ssize_t n = pread(lock_fd_, buf, sizeof(buf) - 1, 0);
+    std::string holder = n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string("unknown");
+    while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+    close(lock_fd_);
+    lock_fd_ = -1;
+    return FailedPrecondition("disk tier directory " + options_.path + " is in use by pid " + holder +
+                              " (holds " + lock_path + ")");
+  }
+  const std::string pid = std::to_string(getpid()) + "\n";
+  if (ftruncate(lock_fd_, 0) != 0 || pwrite(lock_fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    return ErrnoError("write " + lock_path, errno);
+  }
+  return Status::Ok();
+}
+
+Status DiskTier::Rebuild() {
+  const auto t0 = std::chrono::steady_clock::now();
+  const uint32_t nseg = num_segments();
+
+  // Segment files beyond the configured count (capacity shrank) hold data we
+  // can no longer address: remove them so their space comes back.
+  std::error_code ec;
+  for (const auto& de : std::filesystem::directory_iterator(options_.path, ec)) {
+    const std::string name = de.path().filename().string();
+    unsigned idx = 0;
+    char tail[8] = {};
+    if (std::sscanf(name.c_str(), "seg_%u.%7s", &idx, tail) == 2 && std::string(tail) == "kvt" && idx >= nseg) {
+      Log("removing " + de.path().string() + ": beyond the configured capacity");
+      std::filesystem::remove(de.path(), ec);
+    }
+  }
+
+  for (uint32_t i = 0; i < nseg; ++i) {
+    const std::string p = SegmentPath(i);
+    struct stat st;
+    if (stat(p.c_str(), &st) != 0) continue;
+    if (static_cast<uint64_t>(st.st_size) != segment_bytes_) {
+      // Written with another segment size: the records are unreachable.
+      Log("discarding " + p + ": size " + std::to_string(st.st_size) + " != segment_bytes " +
+          std::to_string(segment_bytes_));
+      unlink(p.c_str());
+      continue;
+    }
+    const int fd = open(p.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+    if (fd < 0) return ErrnoError("open " + p, errno);
+    segs_[i].fd = fd;
+    segs_[i].state = Segment::State::kFree;
+  }
+
+  std::vector<SegmentScan> scans(nseg);
+  std::atomic<uint32_t> next{0};
+  auto worker = [&] {
+    AlignedBuffer img;
+    if (!img.Reserve(segment_bytes_)) {
+      // Without a buffer this worker cannot scan; the others still can.
+      return;
+    }
+    for (;;) {
+      // relaxed: the counter only hands out distinct indices; scans[i] is
+      // published to the merging thread by join(), not by this atomic.
+      const uint32_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= nseg) return;
+      if (segs_[i].fd < 0) continue;
+      uint64_t off = 0;
+      while (off < segment_bytes_) {
+        const size_t n = static_cast<size_t>(std::min(kRebuildReadPiece, segment_bytes_ - off));
+        const ssize_t r = pread(segs_[i].fd, img.data() + off, n, static_cast<off_t>(off));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+          scans[i].io = r < 0 ? ErrnoError("pread " + SegmentPath(i), errno)
+                              : IoError("short segment file " + SegmentPath(i));
+          break;
+        }
+        off += static_cast<uint64_t>(r);
+      }
+      if (scans[i].io.ok()) ScanSegmentImage(img.data(), segment_bytes_, i, &scans[i]);
+    }
+  };
+  const uint32_t nthreads = std::max<uint32_t>(1, std::min(options_.rebuild_threads, nseg));
+  std::vector<std::thread> threads;
+  for (uint32_t k = 1; k < nthreads; ++k) threads.emplace_back(worker);
+  worker();
+  for (std::thread& th : threads) th.join();
+  // A worker that failed to allocate leaves its share to the others; if all
+  // failed, next never reached nseg.
+  if (next.load(std::memory_order_relaxed) < nseg) {
+    return ResourceExhausted("cannot allocate a " + std::to_string(segment_bytes_) + "-byte rebuild buffer");
+  }
+
+  // Apply oldest generation first, so that where a key appears twice (a
+  // crash between a re-Put and the removal of the older copy) the newest wins.
+  std::vector<uint32_t> order;
+  for (uint32_t i = 0; i < nseg; ++i) {
+    if (!scans[i].io.ok()) {
+      Log("segment " + SegmentPath(i) + " unreadable, treated as empty: " + scans[i].io.ToString());
+      continue;
+    }
+    rebuild_stats_.corrupt_records += scans[i].corrupt;
+    if (scans[i].gen != 0) order.push_back(i);
+  }
+  std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return scans[a].gen < scans[b].gen; });
+  for (uint32_t i : order) {
+    Segment& s = segs_[i];
+    s.state = Segment::State::kSealed;
+    s.gen = scans[i].gen;
+    s.write_ptr = segment_bytes_;  // never appended to again in this generation
+    next_gen_ = std::max(next_gen_, s.gen + 1);
+    ++rebuild_stats_.segments;
+    for (const SegmentScan::Rec& r : scans[i].recs) {
+      const ChunkKey key = disk::KeyOf(r.h);
+      auto it = map_.find(key);
+      if (it != map_.end()) EraseEntryLocked(it);
+      Entry e;
+      e.seg = i;
+      e.offset = r.offset;
+      e.gen = s.gen;
+      e.payload_bytes = r.h.payload_bytes;
+      e.fingerprint = r.h.fingerprint;
+      e.layout_id = r.h.layout_id;
+      e.num_tokens = r.h.num_tokens;
+      e.payload_crc = r.h.payload_crc;
+      map_.emplace(key, e);
+      s.keys.push_back(key);
+      used_bytes_ += RecordBytes(e.payload_bytes);
+    }
+  }
+  rebuild_stats_.chunks = map_.size();
+  for (const auto& [k, e] : map_) rebuild_stats_.bytes += e.payload_bytes;
+  rebuild_stats_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------
+// Space management
+
+void DiskTier::EraseEntryLocked(std::unordered_map<ChunkKey, Entry, ChunkKeyHash>::iterator it) {
+  const Entry& e = it->second;
+  if (!e.writing) {
+    segs_[e.seg].pins -= e.pins;
+    used_bytes_ -= RecordBytes(e.payload_bytes);
+  }
+  map_.erase(it);
+}
+
+std::vector<ChunkKey> DiskTier::DropSegmentLocked(uint32_t idx, uint64_t* bytes) {
+  Segment& s = segs_[idx];
+  std::vector<ChunkKey> dropped;
+  for (const ChunkKey& k : s.keys) {
+    auto it = map_.find(k);
+    // keys may name a chunk since removed, or re-Put elsewhere: skip those.
+    if (it == map_.end() || it->second.writing || it->second.seg != idx || it->second.gen != s.gen) continue;
+    dropped.push_back(k);
+    if (bytes != nullptr) *bytes += it->second.payload_bytes;
+    EraseEntryLocked(it);
+  }
+  s.keys.clear();
+  return dropped;
+}
+
+StatusOr<DiskTier::Slot> DiskTier::ReserveLocked(std::unique_lock<std::mutex>& l, uint64_t record_bytes) {
+  for (;;) {
+    if (open_seg_ >= 0) {
+      Segment& s = segs_[open_seg_];
+      if (s.write_ptr + record_bytes <= segment_bytes_) {
+        Slot slot{static_cast<uint32_t>(open_seg_), s.write_ptr, s.gen};
+        s.write_ptr += record_bytes;
+        ++s.writers;
+        return slot;
+      }
+    }
+    if (rolling_) {
+      cv_.wait(l);
+      continue;
+    }
+    rolling_ = true;
+    Status st = RollLocked(l);
+    rolling_ = false;
+    cv_.notify_all();
+    if (!st.ok()) return st;
+  }
+}
+
+Status DiskTier::RollLocked(std::unique_lock<std::mutex>& l) {
+  using State = Segment::State;
+  if (open_seg_ >= 0) {
+    segs_[open_seg_].state = State::kSealed;
+    open_seg_ = -1;
+  }
+  // 1. A segment file with no live generation.
+  int target = -1;
+  for (size_t i = 0; i < segs_.size() && target < 0; ++i) {
+    if (segs_[i].state == State::kFree) target = static_cast<int>(i);
+  }
+  // 2. A segment file not created yet.
+  Status full;
+  for (size_t i = 0; i < segs_.size() && target < 0; ++i) {
+    if (segs_[i].state != State::kUncreated) continue;
+    segs_[i].state = State::kReclaiming;
+    int fd = -1;
+    l.unlock();
+    Status st = CreateSegmentFile(static_cast<uint32_t>(i), &fd);
+    l.lock();
+    if (st.ok()) {
+      segs_[i].fd = fd;
+      target = static_cast<int>(i);
+      disk_full_logged_ = false;
+      break;
+    }
+    segs_[i].state = State::kUncreated;
+    if (st.code() != StatusCode::kResourceExhausted) return st;
+    // Disk full: the file system is smaller than the capacity (or shared and
+    // filling). Recycle an old segment instead if one can go; only when none
+    // can does the Put fail. The next roll tries to create again.
+    ++counters_.enospc;
+    full = st;
+    break;
+  }
+  // 3. The oldest reclaimable segment (FIFO over generations); one holding a
+  // pinned chunk or an unfinished write is skipped, not waited for.
+  std::vector<ChunkKey> evicted;
+  if (target < 0) {
+    for (size_t i = 0; i < segs_.size(); ++i) {
+      const Segment& s = segs_[i];
+      if (s.state != State::kSealed || s.pins > 0 || s.writers > 0) continue;
+      if (target < 0 || s.gen < segs_[target].gen) target = static_cast<int>(i);
+    }
+    if (target < 0) {
+      if (!full.ok()) return full;
+      return ResourceExhausted("disk tier: no reclaimable segment (all " + std::to_string(segs_.size()) +
+                               " hold pinned chunks or unfinished writes)");
+    }
+    if (!full.ok() && !disk_full_logged_) {
+      disk_full_logged_ = true;  // once per disk-full episode
+      Log(std::string(full.message()) + "; recycling old segments until space returns");
+    }
+    evicted = DropSegmentLocked(static_cast<uint32_t>(target), &evicted_bytes_);
+    evictions_ += evicted.size();
+  }
+  Segment& seg = segs_[target];
+  seg.state = State::kReclaiming;
+  // Gets that looked the dropped chunks up before the drop are still reading
+  // this segment; rewriting it under them would turn their hits into kDataLoss.
+  cv_.wait(l, [&] { return seg.readers == 0; });
+  const uint64_t gen = next_gen_++;
+  const int fd = seg.fd;
+  l.unlock();
+  Status st = WriteSegmentHeader(fd, static_cast<uint32_t>(target), gen);
+  for (const ChunkKey& k : evicted) NotifyEvicted(k);
+  l.lock();
+  // segs_ never reallocates, so `seg` is still valid.
+  if (!st.ok()) {
+    seg.state = State::kFree;
+    if (st.code() == StatusCode::kResourceExhausted) ++counters_.enospc;
+    return st;
+  }
+  seg.state = State::kOpen;
+  seg.gen = gen;
+  seg.write_ptr = kBlock;
+  seg.keys.clear();
+  open_seg_ = target;
+  return Status::Ok();
+}
+
+Status DiskTier::CreateSegmentFile(uint32_t idx, int* fd_out) {
+  const std::string p = SegmentPath(idx);
+  const int fd = open(p.c_str(), O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    if (errno == ENOSPC) return ResourceExhausted("disk full (ENOSPC) creating " + p);
+    return ErrnoError("open " + p, errno);
+  }
+  int rc = fallocate(fd, 0, 0, static_cast<off_t>(segment_bytes_));
+  if (rc != 0 && errno == EOPNOTSUPP) {
+    // No preallocation on this file system: the file is sparse and ENOSPC
+    // surfaces on the record writes instead (handled there).
+    rc = ftruncate(fd, static_cast<off_t>(segment_bytes_));
+  }
+  if (rc != 0) {
+    const int err = errno;
+    close(fd);
+    unlink(p.c_str());
+    if (err == ENOSPC) return ResourceExhausted("disk full (ENOSPC) preallocating " + p);
+    return ErrnoError("fallocate " + p, err);
+  }
+  *fd_out = fd;
+  return Status::Ok();
+}
+
+Status DiskTier::WriteSegmentHeader(int fd, uint32_t idx, uint64_t gen) {
+  AlignedBuffer b;
+  if (!b.Reserve(kBlock)) return ResourceExhausted("out of memory for a header block");
+  std::memset(b.data(), 0, kBlock);
+  SegmentHeader h{};
+  h.magic = disk::kSegmentMagic;
+  h.version = disk::kFormatVersion;
+  h.segment_index = idx;
+  h.segment_bytes = segment_bytes_;
+  h.gen = gen;
+  disk::SealSegmentHeader(&h);
+  std::memcpy(b.data(), &h, sizeof(h));
+  return WriteAll(fd, b.data(), kBlock, 0, SegmentPath(idx).c_str());
+}
+
+// ---------------------------------------------------------------------------
+// Rings
+
+StatusOr<std::unique_ptr<DiskTier::RingCtx>> DiskTier::AcquireRing() {
+  std::unique_ptr<RingCtx> ctx;
+  std::span<std::byte> region;
+  uint64_t version;
+  {
+    std::lock_guard<std::mutex> g(ring_mu_);
+    if (!free_rings_.empty()) {
+      ctx = std::move(free_rings_.back());
+      free_rings_.pop_back();
+    }
+    region = registered_;
+    version = registered_version_;
+  }
+  if (!ctx) {
+    ctx = std::make_unique<RingCtx>();
+    KVT_ASSIGN_OR_RETURN(ctx->ring, IoRing::Create(options_.queue_depth));
+  }
+  if (ctx->registered_version != version) {
+    // A failed registration only loses the fixed-buffer fast path.
+    if (!region.empty()) (void)ctx->ring->RegisterRegion(region);
+    ctx->registered_version = version;
+  }
+  return ctx;
+}
+
+void DiskTier::ReleaseRing(std::unique_ptr<RingCtx> ctx) {
+  std::lock_guard<std::mutex> g(ring_mu_);
+  free_rings_.push_back(std::move(ctx));
+}
+
+Status DiskTier::RegisterBuffers(std::span<std::byte> region) {
+  if (region.empty()) return InvalidArgument("RegisterBuffers: empty region");
+  if (!IsAligned(region.data()) || region.size() % kBlock != 0)
+    return InvalidArgument("RegisterBuffers: region must be 4096-aligned in address and size");
+  {
+    std::lock_guard<std::mutex> g(ring_mu_);
+    registered_ = region;
+    ++registered_version_;
+  }
+  // Register on one ring now so the caller learns whether the kernel agrees.
+  KVT_ASSIGN_OR_RETURN(std::unique_ptr<RingCtx> ctx, AcquireRing());
+  Status s = ctx->ring->RegisterRegion(region);
+  ReleaseRing(std::move(ctx));
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// Put
+
+std::vector<Status> DiskTier::PutBatch(std::span<const ChunkMeta> metas,
+                                       std::span<const std::span<const std::byte>> datas) {
+  std::vector<Status> out = PutBatchImpl(metas, datas);
+  std::lock_guard<std::mutex> g(mu_);
+  ++counters_.batch_calls;
+  for (size_t i = 0; i < out.size(); ++i) {
+    ++counters_.puts;
+    if (out[i].ok()) {
+      counters_.put_bytes += datas[i].size();
+    } else if (out[i].code() != StatusCode::kAlreadyExists) {
+      ++batch_errors_;  // same rule as Tier::Put
+    }
+  }
+  return out;
+}
+
+std::vector<Status> DiskTier::GetBatch(std::span<const ChunkKey> keys, std::span<const uint64_t> fingerprints,
+                                       std::span<const std::span<std::byte>> dsts) {
+  std::vector<Status> out = GetBatchImpl(keys, fingerprints, dsts);
+  std::lock_guard<std::mutex> g(mu_);
+  ++counters_.batch_calls;
+  for (size_t i = 0; i < out.size(); ++i) {
+    ++counters_.gets;
+    if (out[i].ok()) {
+      ++counters_.get_hits;
+      counters_.get_bytes += dsts[i].size();
+    } else if (out[i].code() == StatusCode::kDataLoss || out[i].code() == StatusCode::kIoError) {
+      ++batch_errors_;  // same rule as Tier::Get
+    }
+  }
+  return out;
+}
+
+std::vector<Status> DiskTier::PutBatchImpl(std::span<const ChunkMeta> metas,
+                                           std::span<const std::span<const std::byte>> datas) {
+  const size_t n = metas.size();
+  std::vector<Status> out(std::max(n, datas.size()));
+  if (metas.size() != datas.size()) {
+    for (Status& s : out) s = InvalidArgument("PutBatch: metas and datas differ in length");
+    return out;
+  }
+  const uint64_t max_payload = segment_bytes_ - 2 * kBlock;  // segment header + record header
+  std::vector<bool> valid(n, false);
+  for (size_t i = 0; i < n; ++i) {
+    if (datas[i].empty()) {
+      out[i] = InvalidArgument("disk: Put of an empty chunk");
+    } else if (metas[i].key.IsNull()) {
+      out[i] = InvalidArgument("disk: Put with the null key");
+    } else if (datas[i].size() > max_payload) {
+      out[i] = InvalidArgument("disk: chunk of " + std::to_string(datas[i].size()) +
+                               " bytes does not fit a segment of " + std::to_string(segment_bytes_) + " bytes");
+    } else {
+      valid[i] = true;
+    }
+  }
+
+  struct Pending {
+    size_t i;
+    Slot slot;
+    uint32_t crc = 0;
+    size_t first_op = 0, num_ops = 0;
+  };
+  std::vector<Pending> pending;
+  {
+    std::unique_lock<std::mutex> l(mu_);
+    std::vector<size_t> mine;
+    for (size_t i = 0; i < n; ++i) {
+      if (!valid[i]) continue;
+      auto [it, inserted] = map_.try_emplace(metas[i].key);
+      if (!inserted) {
+        out[i] = AlreadyExists("disk: chunk " + metas[i].key.ToHex() + " already stored");
+        continue;
+      }
+      Entry& e = it->second;
+      e.writing = true;
+      e.payload_bytes = datas[i].size();
+      e.fingerprint = metas[i].fingerprint;
+      e.layout_id = metas[i].layout_id;
+      e.num_tokens = metas[i].num_tokens;
+      mine.push_back(i);
+    }
+    for (size_t i : mine) {
+      StatusOr<Slot> slot = ReserveLocked(l, RecordBytes(datas[i].size()));
+      if (!slot.ok()) {
+        out[i] = slot.status();
+        map_.erase(metas[i].key);  // still `writing`: no segment accounting to undo
+        continue;
+      }
+      Entry& e = map_.find(metas[i].key)->second;
+      e.seg = slot->seg;
+      e.offset = slot->offset;
+      e.gen = slot->gen;
+      pending.push_back({i, *slot});
+    }
+  }
+  if (pending.empty()) return out;
+
+  Status ring_status;
+  StatusOr<std::unique_ptr<RingCtx>> ctx_or = AcquireRing();
+  std::vector<IoOp> ops;
+  if (!ctx_or.ok()) {
+    ring_status = ctx_or.status();
+  } else {
+    RingCtx& ctx = **ctx_or;
+    size_t bounce_bytes = 0;
+    for (Pending& p : pending) {
+      const auto d = datas[p.i];
+      bounce_bytes += IsAligned(d.data()) ? 2 * kBlock : RecordBytes(d.size());
+    }
+    if (!ctx.bounce.Reserve(bounce_bytes)) {
+      ring_status = ResourceExhausted("disk: out of memory for a " + std::to_string(bounce_bytes) + "-byte bounce buffer");
+    } else {
+      std::byte* b = ctx.bounce.data();
+      for (Pending& p : pending) {
+        const auto d = datas[p.i];
+        const ChunkMeta& m = metas[p.i];
+        p.crc = disk::Crc32c(d);
+        const RecordHeader h =
+            MakeHeader(m.key, p.slot.gen, m.fingerprint, m.layout_id, m.num_tokens, d.size(), p.crc, 0);
+        const int fd = segs_[p.slot.seg].fd;  // fd of an open segment never changes while writers > 0
+        std::byte* hdr = b;
+        std::memset(hdr, 0, kBlock);
+        std::memcpy(hdr, &h, sizeof(h));
+        p.first_op = ops.size();
+        if (IsAligned(d.data())) {
+          const size_t body = d.size() & ~(kBlock - 1);
+          const size_t tail = d.size() - body;
+          std::byte* tail_block = b + kBlock;
+          if (tail > 0) {
+            std::memcpy(tail_block, d.data() + body, tail);
+            std::memset(tail_block + tail, 0, kBlock - tail);
+          }
+          b += 2 * kBlock;
+          const int fixed = body > 0 ? ctx.ring->FixedIndexFor(d.data(), body) : -1;
+          auto* body_ptr = const_cast<std::byte*>(d.data());  // written from, never to
+          if (fixed >= 0) {
+            IoOp oh{IoOp::Kind::kWrite, fd, p.slot.offset, {{hdr, kBlock}}, 1};
+            IoOp ob{IoOp::Kind::kWrite, fd, p.slot.offset + kBlock, {{body_ptr, body}}, 1, fixed};
+            ops.push_back(oh);
+            ops.push_back(ob);
+            if (tail > 0) ops.push_back(IoOp{IoOp::Kind::kWrite, fd, p.slot.offset + kBlock + body, {{tail_block, kBlock}}, 1});
+          } else {
+            IoOp op{IoOp::Kind::kWrite, fd, p.slot.offset, {{hdr, kBlock}}, 1};
+            if (body > 0) op.iov[op.niov++] = iovec{body_ptr, body};
+            if (tail > 0) op.iov[op.niov++] = iovec{tail_block, kBlock};
+            ops.push_back(op);
+          }
+        } else {
+          const size_t rec = RecordBytes(d.size());
+          std::memcpy(b + kBlock, d.data(), d.size());
+          std::memset(b + kBlock + d.size(), 0, rec - kBlock - d.size());
+          ops.push_back(IoOp{IoOp::Kind::kWrite, fd, p.slot.offset, {{hdr, rec}}, 1});
+          b += rec;
+        }
+        p.num_ops = ops.size() - p.first_op;
+      }
+      ctx.ring->Run(ops);
+    }
+    ReleaseRing(std::move(*ctx_or));
+  }
+
+  std::unique_lock<std::mutex> l(mu_);
+  for (Pending& p : pending) {
+    Status st = ring_status;
+    for (size_t k = p.first_op; st.ok() && k < p.first_op + p.num_ops; ++k) {
+      if (ops[k].result != 0) st = StatusFromIo(ops[k].result, "writing " + SegmentPath(p.slot.seg));
+    }
+    Segment& s = segs_[p.slot.seg];
+    --s.writers;
+    auto it = map_.find(metas[p.i].key);
+    if (st.ok()) {
+      Entry& e = it->second;
+      e.writing = false;
+      e.payload_crc = p.crc;
+      s.keys.push_back(metas[p.i].key);
+      used_bytes_ += RecordBytes(e.payload_bytes);
+    } else {
+      if (st.code() == StatusCode::kResourceExhausted) ++counters_.enospc;
+      // The reserved space stays a hole; rebuild steps over it block by block.
+      map_.erase(it);
+      out[p.i] = st;
+    }
+  }
+  cv_.notify_all();
+  return out;
+}
+
+Status DiskTier::PutImpl(const ChunkMeta& meta, std::span<const std::byte> data) {
+  return PutBatchImpl(std::span<const ChunkMeta>(&meta, 1), std::span<const std::span<const std::byte>>(&data, 1))[0];
+}
+
+// ---------------------------------------------------------------------------
+// Get
+
+std::vector<Status> DiskTier::GetBatchImpl(std::span<const ChunkKey> keys, std::span<const uint64_t> fingerprints,
+                                           std::span<const std::span<std::byte>> dsts) {
+  const size_t n = keys.size();
+  std::vector<Status> out(std::max({n, fingerprints.size(), dsts.size()}));
+  if (fingerprints.size() != n || dsts.size() != n) {
+    for (Status& s : out) s = InvalidArgument("GetBatch: keys, fingerprints and dsts differ in length");
+    return out;
+  }
+  struct Plan {
+    size_t i;
+    Entry e;
+    int fd;
+    std::byte* hdr = nullptr;
+    std::byte* tail = nullptr;  // aligned path: bounce block holding the sub-block tail
+    std::byte* whole = nullptr; // unaligned path: the whole record image
+    size_t first_op = 0, num_ops = 0;
+  };
+  std::vector<Plan> plans;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (size_t i = 0; i < n; ++i) {
+      auto it = map_.find(keys[i]);
+      if (it == map_.end()) {
+        out[i] = NotFound("disk: chunk " + keys[i].ToHex() + " not stored");
+      } else if (it->second.writing) {
+        out[i] = FailedPrecondition("disk: chunk " + keys[i].ToHex() + " is still being written");
+      } else if (it->second.fingerprint != fingerprints[i]) {
+        out[i] = NotFound("disk: chunk " + keys[i].ToHex() + " fingerprint mismatch (hash collision)");
+      } else if (it->second.payload_bytes != dsts[i].size()) {
+        out[i] = InvalidArgument("disk: chunk " + keys[i].ToHex() + " holds " +
+                                 std::to_string(it->second.payload_bytes) + " bytes, dst has " +
+                                 std::to_string(dsts[i].size()));
+      } else {
+        ++segs_[it->second.seg].readers;
+        plans.push_back({i, it->second, segs_[it->second.seg].fd});
+      }
+    }
+  }
+  if (plans.empty()) return out;
+
+  Status ring_status;
+  std::vector<IoOp> ops;
+  StatusOr<std::unique_ptr<RingCtx>> ctx_or = AcquireRing();
+  if (!ctx_or.ok()) {
+    ring_status = ctx_or.status();
+  } else {
+    RingCtx& ctx = **ctx_or;
+    size_t bounce_bytes = 0;
+    for (const Plan& p : plans) {
+      bounce_bytes += IsAligned(dsts[p.i].data()) ? 2 * kBlock : RecordBytes(p.e.payload_bytes);
+    }
+    if (!ctx.bounce.Reserve(bounce_bytes)) {
+      ring_status = ResourceExhausted("disk: out of memory for a " + std::to_string(bounce_bytes) + "-byte bounce buffer");
+    } else {
+      std::byte* b = ctx.bounce.data();
+      for (Plan& p : plans) {
+        const auto d = dsts[p.i];
+        p.first_op = ops.size();
+        p.hdr = b;
+        if (IsAligned(d.data())) {
+          const size_t body = d.size() & ~(kBlock - 1);
+          const size_t tail = d.size() - body;
+          p.tail = b + kBlock;
+          b += 2 * kBlock;
+          const int fixed = body > 0 ? ctx.ring->FixedIndexFor(d.data(), body) : -1;
+          if (fixed >= 0) {
+            ops.push_back(IoOp{IoOp::Kind::kRead, p.fd, p.e.offset, {{p.hdr, kBlock}}, 1});
+            ops.push_back(IoOp{IoOp::Kind::kRead, p.fd, p.e.offset + kBlock, {{d.data(), body}}, 1, fixed});
+            if (tail > 0) ops.push_back(IoOp{IoOp::Kind::kRead, p.fd, p.e.offset + kBlock + body, {{p.tail, kBlock}}, 1});
+          } else {
+            IoOp op{IoOp::Kind::kRead, p.fd, p.e.offset, {{p.hdr, kBlock}}, 1};
+            if (body > 0) op.iov[op.niov++] = iovec{d.data(), body};
+            if (tail > 0) op.iov[op.niov++] = iovec{p.tail, kBlock};
+            ops.push_back(op);
+          }
+        } else {
+          const size_t rec = RecordBytes(p.e.payload_bytes);
+          p.whole = b;
+          ops.push_back(IoOp{IoOp::Kind::kRead, p.fd, p.e.offset, {{b, rec}}, 1});
+          b += rec;
+        }
+        p.num_ops = ops.size() - p.first_op;
+      }
+      ctx.ring->Run(ops);
+      // Verify while the bounce buffer is still ours.
+      for (Plan& p : plans) {
+        Status st;
+        for (size_t k = p.first_op; st.ok() && k < p.first_op + p.num_ops; ++k) {
+          if (ops[k].result != 0) st = StatusFromIo(ops[k].result, "reading " + SegmentPath(p.e.seg));
+        }
+        if (!st.ok()) {
+          out[p.i] = st;
+          continue;
+        }
+        const auto d = dsts[p.i];
+        const auto h = disk::LoadHeader<RecordHeader>(p.hdr);
+        const ChunkKey& key = keys[p.i];
+        const bool header_ok = disk::RecordHeaderValid(h) && (h.flags & disk::kFlagDead) == 0 &&
+                               h.segment_gen == p.e.gen && disk::KeyOf(h) == key &&
+                               h.fingerprint == p.e.fingerprint && h.payload_bytes == p.e.payload_bytes &&
+                               h.payload_crc == p.e.payload_crc;
+        bool payload_ok = false;
+        if (header_ok) {
+          if (p.whole != nullptr) {
+            payload_ok = disk::Crc32c(std::span<const std::byte>(p.whole + kBlock, d.size())) == h.payload_crc;
+            if (payload_ok) std::memcpy(d.data(), p.whole + kBlock, d.size());
+          } else {
+            const size_t body = d.size() & ~(kBlock - 1);
+            const size_t tail = d.size() - body;
+            uint32_t crc = disk::Crc32cExtend(0, d.first(body));
+            crc = disk::Crc32cExtend(crc, std::span<const std::byte>(p.tail, tail));
+            payload_ok = crc == h.payload_crc;
+            if (payload_ok && tail > 0) std::memcpy(d.data() + body, p.tail, tail);
+          }
+        }
+        if (!payload_ok) {
+          out[p.i] = DataLoss("disk: chunk " + key.ToHex() + " failed its " +
+                              (header_ok ? "payload CRC32C" : "record header check") + " in " +
+                              SegmentPath(p.e.seg) + " at offset " + std::to_string(p.e.offset));
+        }
+      }
+    }
+    ReleaseRing(std::move(*ctx_or));
+  }
+
+  std::lock_guard<std::mutex> g(mu_);
+  for (Plan& p : plans) {
+    if (!ring_status.ok()) out[p.i] = ring_status;
+    --segs_[p.e.seg].readers;
+    if (out[p.i].code() == StatusCode::kDataLoss) {
+      ++counters_.checksum_failures;
+      auto it = map_.find(keys[p.i]);
+      // Drop only the record we read; a pinned one stays (its pin holds a
+      // segment we must not reclaim under the pinner) but still fails.
+      if (it != map_.end() && !it->second.writing && it->second.seg == p.e.seg &&
+          it->second.offset == p.e.offset && it->second.gen == p.e.gen && it->second.pins == 0) {
+        EraseEntryLocked(it);
+      }
+    }
+  }
+  cv_.notify_all();
+  return out;
+}
+
+Status DiskTier::GetImpl(const ChunkKey& key, uint64_t fingerprint, std::span<std::byte> dst) {
+  return GetBatchImpl(std::span<const ChunkKey>(&key, 1), std::span<const uint64_t>(&fingerprint, 1),
+                  std::span<const std::span<std::byte>>(&dst, 1))[0];
+}
+
+// ---------------------------------------------------------------------------
+// Small operations
+
+StatusOr<size_t> DiskTier::SizeOfImpl(const ChunkKey& key) const {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = map_.find(key);
+  if (it == map_.end() || it->second.writing) return NotFound("disk: chunk " + key.ToHex() + " not stored");
+  return static_cast<size_t>(it->second.payload_bytes);
+}
+
+Status DiskTier::PinImpl(const ChunkKey& key) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = map_.find(key);
+  if (it == map_.end() || it->second.writing) return NotFound("disk: chunk " + key.ToHex() + " not stored");
+  ++it->second.pins;
+  ++segs_[it->second.seg].pins;
+  return Status::Ok();
+}
+
+Status DiskTier::UnpinImpl(const ChunkKey& key) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = map_.find(key);
+  if (it == map_.end() || it->second.writing) return NotFound("disk: chunk " + key.ToHex() + " not stored");
+  if (it->second.pins == 0) return FailedPrecondition("disk: chunk " + key.ToHex() + " is not pinned");
+  --it->second.pins;
+  --segs_[it->second.seg].pins;
+  return Status::Ok();
+}
+
+namespace {
+// Rewrites a record's header block with kFlagDead so rebuild skips it.
+Status WriteDeadHeader(int fd, uint64_t offset, const ChunkKey& key, uint64_t gen, uint64_t fp, uint64_t layout,
+                       uint32_t tokens, uint64_t payload, uint32_t crc) {
+  AlignedBuffer b;
+  if (!b.Reserve(kBlock)) return ResourceExhausted("out of memory for a header block");
+  std::memset(b.data(), 0, kBlock);
+  const RecordHeader h = MakeHeader(key, gen, fp, layout, tokens, payload, crc, disk::kFlagDead);
+  std::memcpy(b.data(), &h, sizeof(h));
+  return WriteAll(fd, b.data(), kBlock, offset, "record header");
+}
+}  // namespace
+
+Status DiskTier::RemoveImpl(const ChunkKey& key) {
+  Entry e;
+  int fd;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = map_.find(key);
+    if (it == map_.end()) return NotFound("disk: chunk " + key.ToHex() + " not stored");
+    if (it->second.writing) return FailedPrecondition("disk: chunk " + key.ToHex() + " is still being written");
+    if (it->second.pins > 0) return FailedPrecondition("disk: chunk " + key.ToHex() + " is pinned");
+    e = it->second;
+    fd = segs_[e.seg].fd;
+    ++segs_[e.seg].readers;  // keeps the segment from being reused under the header rewrite
+    EraseEntryLocked(it);
+  }
+  Status s = WriteDeadHeader(fd, e.offset, key, e.gen, e.fingerprint, e.layout_id, e.num_tokens, e.payload_bytes,
+                             e.payload_crc);
+  std::lock_guard<std::mutex> g(mu_);
+  --segs_[e.seg].readers;
+  cv_.notify_all();
+  if (!s.ok()) {
+    // The chunk is gone from this process; only a restart could bring it back.
+    ++errors_;
+    Log("Remove: " + s.ToString() + " (the chunk may reappear after a restart)");
+  }
+  return Status::Ok();
+}
+
+void DiskTier::ClearImpl() {
+  using State = Segment::State;
+  struct Dead {
+    ChunkKey key;
+    Entry e;
+    int fd;
+  };
+  std::vector<uint32_t> whole;
+  std::vector<Dead> dead;
+  {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return !rolling_; });
+    rolling_ = true;  // no segment changes hands while we clear
+    if (open_seg_ >= 0) {
+      segs_[open_seg_].state = State::kSealed;
+      open_seg_ = -1;
+    }
+    for (uint32_t i = 0; i < segs_.size(); ++i) {
+      Segment& s = segs_[i];
+      if (s.state != State::kSealed) continue;
+      if (s.pins == 0 && s.writers == 0) {
+        DropSegmentLocked(i, nullptr);  // not evictions: Clear is not reported
+        s.state = State::kReclaiming;
+        whole.push_back(i);
+        continue;
+      }
+      std::vector<ChunkKey> keep;
+      for (const ChunkKey& k : s.keys) {
+        auto it = map_.find(k);
+        if (it == map_.end() || it->second.writing || it->second.seg != i || it->second.gen != s.gen) continue;
+        if (it->second.pins > 0) {
+          keep.push_back(k);
+          continue;
+        }
+        dead.push_back({k, it->second, s.fd});
+        ++s.readers;
+        EraseEntryLocked(it);
+      }
+      s.keys = std::move(keep);
+    }
+    for (uint32_t i : whole) cv_.wait(l, [&] { return segs_[i].readers == 0; });
+  }
+  std::vector<Status> results;
+  for (uint32_t i : whole) results.push_back(WriteSegmentHeader(segs_[i].fd, i, 0));
+  for (const Dead& d : dead) {
+    results.push_back(WriteDeadHeader(d.fd, d.e.offset, d.key, d.e.gen, d.e.fingerprint, d.e.layout_id,
+                                      d.e.num_tokens, d.e.payload_bytes, d.e.payload_crc));
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  for (uint32_t i : whole) {
+    segs_[i].state = State::kFree;
+    segs_[i].gen = 0;
+  }
+  for (const Dead& d : dead) --segs_[d.e.seg].readers;
+  for (const Status& s : results) {
+    if (!s.ok()) {
+      ++errors_;
+      Log("Clear: " + s.ToString() + " (cleared chunks may reappear after a restart)");
+    }
+  }
+  rolling_ = false;
+  cv_.notify_all();
+}
+
+void DiskTier::ForEachChunk(const std::function<void(const ChunkMeta&, size_t bytes)>& fn) const {
+  std::lock_guard<std::mutex> g(mu_);
+  for (const auto& [k, e] : map_) {
+    if (e.writing) continue;
+    ChunkMeta m;
+    m.key = k;
+    m.fingerprint = e.fingerprint;
+    m.layout_id = e.layout_id;
+    m.num_tokens = e.num_tokens;
+    fn(m, static_cast<size_t>(e.payload_bytes));
+  }
+}
+
+StatusOr<DiskLocation> DiskTier::LocationOf(const ChunkKey& key) const {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = map_.find(key);
+  if (it == map_.end() || it->second.writing) return NotFound("disk: chunk " + key.ToHex() + " not stored");
+  const Entry& e = it->second;
+  return DiskLocation{SegmentPath(e.seg), e.seg, e.offset, RecordBytes(e.payload_bytes), e.payload_bytes};
+}
+
+DiskTier::BatchCounters DiskTier::batch_counters() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return counters_;
+}
+
+void DiskTier::FillStatsImpl(TierStats* s) const {
+  std::lock_guard<std::mutex> g(mu_);
+  s->capacity_bytes = segment_bytes_ * segs_.size();
+  s->used_bytes = used_bytes_;
+  uint64_t entries = 0;
+  for (const auto& [k, e] : map_) entries += e.writing ? 0 : 1;
+  s->entries = entries;
+  s->evictions = evictions_;
+  s->evicted_bytes = evicted_bytes_;
+  // Batch calls bypass Tier's own counters; their errors are added here
+  // (Tier::Stats adds its own to this), their puts/gets are in batch_counters().
+  s->errors = errors_ + batch_errors_;
+}
+
+}  // namespace kvtier

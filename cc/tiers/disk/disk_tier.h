@@ -1,0 +1,235 @@
+// DiskTier: the local NVMe tier. Chunks live in a few large preallocated
+// segment files, appended log-structured through io_uring with O_DIRECT; an
+// in-memory map (key -> segment, offset) is rebuilt from the self-describing
+// records when the tier is opened again. The record format is documented in
+// cc/tiers/disk/disk_format.h.
+//
+// Layering: Engine -> Tier -> DiskTier -> IoRing pool (io_uring) -> segment
+// files. The engine owns write-behind, promotion and prefetch; this class only
+// stores, finds and reclaims.
+//
+// Contract (in addition to cc/tiers/tier.h)
+// - Open() takes an exclusive flock on <path>/LOCK. A second DiskTier on the
+//   same directory, in this or another process, gets kFailedPrecondition
+//   naming the holder's pid. The lock dies with the process (kill -9 too).
+// - Durability: a Put that returned kOk has its bytes in the device (O_DIRECT
+//   write completed) and survives a process crash. It is not fsync'ed, so a
+//   power cut may lose it; the checksum then makes it a miss, never bad data.
+// - Atomic publish: a chunk is visible (Get, SizeOf, Pin, ForEachChunk,
+//   rebuild) only after its whole record was written. While it is written,
+//   Get returns kFailedPrecondition and a second Put of the key
+//   kAlreadyExists.
+// - Every Get verifies the record (header checksum, generation, key,
+//   fingerprint, payload CRC32C). A record that fails is reported kDataLoss
+//   and dropped from the map; its space returns when its segment is
+//   reclaimed. Rebuild skips and counts such records.
+// - Space is reclaimed a segment at a time, oldest generation first (FIFO).
+//   A segment holding a pinned chunk or an unfinished write is skipped. Each
+//   chunk dropped this way is reported through NotifyEvicted. Remove and
+//   Clear persist (a removed chunk does not come back after a restart).
+// - Disk full (the file system holds fewer segments than the capacity, or
+//   others fill it): when a new segment file cannot be preallocated (ENOSPC)
+//   the tier recycles its oldest reclaimable segment instead, so it keeps
+//   working at the size the disk allows. When nothing is reclaimable (or a
+//   write itself hits ENOSPC on a file system without fallocate), that Put
+//   fails with kResourceExhausted naming ENOSPC and is counted as an error.
+//   Every roll tries to create the missing files again, so the full capacity
+//   (and, when nothing was reclaimable, writing) comes back once space does.
+// - Threads: every method is thread-safe. One mutex guards the map and the
+//   segment table; it is never held across I/O. Callers block for their own
+//   I/O only (each call takes a private ring from a pool). Progress is
+//   blocking, not lock-free. Rebuild runs rebuild_threads workers inside
+//   Open().
+// - Buffers: a payload/destination span that is 4096-aligned in address is
+//   transferred directly (its aligned part; the sub-block tail goes through a
+//   bounce block); otherwise the whole record goes through an aligned bounce
+//   buffer. Inside a region given to RegisterBuffers the direct part uses
+//   io_uring fixed buffers.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "cc/common/chunk_key.h"
+#include "cc/common/status.h"
+#include "cc/tiers/tier.h"
+
+namespace kvtier {
+
+namespace disk {
+class IoRing;
+}
+
+struct DiskTierOptions {
+  std::string path;             // directory; created if missing
+  uint64_t capacity_bytes = 0;  // total bytes of segment files
+  // 0 -> auto: 64 MiB, or capacity/8 rounded down to 4096 when that is
+  // smaller (at least 64 KiB). Otherwise a multiple of 4096, at most 1 GiB,
+  // and capacity must hold at least 2 segments.
+  uint64_t segment_bytes = 0;
+  uint32_t queue_depth = 64;    // io_uring SQ entries per ring
+  uint32_t rebuild_threads = 2;
+  bool use_gds = false;         // try cuFile; falls back to io_uring (logged once)
+};
+
+struct RebuildStats {
+  uint64_t chunks = 0;           // records recovered into the map
+  uint64_t bytes = 0;            // their payload bytes
+  uint64_t corrupt_records = 0;  // records of a live segment that failed a check
+  uint64_t segments = 0;         // segments with a live generation
+  double seconds = 0;            // wall time of the rebuild
+};
+
+// Where a chunk's record sits (diagnostics, fault tests).
+struct DiskLocation {
+  std::string file;
+  uint32_t segment = 0;
+  uint64_t offset = 0;        // of the record header
+  uint64_t record_bytes = 0;  // header block + padded payload
+  uint64_t payload_bytes = 0;
+};
+
+class DiskTier final : public Tier {
+ public:
+  // kInvalidArgument (bad options), kFailedPrecondition (directory locked by
+  // another DiskTier), kIoError.
+  static StatusOr<std::unique_ptr<DiskTier>> Open(const DiskTierOptions& options);
+  ~DiskTier() override;
+
+  const RebuildStats& rebuild_stats() const { return rebuild_stats_; }
+  uint64_t segment_bytes() const { return segment_bytes_; }
+  uint32_t num_segments() const { return static_cast<uint32_t>(segs_.size()); }
+  // True when use_gds was asked for and cuFile opened a driver.
+  bool gds_available() const { return gds_available_; }
+
+  // Calls fn for every committed chunk (under the tier's lock: fn must not
+  // call back into this tier).
+  void ForEachChunk(const std::function<void(const ChunkMeta&, size_t bytes)>& fn) const;
+
+  // Batched I/O: one io_uring submission (queue depth permitting) for all
+  // chunks. Element i of the result is what Put/Get would have returned for
+  // element i. Mismatched span lengths -> every element kInvalidArgument.
+  // These are not counted in Tier::Stats()'s puts/gets (Tier keeps those
+  // private); errors are. See batch_counters().
+  std::vector<Status> PutBatch(std::span<const ChunkMeta> metas,
+                               std::span<const std::span<const std::byte>> datas);
+  std::vector<Status> GetBatch(std::span<const ChunkKey> keys, std::span<const uint64_t> fingerprints,
+                               std::span<const std::span<std::byte>> dsts);
+
+  // Registers `region` (e.g. the CPU tier's slab region) as io_uring fixed
+  // buffers on every ring; direct transfers inside it then skip per-I/O page
+  // pinning. kInvalidArgument if empty or not 4096-aligned, kIoError if the
+  // kernel refuses (RLIMIT_MEMLOCK). Replaces an earlier registration; the
+  // region must outlive the tier or the next RegisterBuffers call.
+  Status RegisterBuffers(std::span<std::byte> region);
+
+  StatusOr<DiskLocation> LocationOf(const ChunkKey& key) const;
+
+  // What PutBatch/GetBatch did (Tier::Stats cannot count them, see above),
+  // plus fault counters over all calls.
+  struct BatchCounters {
+    uint64_t batch_calls = 0, puts = 0, put_bytes = 0, gets = 0, get_hits = 0, get_bytes = 0;
+    uint64_t enospc = 0;             // Puts that failed for lack of disk space (all calls)
+    uint64_t checksum_failures = 0;  // Gets answered kDataLoss (all calls)
+  };
+  BatchCounters batch_counters() const;
+
+ private:
+  struct Entry {
+    uint32_t seg = 0;
+    uint64_t offset = 0;  // of the record header within the segment
+    uint64_t gen = 0;     // segment generation the record was written in
+    uint64_t payload_bytes = 0;
+    uint64_t fingerprint = 0;
+    uint64_t layout_id = 0;
+    uint32_t num_tokens = 0;
+    uint32_t payload_crc = 0;
+    uint32_t pins = 0;
+    bool writing = false;  // reserved, I/O not finished: invisible
+  };
+  struct Segment {
+    // kUncreated: no file. kFree: file, no live generation. kOpen: the one
+    // being appended to. kSealed: full, reclaimable. kReclaiming: being
+    // turned into kOpen or kFree by one thread.
+    enum class State : uint8_t { kUncreated, kFree, kOpen, kSealed, kReclaiming };
+    State state = State::kUncreated;
+    int fd = -1;
+    uint64_t gen = 0;
+    uint64_t write_ptr = 0;
+    std::vector<ChunkKey> keys;  // committed in this gen (stale ones skipped)
+    uint32_t pins = 0;           // sum of pins of its live chunks
+    uint32_t writers = 0;        // reserved slots whose write has not finished
+    uint32_t readers = 0;        // Gets / header rewrites in flight
+  };
+  struct RingCtx;
+  struct Slot {
+    uint32_t seg;
+    uint64_t offset;
+    uint64_t gen;
+  };
+
+  DiskTier(DiskTierOptions options, uint64_t segment_bytes, uint32_t num_segments);
+
+  Status PutImpl(const ChunkMeta& meta, std::span<const std::byte> data) override;
+  Status GetImpl(const ChunkKey& key, uint64_t fingerprint, std::span<std::byte> dst) override;
+  StatusOr<size_t> SizeOfImpl(const ChunkKey& key) const override;
+  Status RemoveImpl(const ChunkKey& key) override;
+  Status PinImpl(const ChunkKey& key) override;
+  Status UnpinImpl(const ChunkKey& key) override;
+  void ClearImpl() override;
+  void FillStatsImpl(TierStats* s) const override;
+
+  std::vector<Status> PutBatchImpl(std::span<const ChunkMeta> metas,
+                                   std::span<const std::span<const std::byte>> datas);
+  std::vector<Status> GetBatchImpl(std::span<const ChunkKey> keys, std::span<const uint64_t> fingerprints,
+                                   std::span<const std::span<std::byte>> dsts);
+  Status LockDirectory();
+  Status Rebuild();
+  std::string SegmentPath(uint32_t idx) const;
+
+  // Space management; all called with mu_ held through `l`.
+  StatusOr<Slot> ReserveLocked(std::unique_lock<std::mutex>& l, uint64_t record_bytes);
+  Status RollLocked(std::unique_lock<std::mutex>& l);
+  // Drops every committed chunk of segment `idx` from the map; returns them.
+  // `bytes` (if not null) grows by their payload bytes.
+  std::vector<ChunkKey> DropSegmentLocked(uint32_t idx, uint64_t* bytes);
+  void EraseEntryLocked(std::unordered_map<ChunkKey, Entry, ChunkKeyHash>::iterator it);
+
+  Status CreateSegmentFile(uint32_t idx, int* fd);
+  Status WriteSegmentHeader(int fd, uint32_t idx, uint64_t gen);
+
+  StatusOr<std::unique_ptr<RingCtx>> AcquireRing();
+  void ReleaseRing(std::unique_ptr<RingCtx> ctx);
+
+  const DiskTierOptions options_;
+  const uint64_t segment_bytes_;
+  int lock_fd_ = -1;
+  bool gds_available_ = false;
+  RebuildStats rebuild_stats_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;  // segment readers/writers drained, roll finished
+  std::unordered_map<ChunkKey, Entry, ChunkKeyHash> map_;
+  std::vector<Segment> segs_;
+  int open_seg_ = -1;
+  bool rolling_ = false;
+  bool disk_full_logged_ = false;
+  uint64_t next_gen_ = 1;
+  uint64_t used_bytes_ = 0;
+  uint64_t evictions_ = 0, evicted_bytes_ = 0, errors_ = 0, batch_errors_ = 0;
+  BatchCounters counters_;
+
+  std::mutex ring_mu_;
+  std::vector<std::unique_ptr<RingCtx>> free_rings_;
+  std::span<std::byte> registered_;
+  uint64_t registered_version_ = 0;
+};
+
+}  // namespace kvtier

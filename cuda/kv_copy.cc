@@ -1,0 +1,177 @@
+#include "cuda/kv_copy.h"
+
+#include <cuda_runtime.h>
+
+#include <string>
+#include <vector>
+
+#include "cuda/kv_copy_kernels.h"
+
+namespace kvtier {
+namespace {
+
+using cuda_internal::KernelBatch;
+using cuda_internal::KernelChunk;
+using cuda_internal::KernelLayout;
+
+Status CudaError(const char* op, cudaError_t e) {
+  return IoError(std::string(op) + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+}
+
+int AlignmentOf(uint64_t v) {
+  int a = 16;
+  while (a > 1 && v % static_cast<uint64_t>(a) != 0) a /= 2;
+  return a;
+}
+
+KernelLayout ToKernel(const CudaKvLayout& cl) {
+  const PagedKvLayout& l = cl.layout();
+  const int64_t es = l.elem_size();
+  KernelLayout k;
+  k.k_base = cl.device_bases();
+  k.v_offset = l.v_offset() * es;
+  k.block_stride = l.block_stride() * es;
+  k.token_stride = l.token_stride() * es;
+  k.head_stride = l.head_stride() * es;
+  k.block_size = l.block_size();
+  k.num_slots = l.num_slots();
+  k.head_bytes = l.head_size() * es;
+  k.num_layers = l.num_layers();
+  k.planes = l.has_v() ? 2 : 1;
+  k.heads = static_cast<int32_t>(l.num_heads());
+  return k;
+}
+
+Status Copy(const CudaKvLayout& cl, std::span<const ChunkCopy> chunks, CudaStream stream,
+            int* bad_slot, bool gather) {
+  const PagedKvLayout& l = cl.layout();
+  const char* op = gather ? "gather_cuda" : "scatter_cuda";
+  if (l.device() != DeviceType::kCuda) {
+    return FailedPrecondition(std::string(op) + ": layout (" + l.DebugString() +
+                              ") is not on a CUDA device; use GatherCpu/ScatterCpu");
+  }
+  int align = cl.paged_alignment();
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const ChunkCopy& c = chunks[i];
+    const std::string where = std::string(op) + ": chunk " + std::to_string(i) + ": ";
+    if (c.num_tokens < 0) return InvalidArgument(where + "negative num_tokens");
+    if (c.num_tokens == 0) continue;
+    if (c.slots == nullptr) return InvalidArgument(where + "null slot mapping");
+    if (c.chunk == nullptr) return InvalidArgument(where + "null chunk buffer");
+    const size_t want = l.ChunkBytes(c.num_tokens);
+    if (c.chunk_bytes != want) {
+      return InvalidArgument(where + "chunk buffer is " + std::to_string(c.chunk_bytes) +
+                             " bytes but " + std::to_string(c.num_tokens) + " tokens need " +
+                             std::to_string(want));
+    }
+    const int a = AlignmentOf(reinterpret_cast<uintptr_t>(c.chunk));
+    if (a < align) align = a;
+  }
+  KernelLayout kl = ToKernel(cl);
+  KernelBatch batch;
+  auto flush = [&]() -> Status {
+    if (batch.count == 0) return Status::Ok();
+    const int e = cuda_internal::LaunchKvCopy(kl, batch, align, gather, bad_slot, stream);
+    batch.count = 0;
+    batch.max_rows = 0;
+    if (e != cudaSuccess) return CudaError(op, static_cast<cudaError_t>(e));
+    return Status::Ok();
+  };
+  const int64_t rows_per_token = static_cast<int64_t>(kl.num_layers) * kl.planes;
+  for (const ChunkCopy& c : chunks) {
+    if (c.num_tokens == 0) continue;
+    KernelChunk& k = batch.chunks[batch.count++];
+    k.slots = c.slots;
+    k.num_tokens = c.num_tokens;
+    k.chunk = reinterpret_cast<uintptr_t>(c.chunk);
+    if (rows_per_token * c.num_tokens > batch.max_rows) batch.max_rows = rows_per_token * c.num_tokens;
+    if (batch.count == cuda_internal::kMaxChunksPerLaunch) KVT_RETURN_IF_ERROR(flush());
+  }
+  return flush();
+}
+
+}  // namespace
+
+bool CudaRuntimeAvailable() {
+  // Function-local static: initialised once, thread-safe by the language.
+  static const bool available = [] {
+    int n = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) {
+      cudaGetLastError();  // clear the sticky-free error so later calls start clean
+      return false;
+    }
+    return n > 0;
+  }();
+  return available;
+}
+
+StatusOr<CudaKvLayout> CudaKvLayout::Create(const PagedKvLayout& layout) {
+  if (layout.device() != DeviceType::kCuda) {
+    return FailedPrecondition("CudaKvLayout: layout (" + layout.DebugString() +
+                              ") is not on a CUDA device");
+  }
+  if (!CudaRuntimeAvailable()) {
+    return FailedPrecondition("CudaKvLayout: no usable CUDA device in this process");
+  }
+  CudaKvLayout out(layout);
+  const int64_t es = layout.elem_size();
+  int align = 16;
+  auto fold = [&](uint64_t v) {
+    const int a = AlignmentOf(v);
+    if (a < align) align = a;
+  };
+  fold(static_cast<uint64_t>(layout.v_offset() * es));
+  fold(static_cast<uint64_t>(layout.block_stride() * es));
+  fold(static_cast<uint64_t>(layout.token_stride() * es));
+  fold(static_cast<uint64_t>(layout.head_stride() * es));
+  fold(static_cast<uint64_t>(layout.head_size() * es));
+  std::vector<uintptr_t> bases(static_cast<size_t>(layout.num_layers()));
+  for (int i = 0; i < layout.num_layers(); ++i) {
+    bases[static_cast<size_t>(i)] = reinterpret_cast<uintptr_t>(layout.k_base(i));
+    fold(bases[static_cast<size_t>(i)]);
+  }
+  out.paged_alignment_ = align;
+  cudaError_t e = cudaSetDevice(layout.device_index());
+  if (e != cudaSuccess) return CudaError("cudaSetDevice", e);
+  e = cudaMalloc(reinterpret_cast<void**>(&out.device_bases_), bases.size() * sizeof(uintptr_t));
+  if (e != cudaSuccess) return CudaError("cudaMalloc(layer table)", e);
+  // Synchronous on purpose: registration time, once per KV cache.
+  e = cudaMemcpy(out.device_bases_, bases.data(), bases.size() * sizeof(uintptr_t),
+                 cudaMemcpyHostToDevice);
+  if (e != cudaSuccess) return CudaError("cudaMemcpy(layer table)", e);
+  return out;
+}
+
+CudaKvLayout::CudaKvLayout(CudaKvLayout&& o) noexcept
+    : layout_(o.layout_), device_bases_(o.device_bases_), paged_alignment_(o.paged_alignment_) {
+  o.device_bases_ = nullptr;
+}
+
+CudaKvLayout& CudaKvLayout::operator=(CudaKvLayout&& o) noexcept {
+  if (this != &o) {
+    if (device_bases_ != nullptr) cudaFree(device_bases_);
+    layout_ = o.layout_;
+    device_bases_ = o.device_bases_;
+    paged_alignment_ = o.paged_alignment_;
+    o.device_bases_ = nullptr;
+  }
+  return *this;
+}
+
+CudaKvLayout::~CudaKvLayout() {
+  // cudaFree synchronises the device; destruction is a teardown-time event.
+  if (device_bases_ != nullptr) cudaFree(device_bases_);
+}
+
+Status GatherCuda(const CudaKvLayout& layout, std::span<const ChunkCopy> chunks, CudaStream stream,
+                  int* bad_slot) {
+  return Copy(layout, chunks, stream, bad_slot, /*gather=*/true);
+}
+
+Status ScatterCuda(const CudaKvLayout& layout, std::span<const ChunkCopy> chunks,
+                   CudaStream stream, int* bad_slot) {
+  return Copy(layout, chunks, stream, bad_slot, /*gather=*/false);
+}
+
+}  // namespace kvtier

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One prepared check for a lent GPU machine (CUDA driver, Python 3, no Bazel,
+# no network). Runs the binaries staged by tools/prepare_device_check.sh and
+# writes, under $OUT:
+#   <step>.log            stdout+stderr of each step
+#   kv_copy_cuda_test.json         gtest results
+#   kv_copy_cuda_benchmark.json    google-benchmark results
+#   comparisons.jsonl     the KVTIER_BENCH_COMPARE ratios (gather vs memcpy ...)
+#   summary.json          one object: gpu, steps (rc, seconds), comparisons
+# Exit status: 0 when every step passed.
+#
+# Hook: every executable in build/device/extra/ is run too (its own step,
+# same timeout), so other teams can ship GPU binaries in the same visit.
+# Env: OUT (default ./device_out), KVTIER_DEVICE_DIR (default build/device),
+# KVTIER_STEP_TIMEOUT seconds per step (default 240).
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+DEV=${KVTIER_DEVICE_DIR:-$ROOT/build/device}
+OUT=${OUT:-$ROOT/device_out}
+STEP_TIMEOUT=${KVTIER_STEP_TIMEOUT:-240}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH="$DEV/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Prefer the machine's C++ runtime; ours (lib/fallback) may need a newer glibc.
+# --benchmark_list_tests loads the binary without touching the GPU.
+if ! "$DEV/bin/kv_copy_cuda_benchmark" --benchmark_list_tests > /dev/null 2>&1; then
+  export LD_LIBRARY_PATH="$DEV/lib/fallback:$LD_LIBRARY_PATH"
+  echo "using carried libstdc++ from $DEV/lib/fallback"
+fi
+export KVTIER_REQUIRE_GPU=1  # GPU tests fail instead of skipping without a device
+STEPS="$OUT/steps.tsv"
+: > "$STEPS"
+
+step() {  # step NAME CMD...
+  local name=$1; shift
+  local t0 t1 rc
+  echo "=== $name: $*" | tee -a "$OUT/device_check.log"
+  t0=$(date +%s%N)
+  timeout --kill-after=10 "$STEP_TIMEOUT" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  t1=$(date +%s%N)
+  tail -n 25 "$OUT/$name.log" | tee -a "$OUT/device_check.log"
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( (t1 - t0) / 1000000 ))" >> "$STEPS"
+  echo "=== $name: rc=$rc" | tee -a "$OUT/device_check.log"
+}
+
+[[ -f "$DEV/MANIFEST" ]] && cp "$DEV/MANIFEST" "$OUT/MANIFEST"
+step nvidia_smi nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv
+step kv_copy_probe_test "$DEV/bin/kv_copy_probe_test"
+step kv_copy_cuda_test "$DEV/bin/kv_copy_cuda_test" --gtest_output="json:$OUT/kv_copy_cuda_test.json"
+step kv_copy_cuda_benchmark "$DEV/bin/kv_copy_cuda_benchmark" --benchmark_min_time=0.3 \
+  --benchmark_out="$OUT/kv_copy_cuda_benchmark.json" --benchmark_out_format=json
+grep -h '^{"name"' "$OUT/kv_copy_cuda_benchmark.log" > "$OUT/comparisons.jsonl" 2>/dev/null || true
+
+if [[ -d "$DEV/extra" ]]; then
+  for x in "$DEV"/extra/*; do
+    [[ -f "$x" && -x "$x" ]] || continue
+    step "extra_$(basename "$x")" "$x"
+    grep -h '^{"name"' "$OUT/extra_$(basename "$x").log" >> "$OUT/comparisons.jsonl" 2>/dev/null || true
+  done
+fi
+
+python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+steps = []
+for line in (out / "steps.tsv").read_text().splitlines():
+    name, rc, ms = line.split("\t")
+    steps.append({"name": name, "rc": int(rc), "seconds": round(int(ms) / 1000, 2)})
+comparisons = []
+p = out / "comparisons.jsonl"
+if p.exists():
+    for line in p.read_text().splitlines():
+        try:
+            comparisons.append(json.loads(line))
+        except ValueError:
+            pass
+smi = (out / "nvidia_smi.log").read_text().strip().splitlines() if (out / "nvidia_smi.log").exists() else []
+summary = {
+    "gpu": smi[1] if len(smi) > 1 else None,
+    "ok": all(s["rc"] == 0 for s in steps),
+    "steps": steps,
+    "comparisons": comparisons,
+}
+(out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+print(json.dumps(summary, indent=2))
+PY
+python3 -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))["ok"] else 1)' "$OUT/summary.json"

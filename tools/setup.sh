@@ -77,7 +77,10 @@ have=$(cat "$STAMP" 2>/dev/null || true)
 if [[ "$want" != "$have" ]]; then
   log "installing tools/requirements.txt into $VENV (a few minutes on a new venv)"
   rm -f "$STAMP"
-  "$VENV/bin/python" -m pip install --quiet -r "$REQUIREMENTS"
+  # The machine's pip.conf names index folders that lack most projects; pip
+  # warns once per package about each, burying real messages.
+  "$VENV/bin/python" -m pip install --quiet -r "$REQUIREMENTS" 2>&1 |
+    { grep -v 'is ignored: it is neither a file nor a directory' || true; }
   echo "$want" >"$STAMP"  # only after a complete install
 else
   log "Python packages: up to date"

@@ -30,6 +30,9 @@ BAZEL=(bazel)
 [[ -n "${KVTIER_BAZEL_OUTPUT_BASE:-}" ]] && BAZEL+=("--output_base=$KVTIER_BAZEL_OUTPUT_BASE")
 BAZEL_FLAGS=("--repo_env=PYTHON_BIN_PATH=$VENV_PY")
 [[ "${CI:-}" == "true" ]] && BAZEL_FLAGS+=(--color=no --curses=no --show_progress_rate_limit=60)
+# Debian's Bazel 4.2.3 (a "development version" build) runs linux-sandbox in
+# debug mode, which prints ~40 lines per action; build/test/info only.
+BUILD_FLAGS=("${BAZEL_FLAGS[@]}" --nosandbox_debug)
 
 SUMMARY=()
 FAILED=0
@@ -61,7 +64,7 @@ bazel_test_tagged() {
   local name=$1 t=$SECONDS rc
   shift
   banner "$name"
-  "${BAZEL[@]}" test "${BAZEL_FLAGS[@]}" "$@"
+  "${BAZEL[@]}" test "${BUILD_FLAGS[@]}" "$@"
   rc=$?
   case $rc in
     0) record PASS "$name" "$((SECONDS - t))s" ;;
@@ -113,7 +116,7 @@ if ! run "setup (tools/setup.sh)" bash tools/setup.sh; then
 fi
 
 # --- 2-4. C++ ---------------------------------------------------------------
-run "C++ tests (bazel test //...)" "${BAZEL[@]}" test "${BAZEL_FLAGS[@]}" //...
+run "C++ tests (bazel test //...)" "${BAZEL[@]}" test "${BUILD_FLAGS[@]}" //...
 bazel_test_tagged "concurrency tests under asan" --config=asan \
   --build_tests_only --test_tag_filters=concurrency //...
 bazel_test_tagged "concurrency tests under tsan" --config=tsan \
@@ -123,8 +126,8 @@ bazel_test_tagged "concurrency tests under tsan" --config=tsan \
 WHEEL=""
 if CUDA=$(cuda_flags); then
   WHEEL_FLAGS=(--config=opt ${CUDA:+"$CUDA"})
-  if run "wheel (${WHEEL_FLAGS[*]})" "${BAZEL[@]}" build "${BAZEL_FLAGS[@]}" "${WHEEL_FLAGS[@]}" //python:wheel; then
-    BIN=$("${BAZEL[@]}" info "${BAZEL_FLAGS[@]}" "${WHEEL_FLAGS[@]}" bazel-bin 2>/dev/null)
+  if run "wheel (${WHEEL_FLAGS[*]})" "${BAZEL[@]}" build "${BUILD_FLAGS[@]}" "${WHEEL_FLAGS[@]}" //python:wheel; then
+    BIN=$("${BAZEL[@]}" info "${BUILD_FLAGS[@]}" "${WHEEL_FLAGS[@]}" bazel-bin 2>/dev/null)
     WHEEL=$(ls -t "$BIN"/python/kvtier-*.whl 2>/dev/null | head -n 1)
     [[ -n $WHEEL ]] || record FAIL "wheel" "built, but no kvtier-*.whl under $BIN/python"
   fi
@@ -154,17 +157,19 @@ else
   # From an empty directory with PYTHONPATH unset, so `import kvtier` can only
   # find the installed wheel (tests/python/conftest.py asserts it).
   WORK=$(mktemp -d)
+  t=$SECONDS
   # shellcheck disable=SC2086  # KVTIER_PYTEST_ARGS is a list of words
   (cd "$WORK" && env -u PYTHONPATH KVTIER_WHEEL="$WHEEL" \
-     "$VENV_PY" -m pytest -p no:cacheprovider -ra ${KVTIER_PYTEST_ARGS:-} "${TEST_DIRS[@]}")
+     "$VENV_PY" -m pytest -p no:cacheprovider -ra --rootdir="$ROOT" \
+     ${KVTIER_PYTEST_ARGS:-} "${TEST_DIRS[@]}")
   rc=$?
   rm -rf "$WORK"
   if ((rc == 0)); then
-    record PASS "pytest (${TEST_DIRS[*]#"$ROOT"/})" ""
+    record PASS "pytest (${TEST_DIRS[*]#"$ROOT"/})" "$((SECONDS - t))s"
   elif ((rc == 5)); then
     record FAIL "pytest" "no tests were collected"
   else
-    record FAIL "pytest (${TEST_DIRS[*]#"$ROOT"/})" "exit $rc"
+    record FAIL "pytest (${TEST_DIRS[*]#"$ROOT"/})" "exit $rc, $((SECONDS - t))s"
   fi
 fi
 

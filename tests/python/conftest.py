@@ -13,21 +13,23 @@ import sysconfig
 from pathlib import Path
 
 import kvtier
+import pytest
 
 
 def _installed_location() -> Path:
     return Path(sysconfig.get_paths()["purelib"]).resolve()
 
 
-def pytest_configure(config: object) -> None:
+def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("KVTIER_TEST_SOURCE_TREE") == "1":
         return
     package = Path(kvtier.__file__).resolve()
     site = _installed_location()
-    assert package.is_relative_to(site) or "site-packages" in package.parts, (
-        f"kvtier was imported from {package}, not from the installed wheel in {site}; "
-        "run tools/test.sh, or set KVTIER_TEST_SOURCE_TREE=1 to test the source tree")
+    if not (package.is_relative_to(site) or "site-packages" in package.parts):
+        raise pytest.UsageError(
+            f"kvtier was imported from {package}, not from the installed wheel in {site}; "
+            "run tools/test.sh, or set KVTIER_TEST_SOURCE_TREE=1 to test the source tree")
 
 
-def pytest_report_header(config: object) -> str:
+def pytest_report_header(config: pytest.Config) -> str:
     return f"kvtier {kvtier.__version__} from {Path(kvtier.__file__).parent}"

@@ -1,0 +1,169 @@
+// CpuTier: chunks in host DRAM (the "open shelves"), one MemoryRegion carved
+// by a SlabAllocator, ordered for eviction by a pluggable EvictionPolicy.
+//
+// Layering: CpuTier -> {MemoryRegion -> SlabAllocator} + EvictionPolicy.
+// memory() exposes the whole region so that cuda/ can cudaHostRegister it
+// and the disk tier can register it with io_uring; chunk bytes never move
+// once placed, so such registrations stay valid for the tier's lifetime.
+//
+// Contract (in addition to tier.h)
+// - Zero-copy put: BeginPut reserves space and returns a WriteLease; the
+//   entry is "in flight": invisible to Get/Acquire/SizeOf/Contains (Acquire
+//   says kFailedPrecondition), never evicted, and a second BeginPut of the
+//   key gets kAlreadyExists. Commit publishes it; a lease destroyed without
+//   Commit frees the space.
+// - Zero-copy get: Acquire returns a ReadLease that holds a pin until it is
+//   destroyed; the bytes it shows cannot be evicted, removed or reused while
+//   it lives. Leases must not outlive the tier.
+// - Eviction: when a reservation would take used bytes above high_watermark
+//   * capacity, or the allocator has no block, entries are evicted through
+//   the policy until used bytes + the reservation <= low_watermark *
+//   capacity (or the allocation succeeds). Pinned and in-flight entries are
+//   skipped; if nothing else is left the call returns kResourceExhausted.
+//   Each eviction and each TTL expiry is reported through NotifyEvicted,
+//   called after the tier's lock is released.
+// - TTL (ttl_ms > 0): an entry older than ttl_ms (from Commit) is a miss; it
+//   is reclaimed when met (unless pinned) and swept before policy eviction.
+// - used_bytes counts slab capacities (what the memory really holds, in-flight
+//   reservations included); entries counts committed entries. Both exact.
+//
+// Concurrency: every method is thread-safe. One mutex guards the map, the
+// policy and the counters; it is held for O(1) work per call (plus the
+// evictions a put triggers). Chunk bytes are copied outside the lock: Put
+// copies between BeginPut and Commit, Get copies under a pin.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "cc/common/chunk_key.h"
+#include "cc/common/status.h"
+#include "cc/memory/memory_region.h"
+#include "cc/memory/slab_allocator.h"
+#include "cc/tiers/eviction/eviction_policy.h"
+#include "cc/tiers/tier.h"
+
+namespace kvtier {
+
+struct CpuTierOptions {
+  size_t capacity_bytes = 0;
+  size_t chunk_bytes = 0;  // largest chunk; the slab full class
+  double high_watermark = 0.90, low_watermark = 0.80;
+  std::string eviction_policy = "s3fifo";
+  uint64_t ttl_ms = 0;  // 0 = no TTL
+  int numa_node = -1;
+  HugePages huge_pages = HugePages::kAuto;
+};
+
+class CpuTier final : public Tier {
+ public:
+  // kInvalidArgument naming the offending option; kResourceExhausted if the
+  // memory cannot be mapped.
+  static StatusOr<std::unique_ptr<CpuTier>> Create(const CpuTierOptions& options);
+  ~CpuTier() override;
+
+  class WriteLease {
+   public:
+    WriteLease(WriteLease&& o) noexcept { *this = std::move(o); }
+    WriteLease& operator=(WriteLease&& o) noexcept;
+    ~WriteLease() { Abort(); }
+    std::span<std::byte> data() const { return data_; }
+    const ChunkMeta& meta() const { return meta_; }
+
+   private:
+    friend class CpuTier;
+    WriteLease(CpuTier* t, const ChunkMeta& m, std::span<std::byte> d) : tier_(t), meta_(m), data_(d) {}
+    void Abort();
+    CpuTier* tier_ = nullptr;
+    ChunkMeta meta_;
+    std::span<std::byte> data_;
+  };
+
+  class ReadLease {
+   public:
+    ReadLease(ReadLease&& o) noexcept { *this = std::move(o); }
+    ReadLease& operator=(ReadLease&& o) noexcept;
+    ~ReadLease() { Release(); }
+    std::span<const std::byte> data() const { return data_; }
+    const ChunkMeta& meta() const { return meta_; }
+
+   private:
+    friend class CpuTier;
+    ReadLease(CpuTier* t, const ChunkMeta& m, std::span<const std::byte> d) : tier_(t), meta_(m), data_(d) {}
+    void Release();
+    CpuTier* tier_ = nullptr;
+    ChunkMeta meta_;
+    std::span<const std::byte> data_;
+  };
+
+  // kOk, kAlreadyExists (committed or in flight), kInvalidArgument (bytes 0
+  // or > chunk_bytes, null key), kResourceExhausted. Never kNotFound.
+  StatusOr<WriteLease> BeginPut(const ChunkMeta& meta, size_t bytes);
+  // kOk, or kInvalidArgument for an empty (moved-from/committed) lease or one
+  // from another tier.
+  Status Commit(WriteLease&& lease);
+  // kOk, kNotFound (absent, fingerprint mismatch, expired),
+  // kFailedPrecondition (in flight). Never kInvalidArgument.
+  StatusOr<ReadLease> Acquire(const ChunkKey& key, uint64_t fingerprint);
+
+  std::span<std::byte> memory() const { return {region_->data(), region_->size()}; }
+  const CpuTierOptions& options() const { return options_; }
+  bool huge_pages() const { return region_->huge_pages(); }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  struct Entry {
+    ChunkMeta meta;
+    SlabAllocation alloc;
+    size_t bytes = 0;
+    uint32_t pins = 0;  // Pin() calls plus live ReadLeases
+    bool committed = false;
+    Clock::time_point expires;  // meaningful when ttl_ms > 0 and committed
+  };
+  using Map = std::unordered_map<ChunkKey, Entry, ChunkKeyHash>;
+
+  explicit CpuTier(const CpuTierOptions& o) : Tier(TierKind::kCpu, "cpu"), options_(o) {}
+
+  Status PutImpl(const ChunkMeta& meta, std::span<const std::byte> data) override;
+  Status GetImpl(const ChunkKey& key, uint64_t fingerprint, std::span<std::byte> dst) override;
+  StatusOr<size_t> SizeOfImpl(const ChunkKey& key) const override;
+  Status RemoveImpl(const ChunkKey& key) override;
+  Status PinImpl(const ChunkKey& key) override;
+  Status UnpinImpl(const ChunkKey& key) override;
+  void ClearImpl() override;
+  void FillStatsImpl(TierStats* s) const override;
+
+  // All *Locked helpers run under mu_.
+  bool Expired(const Entry& e, Clock::time_point now) const {
+    return options_.ttl_ms != 0 && e.committed && now >= e.expires;
+  }
+  // Drops a committed entry that left by policy and records its key for
+  // NotifyEvicted.
+  void DropLocked(Map::iterator it, std::vector<ChunkKey>* evicted);
+  bool EvictOneLocked(std::vector<ChunkKey>* evicted);
+  void SweepExpiredLocked(Clock::time_point now, std::vector<ChunkKey>* evicted);
+  void Notify(const std::vector<ChunkKey>& evicted) const;
+  void AbortPut(const ChunkMeta& meta, std::byte* ptr);
+  void ReleaseReadPin(const ChunkKey& key);
+
+  const CpuTierOptions options_;
+  size_t high_bytes_ = 0, low_bytes_ = 0;
+  std::unique_ptr<MemoryRegion> region_;
+  std::unique_ptr<SlabAllocator> allocator_;
+
+  mutable std::mutex mu_;
+  Map map_;
+  std::unique_ptr<EvictionPolicy> policy_;
+  size_t used_bytes_ = 0;
+  size_t entries_ = 0;  // committed
+  uint64_t evictions_ = 0, evicted_bytes_ = 0;
+};
+
+}  // namespace kvtier

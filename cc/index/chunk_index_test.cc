@@ -7,7 +7,6 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <barrier>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -361,36 +360,66 @@ TEST(ChunkIndexTest, SecondProcessReadsSharedIndexReadOnly) {
 
 // ---- Concurrency ----------------------------------------------------------
 
+// Releases all threads within nanoseconds of each other (std::barrier wakes
+// sleepers one by one, which lets the first thread finish alone).
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int n) : n_(n) {}
+  void ArriveAndWait() {
+    // acq_rel/acquire: work before the barrier happens-before work after it.
+    const int gen = gen_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_acq_rel);
+      return;
+    }
+    while (gen_.load(std::memory_order_acquire) == gen) std::this_thread::yield();
+  }
+
+ private:
+  const int n_;
+  std::atomic<int> arrived_{0};
+  std::atomic<int> gen_{0};
+};
+
 TEST(ChunkIndexStressTest, ConcurrentSameKeyInsertsHaveExactlyOneWinner) {
   constexpr int kThreads = 4;
-  constexpr int kRounds = 400;
-  auto idx = MakeIndex(kRounds / 2 + 8);  // every odd round's key stays
-  std::barrier sync(kThreads);
-  std::vector<std::atomic<int>> wins(kRounds);
+  constexpr int kRounds = 300;
+  constexpr int kKeysPerRound = 16;  // threads walk the same keys in lockstep
+  auto idx = MakeIndex(kRounds / 2 * kKeysPerRound + 16);  // odd rounds' keys stay
+  SpinBarrier sync(kThreads);
+  std::vector<std::atomic<int>> wins(kRounds * kKeysPerRound);
   std::vector<std::thread> ts;
   for (int t = 0; t < kThreads; ++t) {
-    ts.emplace_back([&, t] {
+    ts.emplace_back([&] {
+      std::vector<uint64_t> mine;
       for (int r = 0; r < kRounds; ++r) {
-        sync.arrive_and_wait();
-        // Round r's key; the previous round's key is removed by its winner,
-        // so the window holds tombstones to race over.
-        Status s = idx->Insert(Key(r), Fp(r), 1, 1);
-        if (s.ok()) {
-          wins[r].fetch_add(1, std::memory_order_relaxed);
-        } else {
-          EXPECT_EQ(s.code(), StatusCode::kAlreadyExists) << s.ToString();
+        sync.ArriveAndWait();
+        mine.clear();
+        for (int i = 0; i < kKeysPerRound; ++i) {
+          const uint64_t k = static_cast<uint64_t>(r) * kKeysPerRound + i;
+          Status s = idx->Insert(Key(k), Fp(k), 1, 1);
+          if (s.ok()) {
+            wins[k].fetch_add(1, std::memory_order_relaxed);
+            mine.push_back(k);
+          } else {
+            EXPECT_EQ(s.code(), StatusCode::kAlreadyExists) << s.ToString();
+          }
         }
-        sync.arrive_and_wait();
-        if (s.ok() && r % 2 == 0) {
-          EXPECT_TRUE(idx->Remove(Key(r)).ok());
+        sync.ArriveAndWait();
+        // Even rounds leave tombstones behind for the next rounds to race over.
+        if (r % 2 == 0) {
+          for (uint64_t k : mine) EXPECT_TRUE(idx->Remove(Key(k)).ok());
         }
-        (void)t;
       }
     });
   }
   for (auto& th : ts) th.join();
-  for (int r = 0; r < kRounds; ++r) ASSERT_EQ(wins[r].load(), 1) << "round " << r;
-  EXPECT_EQ(idx->size(), static_cast<size_t>(kRounds / 2));
+  for (size_t k = 0; k < wins.size(); ++k) ASSERT_EQ(wins[k].load(), 1) << "key " << k;
+  EXPECT_EQ(idx->size(), static_cast<size_t>(kRounds / 2 * kKeysPerRound));
+  size_t n = 0;
+  idx->ForEach([&](const IndexEntry&) { ++n; });
+  EXPECT_EQ(n, idx->size());
 }
 
 TEST(ChunkIndexStressTest, RandomOperationsKeepInvariants) {

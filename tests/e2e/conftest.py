@@ -19,3 +19,19 @@ from kvtier.testing.model import make_model
 @pytest.fixture(scope="session")
 def model_path() -> str:
     return str(make_model())
+
+
+def _engine_import_error() -> str | None:
+    try:
+        import kvtier.engine  # noqa: F401  (loads the native extension)
+    except (ImportError, AttributeError) as exc:
+        return f"kvtier's native engine is not available: {exc}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def native_engine() -> None:
+    """Skips (with the reason) where the extension has no engine bindings."""
+    error = _engine_import_error()
+    if error is not None:
+        pytest.skip(error)

@@ -6,8 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-
-from kvtier.testing.model import NUM_SPECIAL_TOKENS, ModelSpec, make_model, random_tokens
+from kvtier.testing.model import (
+    NUM_SPECIAL_TOKENS,
+    ModelSpec,
+    make_model,
+    random_tokens,
+)
 
 TINY = ModelSpec(hidden_size=128, num_layers=1, num_attention_heads=2, num_kv_heads=1,
                  intermediate_size=128, vocab_words=50, max_position_embeddings=256)

@@ -1,0 +1,602 @@
+"""KVTierConnector: kvtier as a vLLM v1 KV connector (vLLM 0.32 / 0.33).
+
+Enable with::
+
+    --kv-transfer-config '{"kv_connector": "KVTierConnector",
+                           "kv_connector_module_path": "kvtier.vllm",
+                           "kv_role": "kv_both",
+                           "kv_connector_extra_config": {"cpu_capacity": "4GiB"}}'
+
+Contract with vLLM
+------------------
+* Scheduler side. `get_num_new_matched_tokens` asks the engine's index
+  (`Engine.lookup`, no round trip to the worker) how long a prefix of the
+  request's tokens is cached, subtracts what vLLM already holds locally
+  (`num_computed_tokens`) and never claims the last token: on a full-prompt
+  hit vLLM must still compute one token to sample from. The answer is only
+  what the index holds *ready*; anything that disappears before the worker
+  loads it is reported back as a load error (below).
+* Loads. The scheduler puts, per request, the tokens, the slot mapping of
+  the blocks vLLM allocated and the number of tokens it relies on into the
+  step's metadata. The worker calls `Engine.retrieve` (sync, before the
+  forward) or `Engine.retrieve_async` (when `async_load` is on; the request
+  waits in WAITING_FOR_REMOTE_KVS and is released through `get_finished`).
+  When fewer tokens arrive than promised, the blocks past the loaded prefix
+  are returned by `get_block_ids_with_load_errors`; this connector sets
+  vLLM's `kv_load_failure_policy` to "recompute" (a cache miss is never
+  fatal), so vLLM recomputes them. Wrong KV is never served: the engine
+  checks each chunk's fingerprint and treats a mismatch as a miss.
+* Saves. After each forward (`wait_for_save`) the worker hands the prompt
+  chunks that became complete in that step to `Engine.store`, which gathers
+  them asynchronously. `request_finished` returns delay_free=True for every
+  request that had a save scheduled, so vLLM keeps its blocks; the worker
+  reports it in `finished_sending` once all its stores are done. Preempted
+  requests have their in-flight stores waited for in `handle_preemptions`,
+  before vLLM reuses their blocks.
+* Layers. The engine moves all layers of a chunk together, so
+  `wait_for_layer_load` / `save_kv_layer` are no-ops; a per-layer engine
+  call would slot into them without changing the scheduler side.
+* Roles: kv_both loads and saves, kv_producer only saves, kv_consumer only
+  loads.
+* Tensor parallelism: each rank opens its engine under a namespace carrying
+  its rank, so shards never mix; see registry.py for what the scheduler sees.
+
+Extra config
+------------
+`kv_connector_extra_config` holds kvtier configuration keys (validated by
+`kvtier.load_config`; an unknown key is a `kvtier.ConfigError`) plus these
+connector keys:
+
+* `async_load` (bool, default False): load through `retrieve_async` and
+  `get_finished` instead of blocking before the forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import vllm
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.v1.core.sched.output import SchedulerOutput
+
+import kvtier
+from kvtier.vllm import registry
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = ("0.32.", "0.33.")
+CONNECTOR_KEYS = {"async_load": bool}
+
+
+def check_vllm_version(version: str = vllm.__version__) -> None:
+    if not version.startswith(SUPPORTED_VLLM):
+        raise ImportError(
+            f"kvtier.vllm supports vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}; "
+            f"found {version}. The KVConnectorBase_V1 API changes between minor "
+            "releases, so other versions are refused rather than guessed at."
+        )
+
+
+check_vllm_version()
+
+
+def split_extra_config(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Splits extra config into (connector options, kvtier overrides)."""
+    connector: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    for key, value in extra.items():
+        if key in CONNECTOR_KEYS:
+            if not isinstance(value, CONNECTOR_KEYS[key]):
+                raise kvtier.ConfigError(
+                    f"kv_connector_extra_config[{key!r}] must be "
+                    f"{CONNECTOR_KEYS[key].__name__}, got {value!r}"
+                )
+            connector[key] = value
+        else:
+            overrides[key] = value
+    return connector, overrides
+
+
+def flat_engine_stats(stats: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Engine.stats() with per-tier dicts flattened: {"cpu": {"evictions": 1}} -> cpu_evictions."""
+    out: dict[str, float] = {}
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            out.update(flat_engine_stats(value, f"{prefix}{key}_"))
+        elif isinstance(value, (bool, int, float)):
+            out[prefix + key] = float(value)
+    return out
+
+
+def handle_result(handle: Any) -> int:
+    """Result of a store handle (wait) or a retrieve future (result)."""
+    if hasattr(handle, "wait"):
+        return int(handle.wait())
+    return int(handle.result())
+
+
+def slot_mapping(block_ids: list[int], block_size: int, num_tokens: int) -> np.ndarray:
+    """Slot of each of the first num_tokens tokens; -1 where no block exists."""
+    blocks = np.asarray(block_ids, dtype=np.int64)
+    slots = (blocks[:, None] * block_size + np.arange(block_size, dtype=np.int64)).ravel()
+    if slots.size >= num_tokens:
+        return slots[:num_tokens].copy()
+    return np.concatenate([slots, np.full(num_tokens - slots.size, -1, dtype=np.int64)])
+
+
+@dataclasses.dataclass
+class LoadSpec:
+    req_id: str
+    tokens: np.ndarray  # int64, the tokens whose cached prefix is loaded
+    slots: np.ndarray  # int64, one per token, -1 = not written
+    skip_tokens: int  # vLLM's own computed prefix: never overwritten
+    need_tokens: int  # local + external tokens the scheduler counted on
+    block_ids: list[int]
+    is_async: bool
+
+
+@dataclasses.dataclass
+class SaveSpec:
+    req_id: str
+    tokens: np.ndarray
+    slots: np.ndarray
+    skip_tokens: int
+
+
+@dataclasses.dataclass
+class KVTierConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = dataclasses.field(default_factory=list)
+    saves: list[SaveSpec] = dataclasses.field(default_factory=list)
+    preempted: set[str] = dataclasses.field(default_factory=set)
+
+
+_COUNTERS = (
+    "lookups",
+    "hit_requests",
+    "miss_requests",
+    "hit_tokens",
+    "tokens_loaded",
+    "load_errors",
+    "load_seconds",
+    "save_requests",
+    "chunks_saved",
+    "save_seconds",
+)
+
+
+@dataclasses.dataclass
+class KVTierConnectorStats(KVConnectorStats):
+    """Counters since the last collection; gauges from the engine ride along."""
+
+    def __post_init__(self) -> None:
+        for name in _COUNTERS:
+            self.data.setdefault(name, 0)
+
+    def reset(self) -> None:
+        self.data = {name: 0 for name in _COUNTERS}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for key, value in other.data.items():
+            if key in _COUNTERS:
+                self.data[key] = self.data.get(key, 0) + value
+            else:
+                self.data[key] = value  # engine gauges: latest wins
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {k: v for k, v in self.data.items() if isinstance(v, (int, float))}
+
+    def is_empty(self) -> bool:
+        return all(not self.data.get(name) for name in _COUNTERS)
+
+
+@dataclasses.dataclass
+class _ReqState:
+    request: Request
+    block_ids: list[int] = dataclasses.field(default_factory=list)
+    saved_tokens: int = 0
+    has_save: bool = False
+
+
+def _namespace(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, rank: int) -> Any:
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(
+            f"KVTierConnector supports one KV cache group (full attention); "
+            f"this model has {len(groups)}"
+        )
+    spec = groups[0].kv_cache_spec
+    num_kv_heads = getattr(spec, "num_kv_heads", 0)
+    head_size = getattr(spec, "head_size", 0)
+    layout = (
+        f"vllm-paged:{vllm_config.device_config.device_type}:bs{spec.block_size}"
+        f":h{num_kv_heads}:d{head_size}:l{len(groups[0].layer_names)}"
+    )
+    from kvtier.engine import Namespace  # loads the native extension
+
+    return Namespace(
+        model=str(vllm_config.model_config.model),
+        dtype=str(spec.dtype).removeprefix("torch."),
+        layout=layout,
+        rank=rank,
+        world_size=vllm_config.parallel_config.world_size,
+    )
+
+
+def _cpu_whole_blocks(config: Any, block_size: int) -> Any:
+    """vLLM CPU keeps a block's K in an ISA-specific order ("vec": K stored
+    [head_size, block_size], V [block_size, head_size]; "amx" packs
+    differently), so a token's KV is not a fixed slice of the block. kvtier
+    therefore moves whole blocks on CPU: chunks must be whole blocks and
+    partial tail chunks are dropped (a partial block is never copied)."""
+    if config.chunk_size % block_size:
+        raise kvtier.ConfigError(
+            f"chunk_size ({config.chunk_size}) must be a multiple of vLLM's block size "
+            f"({block_size}) on CPU, where kvtier moves whole blocks"
+        )
+    if config.partial_chunks != "drop":
+        logger.info("KVTierConnector: partial_chunks='drop' on CPU (whole blocks only)")
+        config = dataclasses.replace(config, partial_chunks="drop")
+    return config
+
+
+def _cpu_block_view(t: torch.Tensor) -> torch.Tensor:
+    """A [blocks, 2, block_size, heads, head] view of a vLLM CPU layer tensor
+    [blocks, heads, block_size, 2 * head] whose slot i covers the i-th 1/bs of
+    both halves of the block's bytes: moving every slot of a block moves the
+    block exactly, whatever order the attention kernel keeps inside it."""
+    if t.dim() != 4 or not t.is_contiguous():
+        raise ValueError(f"unexpected vLLM CPU KV tensor: shape {tuple(t.shape)}, strides {t.stride()}")
+    blocks, heads, block_size, two_head = t.shape
+    return t.view(blocks, 2, block_size, heads, two_head // 2)
+
+
+def _worker_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except (AssertionError, RuntimeError, ImportError):
+        return 0
+
+
+class KVTierConnector(KVConnectorBase_V1):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig,
+    ):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        ktc = self._kv_transfer_config
+        options, overrides = split_extra_config(dict(ktc.kv_connector_extra_config or {}))
+        self._config = kvtier.load_config(overrides)
+        self._async_load: bool = options.get("async_load", False)
+        self._loads_enabled = bool(ktc.is_kv_consumer)
+        self._saves_enabled = bool(ktc.is_kv_producer)
+        if ktc.kv_load_failure_policy != "recompute":
+            # A cache miss discovered late is still just a miss: "fail"
+            # would turn an evicted chunk into a failed request.
+            logger.info("KVTierConnector: kv_load_failure_policy set to 'recompute'")
+            ktc.kv_load_failure_policy = "recompute"
+        self._block_size = vllm_config.cache_config.block_size
+        self._cpu = vllm_config.device_config.device_type == "cpu"
+        if self._cpu:
+            self._config = _cpu_whole_blocks(self._config, self._block_size)
+        rank = 0 if role == KVConnectorRole.SCHEDULER else _worker_rank()
+        self._registry_key, self.engine = registry.acquire(
+            self._config, _namespace(vllm_config, kv_cache_config, rank)
+        )
+        self._chunk_size: int = int(self.engine.chunk_size)
+        self._stats = KVTierConnectorStats()
+        self._stats_lock = threading.Lock()
+        # Never reset (vLLM drains _stats every step): for benchmarks/demo.
+        self.totals: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
+
+        # Scheduler state.
+        self._reqs: dict[str, _ReqState] = {}
+        self._pending_loads: list[LoadSpec] = []
+        self._lookup_local: dict[str, int] = {}
+
+        # Worker state.
+        self._async_loads: dict[str, tuple[Any, LoadSpec, float]] = {}
+        self._saves_in_flight: dict[str, list[tuple[Any, float]]] = {}
+        self._saved_reqs: set[str] = set()
+        self._finished_waiting: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._finished_recving: set[str] = set()
+
+    # ------------------------------------------------------------ metrics
+
+    def _count(self, **deltas: float) -> None:
+        with self._stats_lock:
+            for key, delta in deltas.items():
+                self._stats.data[key] = self._stats.data.get(key, 0) + delta
+                self.totals[key] = self.totals.get(key, 0) + delta
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        with self._stats_lock:
+            if self._stats.is_empty():
+                return None
+            out = self._stats
+            self._stats = KVTierConnectorStats()
+        if self.role == KVConnectorRole.WORKER:
+            for key, value in flat_engine_stats(self.engine.stats()).items():
+                out.data[f"engine_{key}"] = value
+        return out
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return KVTierConnectorStats(data=dict(data or {}))
+
+    # ------------------------------------------------------------ scheduler
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        if not self._loads_enabled:
+            return 0, False
+        # vLLM sets request.num_computed_tokens only after allocation, so the
+        # local prefix length the load must skip is remembered here.
+        self._lookup_local[request.request_id] = num_computed_tokens
+        tokens = request.all_token_ids
+        # vLLM samples from the last token's logits, so it must compute it.
+        hit = min(int(self.engine.lookup(list(tokens))), len(tokens) - 1)
+        external = hit - num_computed_tokens
+        if external <= 0:
+            return 0, False
+        return external, self._async_load
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        state = self._reqs.setdefault(request.request_id, _ReqState(request=request))
+        if not self._loads_enabled:
+            return
+        local = self._lookup_local.pop(request.request_id, None)
+        if num_external_tokens <= 0:
+            if local is not None:
+                self._count(lookups=1, miss_requests=1)
+            return
+        block_ids = list(blocks.get_block_ids()[0])
+        state.block_ids = block_ids
+        local = local or 0
+        need = local + num_external_tokens
+        tokens = np.asarray(request.all_token_ids, dtype=np.int64)
+        self._pending_loads.append(
+            LoadSpec(
+                req_id=request.request_id,
+                tokens=tokens,
+                slots=slot_mapping(block_ids, self._block_size, len(tokens)),
+                skip_tokens=local,
+                need_tokens=need,
+                block_ids=block_ids,
+                is_async=self._async_load,
+            )
+        )
+        self._count(lookups=1, hit_requests=1, hit_tokens=num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = KVTierConnectorMetadata(
+            loads=self._pending_loads,
+            preempted=set(scheduler_output.preempted_req_ids or ()),
+        )
+        self._pending_loads = []
+        for new_req in scheduler_output.scheduled_new_reqs:
+            state = self._reqs.get(new_req.req_id)
+            if state is None:
+                continue
+            state.block_ids = list(new_req.block_ids[0])
+            end = new_req.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(
+                new_req.req_id, 0
+            )
+            self._maybe_save(meta, state, end)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._reqs.get(req_id)
+            if state is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                # After preemption vLLM sends the request's whole block list.
+                state.block_ids = list(new_blocks[0]) if new_blocks else []
+            elif new_blocks is not None:
+                state.block_ids.extend(new_blocks[0])
+            end = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(
+                req_id, 0
+            )
+            self._maybe_save(meta, state, end)
+        return meta
+
+    def _maybe_save(self, meta: KVTierConnectorMetadata, state: _ReqState, end: int) -> None:
+        if not self._saves_enabled:
+            return
+        prompt_len = state.request.num_prompt_tokens
+        end = min(end, prompt_len)
+        # Mid-prompt only whole chunks are final; at the prompt's end the
+        # engine decides (partial_chunks) whether the tail is kept.
+        if end < prompt_len:
+            end -= end % self._chunk_size
+        if end <= state.saved_tokens:
+            return
+        tokens = np.asarray(state.request.all_token_ids[:end], dtype=np.int64)
+        meta.saves.append(
+            SaveSpec(
+                req_id=state.request.request_id,
+                tokens=tokens,
+                slots=slot_mapping(state.block_ids, self._block_size, end),
+                skip_tokens=state.saved_tokens - state.saved_tokens % self._chunk_size,
+            )
+        )
+        state.saved_tokens = end
+        state.has_save = True
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        self._lookup_local.pop(request.request_id, None)
+        state = self._reqs.pop(request.request_id, None)
+        # The worker reports finished_sending for exactly these requests.
+        return bool(state is not None and state.has_save), None
+
+    # ------------------------------------------------------------ worker
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        tensors = list(kv_caches.values())
+        if self._cpu:
+            self.engine.register_kv_caches([_cpu_block_view(t) for t in tensors], kind="flash_infer")
+        else:
+            self.engine.register_kv_caches(tensors)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVTierConnectorMetadata)
+        for spec in meta.loads:
+            started = time.perf_counter()
+            if spec.is_async:
+                try:
+                    handle = self.engine.retrieve_async(
+                        spec.tokens, spec.slots, skip_tokens=spec.skip_tokens
+                    )
+                except Exception:
+                    logger.exception("kvtier retrieve_async failed for %s", spec.req_id)
+                    self._finish_load(spec, 0, started)
+                    self._finished_recving.add(spec.req_id)
+                    continue
+                self._async_loads[spec.req_id] = (handle, spec, started)
+                continue
+            try:
+                loaded = int(
+                    self.engine.retrieve(spec.tokens, spec.slots, skip_tokens=spec.skip_tokens)
+                )
+            except Exception:
+                logger.exception("kvtier retrieve failed for %s", spec.req_id)
+                loaded = 0
+            self._finish_load(spec, loaded, started)
+
+    def _finish_load(self, spec: LoadSpec, loaded: int, started: float) -> None:
+        loaded = max(loaded, spec.skip_tokens)
+        self._count(
+            tokens_loaded=max(0, min(loaded, spec.need_tokens) - spec.skip_tokens),
+            load_seconds=time.perf_counter() - started,
+        )
+        if loaded >= spec.need_tokens:
+            return
+        first = loaded // self._block_size
+        last = (spec.need_tokens - 1) // self._block_size
+        self._load_errors.update(spec.block_ids[first : last + 1])
+        self._count(load_errors=1)
+        logger.info(
+            "kvtier: %s loaded %d of %d tokens; vLLM recomputes the rest",
+            spec.req_id,
+            loaded,
+            spec.need_tokens,
+        )
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        return
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        assert isinstance(kv_connector_metadata, KVTierConnectorMetadata)
+        for req_id in kv_connector_metadata.preempted:
+            # vLLM is about to hand these blocks to other requests.
+            for handle, _ in self._saves_in_flight.pop(req_id, []):
+                self._wait_store(handle)
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVTierConnectorMetadata)
+        for spec in meta.saves:
+            started = time.perf_counter()
+            # The scheduler delays the free of every request it scheduled a
+            # save for, so record it even if the store fails right away.
+            self._saved_reqs.add(spec.req_id)
+            try:
+                handle = self.engine.store(spec.tokens, spec.slots, skip_tokens=spec.skip_tokens)
+            except Exception:  # a failed save is only a future miss
+                logger.exception("kvtier store failed for %s", spec.req_id)
+                continue
+            self._saves_in_flight.setdefault(spec.req_id, []).append((handle, started))
+            self._count(save_requests=1)
+
+    def _wait_store(self, handle: Any, started: float | None = None) -> None:
+        try:
+            chunks = handle_result(handle)
+        except Exception:
+            logger.exception("kvtier store failed")
+            return
+        self._count(chunks_saved=chunks)
+        if started is not None:
+            self._count(save_seconds=time.perf_counter() - started)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        # Saves: reap completed handles; report requests vLLM holds for us.
+        self._finished_waiting |= finished_req_ids & self._saved_reqs
+        for req_id in list(self._saves_in_flight):
+            pending = []
+            for handle, started in self._saves_in_flight[req_id]:
+                if handle.done():
+                    self._wait_store(handle, started)
+                else:
+                    pending.append((handle, started))
+            if pending:
+                self._saves_in_flight[req_id] = pending
+            else:
+                del self._saves_in_flight[req_id]
+        sending = {r for r in self._finished_waiting if r not in self._saves_in_flight}
+        self._finished_waiting -= sending
+        self._saved_reqs -= sending
+
+        # Async loads.
+        recving, self._finished_recving = self._finished_recving, set()
+        for req_id, (handle, spec, started) in list(self._async_loads.items()):
+            if not handle.done():
+                continue
+            del self._async_loads[req_id]
+            try:
+                loaded = handle_result(handle)
+            except Exception:
+                logger.exception("kvtier async load failed for %s", req_id)
+                loaded = 0
+            self._finish_load(spec, loaded, started)
+            recving.add(req_id)
+        return sending or None, recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        for handles in self._saves_in_flight.values():
+            for handle, _ in handles:
+                self._wait_store(handle)
+        self._saves_in_flight.clear()
+        registry.release(self._registry_key)

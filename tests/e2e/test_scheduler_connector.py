@@ -1,0 +1,237 @@
+"""Fast tests: vLLM's real Scheduler + both KVTierConnector roles + a real engine.
+
+Only the forward pass is faked (kvtier.testing.sched_harness writes a value
+derived from each token and its position into its KV slot), so these tests
+check the scheduler protocol (matched tokens, allocation, metadata, delayed
+frees, load errors, async loads, preemption) and that loaded KV is exactly
+the KV stored for the same prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import kvtier
+import pytest
+import torch
+from kvtier.testing.model import random_tokens
+from kvtier.testing.sched_harness import Harness, kv_value, make_harness
+from kvtier.vllm import registry
+from kvtier.vllm.connector import check_vllm_version, slot_mapping, split_extra_config
+
+pytestmark = pytest.mark.usefixtures("native_engine")
+
+CHUNK = 256
+BS = 16
+
+
+@pytest.fixture
+def extra(tmp_path: Any) -> dict[str, Any]:
+    # A fresh namespace per test keeps engines (and their caches) apart.
+    return {"chunk_size": CHUNK, "cpu_capacity": "64MiB", "disk_path": "", "namespace": str(tmp_path)}
+
+
+@pytest.fixture
+def harness(model_path: str, extra: dict[str, Any]) -> Iterator[Harness]:
+    h = make_harness(model_path, extra)
+    yield h
+    h.worker.shutdown()
+    h.scheduler.connector.shutdown()
+
+
+def assert_kv_matches(h: Harness, req_id: str, tokens: list[int], upto: int) -> None:
+    for pos in range(upto):
+        want = kv_value(tokens[pos], pos)
+        k, v = h.read(req_id, pos)
+        assert torch.all(k == want), f"K at {pos}: {k.flatten()[:2]} != {want}"
+        assert torch.all(v == -want), f"V at {pos}: {v.flatten()[:2]} != {-want}"
+
+
+def drain(h: Harness, req_id: str, max_steps: int = 50) -> None:
+    for _ in range(max_steps):
+        if req_id not in h.scheduler.requests:
+            return
+        h.step()
+    raise AssertionError(f"{req_id} did not finish")
+
+
+def test_save_then_hit_loads_exact_kv(harness: Harness) -> None:
+    h = harness
+    prompt = random_tokens(600, seed=5)
+    h.add("a", prompt)
+    drain(h, "a")
+    eng = h.worker.engine
+    eng.flush()
+    assert eng.lookup(prompt) >= 512
+    # Every block came back: the delayed free was released by finished_sending.
+    pool = h.scheduler.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # minus the null block
+
+    req = h.add("b", prompt)
+    conn = h.scheduler.connector
+    matched, is_async = conn.get_num_new_matched_tokens(req, 0)
+    assert not is_async
+    assert 512 <= matched <= len(prompt) - 1
+    out = h.step()
+    assert out.num_scheduled_tokens["b"] == len(prompt) - matched
+    assert not h.last_invalid
+    assert_kv_matches(h, "b", prompt, matched)
+    drain(h, "b")
+
+
+def test_respects_local_computed_tokens(harness: Harness) -> None:
+    h = harness
+    prompt = random_tokens(600, seed=6)
+    h.add("a", prompt)
+    drain(h, "a")
+    h.worker.engine.flush()
+    req = h.add("b", prompt)
+    conn = h.scheduler.connector
+    full, _ = conn.get_num_new_matched_tokens(req, 0)
+    part, _ = conn.get_num_new_matched_tokens(req, 256)
+    assert part == full - 256
+    assert conn.get_num_new_matched_tokens(req, full) == (0, False)
+
+
+def test_short_or_unknown_prompt_is_a_miss(harness: Harness) -> None:
+    h = harness
+    req = h.add("a", random_tokens(100, seed=7))
+    assert h.scheduler.connector.get_num_new_matched_tokens(req, 0) == (0, False)
+    drain(h, "a")
+
+
+def test_chunks_lost_before_load_are_recomputed(harness: Harness) -> None:
+    h = harness
+    prompt = random_tokens(600, seed=8)
+    h.add("a", prompt)
+    drain(h, "a")
+    eng = h.worker.engine
+    eng.flush()
+    h.add("b", prompt)
+    h.step(before_load=eng.clear)  # lookup done, chunks gone
+    assert h.last_invalid, "lost chunks must be reported"
+    req = h.scheduler.requests["b"]
+    # Nothing was loaded: vLLM rolls the request back to the start, drops the
+    # token sampled from the bad prefix and recomputes everything.
+    assert req.num_computed_tokens == 0
+    assert req.num_output_tokens == 0
+    drain(h, "b")
+    assert_kv_matches(h, "b", prompt, len(prompt))
+
+
+def test_async_load(model_path: str, extra: dict[str, Any]) -> None:
+    h = make_harness(model_path, {**extra, "async_load": True})
+    try:
+        prompt = random_tokens(700, seed=9)
+        h.add("a", prompt)
+        drain(h, "a")
+        h.worker.engine.flush()
+        req = h.add("b", prompt)
+        matched, is_async = h.scheduler.connector.get_num_new_matched_tokens(req, 0)
+        assert is_async and matched >= 512
+        for _ in range(20):
+            h.step()
+            if req.num_output_tokens > 0:
+                break
+        assert req.num_output_tokens > 0
+        assert not h.last_invalid
+        assert_kv_matches(h, "b", prompt, matched)
+        drain(h, "b")
+    finally:
+        h.worker.shutdown()
+        h.scheduler.connector.shutdown()
+
+
+@pytest.mark.parametrize("role, loads, saves", [("kv_producer", False, True), ("kv_consumer", True, False)])
+def test_roles(model_path: str, extra: dict[str, Any], role: str, loads: bool, saves: bool) -> None:
+    prompt = random_tokens(600, seed=11)
+    # Seed the cache through a kv_both pair sharing the engine (same config and
+    # namespace), then build the pair under test: it registers its own tensors.
+    seeder = make_harness(model_path, extra)
+    seeder.add("seed", prompt)
+    drain(seeder, "seed")
+    seeder.worker.engine.flush()
+    h = make_harness(model_path, extra, kv_role=role)
+    try:
+        assert h.worker.engine is seeder.worker.engine
+        req = h.add("x", prompt)
+        matched, _ = h.scheduler.connector.get_num_new_matched_tokens(req, 0)
+        assert (matched > 0) == loads
+        drain(h, "x")
+        if loads:
+            assert_kv_matches(h, "x", prompt, matched)
+        other = random_tokens(600, seed=12)
+        h.add("y", other)
+        drain(h, "y")
+        h.worker.engine.flush()
+        assert (h.worker.engine.lookup(other) > 0) == saves
+    finally:
+        h.worker.shutdown()
+        h.scheduler.connector.shutdown()
+        seeder.worker.shutdown()
+        seeder.scheduler.connector.shutdown()
+
+
+def test_preemption_waits_for_saves_and_resumes(model_path: str, extra: dict[str, Any]) -> None:
+    # 24 usable blocks of 16 tokens: three 120-token prompts growing by 40
+    # tokens each cannot all stay resident, so vLLM preempts.
+    h = make_harness(model_path, extra, num_blocks=25, max_num_batched_tokens=512)
+    try:
+        prompts = {f"r{i}": random_tokens(120, seed=20 + i) for i in range(3)}
+        for rid, p in prompts.items():
+            h.add(rid, p, max_tokens=40)
+        preempted = False
+        for _ in range(400):
+            out = h.step()
+            preempted |= bool(out.preempted_req_ids)
+            if not h.scheduler.requests:
+                break
+        assert preempted
+        assert not h.scheduler.requests
+    finally:
+        h.worker.shutdown()
+        h.scheduler.connector.shutdown()
+
+
+def test_unknown_extra_config_key_is_a_clear_error(model_path: str, extra: dict[str, Any]) -> None:
+    with pytest.raises(kvtier.ConfigError, match="chunk_sise"):
+        make_harness(model_path, {**extra, "chunk_sise": 128})
+
+
+def test_connector_option_type_is_checked() -> None:
+    with pytest.raises(kvtier.ConfigError, match="async_load"):
+        split_extra_config({"async_load": "yes"})
+    options, overrides = split_extra_config({"async_load": True, "chunk_size": 64})
+    assert options == {"async_load": True} and overrides == {"chunk_size": 64}
+
+
+def test_version_check() -> None:
+    check_vllm_version("0.32.0")
+    check_vllm_version("0.33.1")
+    with pytest.raises(ImportError, match="0.31.2"):
+        check_vllm_version("0.31.2")
+
+
+def test_slot_mapping() -> None:
+    slots = slot_mapping([3, 1], 4, 6)
+    assert slots.tolist() == [12, 13, 14, 15, 4, 5]
+    assert slot_mapping([2], 4, 6).tolist() == [8, 9, 10, 11, -1, -1]
+
+
+def test_registry_shares_and_closes(extra: dict[str, Any]) -> None:
+    config = kvtier.load_config({k: v for k, v in extra.items()})
+    from kvtier.engine import Namespace
+
+    ns = Namespace(model="m", dtype="float32", layout="x", rank=0, world_size=1)
+    k1, e1 = registry.acquire(config, ns)
+    k2, e2 = registry.acquire(config, ns)
+    assert e1 is e2 and k1 == k2
+    k3, e3 = registry.acquire(config, Namespace(model="m", dtype="float32", layout="x", rank=1, world_size=2))
+    assert e3 is not e1
+    registry.release(k1)
+    assert not e1.closed
+    registry.release(k2)
+    assert e1.closed
+    registry.release(k3)
+    assert e3.closed

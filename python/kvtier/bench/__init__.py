@@ -1,0 +1,1 @@
+"""kvtier benchmarks that run from the installed package (`kvtier bench ...`)."""

@@ -1,0 +1,29 @@
+"""`kvtier bench SUBCOMMAND ...`: entry point used by kvtier.cli."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+SUBCOMMANDS = {
+    "ttft": "kvtier.bench.ttft",
+    "demo": "kvtier.bench.demo",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") or args[0] not in SUBCOMMANDS:
+        print("usage: kvtier bench {" + ",".join(SUBCOMMANDS) + "} [options]", file=sys.stderr)
+        print("  ttft  TTFT of long-document and multi-round QA on a real vLLM "
+              "(kvtier vs ExampleConnector vs none)", file=sys.stderr)
+        print("  demo  the demo workload with per-request TTFT and a PNG plot", file=sys.stderr)
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    import importlib
+
+    module = importlib.import_module(SUBCOMMANDS[args[0]])
+    return int(module.main(args[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,8 @@
 #include "cc/memory/memory_region.h"
 
-#include <numa.h>
-#include <numaif.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -24,16 +24,27 @@ size_t PhysicalMemoryBytes() {
   return static_cast<size_t>(pages) * static_cast<size_t>(page);
 }
 
+// NUMA without libnuma: its static archive is not PIC (it cannot go into the
+// Python extension) and the two things needed are a sysfs probe and the
+// mbind system call.
+constexpr int kMpolBind = 2;           // MPOL_BIND, <linux/mempolicy.h>
+constexpr unsigned kMpolMfStrict = 1;  // MPOL_MF_STRICT
+
+bool NumaNodeExists(int node) {
+  struct stat st;
+  const std::string path = "/sys/devices/system/node/node" + std::to_string(node);
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
 Status CheckNumaNode(int node) {
   if (node < -1) return InvalidArgument("numa_node must be -1 (any) or a node id, got " + std::to_string(node));
   if (node == -1) return Status::Ok();
-  if (numa_available() < 0) {
-    return InvalidArgument("numa_node " + std::to_string(node) + " requested but NUMA is not available on this machine");
-  }
-  const int max_node = numa_max_node();
-  if (node > max_node || numa_bitmask_isbitset(numa_all_nodes_ptr, static_cast<unsigned>(node)) == 0) {
-    return InvalidArgument("numa_node " + std::to_string(node) + " does not exist (nodes 0.." +
-                           std::to_string(max_node) + ")");
+  if (node >= 1024 || !NumaNodeExists(node)) {
+    int max_node = -1;
+    while (max_node < 1023 && NumaNodeExists(max_node + 1)) ++max_node;
+    return InvalidArgument("numa_node " + std::to_string(node) + " does not exist" +
+                           (max_node >= 0 ? " (nodes 0.." + std::to_string(max_node) + ")"
+                                          : std::string(" (NUMA is not available on this machine)")));
   }
   return Status::Ok();
 }
@@ -80,7 +91,7 @@ StatusOr<std::unique_ptr<MemoryRegion>> MemoryRegion::Allocate(const RegionOptio
   if (options.numa_node >= 0) {
     unsigned long mask[16] = {};  // up to 1024 nodes
     mask[options.numa_node / (8 * sizeof(unsigned long))] |= 1ul << (options.numa_node % (8 * sizeof(unsigned long)));
-    if (mbind(p, size, MPOL_BIND, mask, sizeof(mask) * 8, MPOL_MF_STRICT) != 0) {
+    if (syscall(SYS_mbind, p, size, kMpolBind, mask, sizeof(mask) * 8, kMpolMfStrict) != 0) {
       const int err = errno;
       munmap(p, size);
       return ResourceExhausted("MemoryRegion: mbind to numa_node " + std::to_string(options.numa_node) +

@@ -8,8 +8,9 @@
 //   == Crc32c(a + b). This is how a record's header and payload are covered
 //   by one value without copying them together.
 // - The SSE4.2 crc32 instruction is used when the CPU has it (checked once at
-//   run time, so the binary still runs on CPUs without it); otherwise an
-//   8-table software implementation. Both give identical results (tested).
+//   run time, so the binary still runs on CPUs without it), three lanes at
+//   a time for inputs of 12 KiB and more; otherwise an 8-table software
+//   implementation. Both give identical results (tested).
 // - Pure functions, thread-safe, no allocation.
 #pragma once
 

@@ -664,6 +664,7 @@ std::vector<Status> DiskTier::PutBatchImpl(std::span<const ChunkMeta> metas,
     size_t i;
     Slot slot;
     uint32_t crc = 0;
+    std::byte* hdr = nullptr;  // bounce: header block, then tail block or whole payload
     size_t first_op = 0, num_ops = 0;
   };
   std::vector<Pending> pending;
@@ -717,50 +718,64 @@ std::vector<Status> DiskTier::PutBatchImpl(std::span<const ChunkMeta> metas,
       ring_status = ResourceExhausted("disk: out of memory for a " + std::to_string(bounce_bytes) + "-byte bounce buffer");
     } else {
       std::byte* b = ctx.bounce.data();
-      for (Pending& p : pending) {
+      std::vector<size_t> owner;  // op index -> pending index, for prepare()
+      for (size_t pi = 0; pi < pending.size(); ++pi) {
+        Pending& p = pending[pi];
         const auto d = datas[p.i];
-        const ChunkMeta& m = metas[p.i];
-        p.crc = disk::Crc32c(d);
-        const RecordHeader h =
-            MakeHeader(m.key, p.slot.gen, m.fingerprint, m.layout_id, m.num_tokens, d.size(), p.crc, 0);
         const int fd = segs_[p.slot.seg].fd;  // fd of an open segment never changes while writers > 0
-        std::byte* hdr = b;
-        std::memset(hdr, 0, kBlock);
-        std::memcpy(hdr, &h, sizeof(h));
+        p.hdr = b;
         p.first_op = ops.size();
         if (IsAligned(d.data())) {
           const size_t body = d.size() & ~(kBlock - 1);
           const size_t tail = d.size() - body;
           std::byte* tail_block = b + kBlock;
-          if (tail > 0) {
-            std::memcpy(tail_block, d.data() + body, tail);
-            std::memset(tail_block + tail, 0, kBlock - tail);
-          }
           b += 2 * kBlock;
           const int fixed = body > 0 ? ctx.ring->FixedIndexFor(d.data(), body) : -1;
           auto* body_ptr = const_cast<std::byte*>(d.data());  // written from, never to
           if (fixed >= 0) {
-            IoOp oh{IoOp::Kind::kWrite, fd, p.slot.offset, {{hdr, kBlock}}, 1};
-            IoOp ob{IoOp::Kind::kWrite, fd, p.slot.offset + kBlock, {{body_ptr, body}}, 1, fixed};
-            ops.push_back(oh);
-            ops.push_back(ob);
+            ops.push_back(IoOp{IoOp::Kind::kWrite, fd, p.slot.offset, {{p.hdr, kBlock}}, 1});
+            ops.push_back(IoOp{IoOp::Kind::kWrite, fd, p.slot.offset + kBlock, {{body_ptr, body}}, 1, fixed});
             if (tail > 0) ops.push_back(IoOp{IoOp::Kind::kWrite, fd, p.slot.offset + kBlock + body, {{tail_block, kBlock}}, 1});
           } else {
-            IoOp op{IoOp::Kind::kWrite, fd, p.slot.offset, {{hdr, kBlock}}, 1};
+            IoOp op{IoOp::Kind::kWrite, fd, p.slot.offset, {{p.hdr, kBlock}}, 1};
             if (body > 0) op.iov[op.niov++] = iovec{body_ptr, body};
             if (tail > 0) op.iov[op.niov++] = iovec{tail_block, kBlock};
             ops.push_back(op);
           }
         } else {
           const size_t rec = RecordBytes(d.size());
-          std::memcpy(b + kBlock, d.data(), d.size());
-          std::memset(b + kBlock + d.size(), 0, rec - kBlock - d.size());
-          ops.push_back(IoOp{IoOp::Kind::kWrite, fd, p.slot.offset, {{hdr, rec}}, 1});
+          ops.push_back(IoOp{IoOp::Kind::kWrite, fd, p.slot.offset, {{p.hdr, rec}}, 1});
           b += rec;
         }
         p.num_ops = ops.size() - p.first_op;
+        owner.resize(ops.size(), pi);
       }
-      ctx.ring->Run(ops);
+      // Checksums and bounce copies happen op by op as the ring takes them,
+      // so record k's CRC overlaps record k-1's write.
+      auto prepare = [&](size_t op) {
+        Pending& p = pending[owner[op]];
+        if (op != p.first_op) return;
+        const auto d = datas[p.i];
+        const ChunkMeta& m = metas[p.i];
+        p.crc = disk::Crc32c(d);
+        const RecordHeader h =
+            MakeHeader(m.key, p.slot.gen, m.fingerprint, m.layout_id, m.num_tokens, d.size(), p.crc, 0);
+        std::memset(p.hdr, 0, kBlock);
+        std::memcpy(p.hdr, &h, sizeof(h));
+        if (IsAligned(d.data())) {
+          const size_t body = d.size() & ~(kBlock - 1);
+          const size_t tail = d.size() - body;
+          if (tail > 0) {
+            std::memcpy(p.hdr + kBlock, d.data() + body, tail);
+            std::memset(p.hdr + kBlock + tail, 0, kBlock - tail);
+          }
+        } else {
+          const size_t rec = RecordBytes(d.size());
+          std::memcpy(p.hdr + kBlock, d.data(), d.size());
+          std::memset(p.hdr + kBlock + d.size(), 0, rec - kBlock - d.size());
+        }
+      };
+      ctx.ring->Run(ops, prepare);
     }
     ReleaseRing(std::move(*ctx_or));
   }
@@ -881,16 +896,16 @@ std::vector<Status> DiskTier::GetBatchImpl(std::span<const ChunkKey> keys, std::
         }
         p.num_ops = ops.size() - p.first_op;
       }
-      ctx.ring->Run(ops);
-      // Verify while the bounce buffer is still ours.
-      for (Plan& p : plans) {
+      // Each record is verified as soon as its last op completes, so its
+      // CRC overlaps the reads still in flight.
+      auto verify = [&](Plan& p) {
         Status st;
         for (size_t k = p.first_op; st.ok() && k < p.first_op + p.num_ops; ++k) {
           if (ops[k].result != 0) st = StatusFromIo(ops[k].result, "reading " + SegmentPath(p.e.seg));
         }
         if (!st.ok()) {
           out[p.i] = st;
-          continue;
+          return;
         }
         const auto d = dsts[p.i];
         const auto h = disk::LoadHeader<RecordHeader>(p.hdr);
@@ -918,7 +933,17 @@ std::vector<Status> DiskTier::GetBatchImpl(std::span<const ChunkKey> keys, std::
                               (header_ok ? "payload CRC32C" : "record header check") + " in " +
                               SegmentPath(p.e.seg) + " at offset " + std::to_string(p.e.offset));
         }
+      };
+      std::vector<size_t> owner(ops.size());
+      std::vector<size_t> left(plans.size());
+      for (size_t pi = 0; pi < plans.size(); ++pi) {
+        left[pi] = plans[pi].num_ops;
+        for (size_t k = 0; k < plans[pi].num_ops; ++k) owner[plans[pi].first_op + k] = pi;
       }
+      ctx.ring->Run(ops, nullptr, [&](size_t op) {
+        const size_t pi = owner[op];
+        if (--left[pi] == 0) verify(plans[pi]);
+      });
     }
     ReleaseRing(std::move(*ctx_or));
   }
@@ -949,6 +974,18 @@ Status DiskTier::GetImpl(const ChunkKey& key, uint64_t fingerprint, std::span<st
 
 // ---------------------------------------------------------------------------
 // Small operations
+
+StatusOr<ChunkMeta> DiskTier::GetMeta(const ChunkKey& key) const {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = map_.find(key);
+  if (it == map_.end() || it->second.writing) return NotFound("disk: chunk " + key.ToHex() + " not stored");
+  ChunkMeta m;
+  m.key = key;
+  m.fingerprint = it->second.fingerprint;
+  m.layout_id = it->second.layout_id;
+  m.num_tokens = it->second.num_tokens;
+  return m;
+}
 
 StatusOr<size_t> DiskTier::SizeOfImpl(const ChunkKey& key) const {
   std::lock_guard<std::mutex> g(mu_);

@@ -95,7 +95,7 @@ TEST(DiskTierFault, SecondProcessOnTheDirectoryGetsAClearError) {
   EXPECT_TRUE(DiskTier::Open(o).ok()) << "a dead holder's lock is gone";
 }
 
-size_t SizeFor(uint64_t i) { return static_cast<size_t>(3000 + (i * 2654435761u) % 100000); }
+size_t SizeFor(uint64_t i) { return static_cast<size_t>(3000 + (i * 2654435761u) % 60000); }
 
 // Writes chunks first_i, first_i + 1, ... from two threads in batches, and
 // reports each acknowledged (kOk) index on `ack_fd` (8 bytes: atomic on a pipe).
@@ -168,7 +168,7 @@ TEST(DiskTierFault, KillDashNineDuringHeavyWritesLosesNothingAcknowledged) {
   const DiskTierOptions o = Options(dir, 4 << 20, 64);
   std::map<uint64_t, bool> acked;
   for (int round = 0; round < 2; ++round) {
-    KillAndCheck(o, 1 + 1000000ull * round, 120, &acked);
+    KillAndCheck(o, 1 + 1000000ull * round, 80, &acked);
     if (HasFatalFailure()) return;
 
     auto t = DiskTier::Open(o);

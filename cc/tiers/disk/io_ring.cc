@@ -90,20 +90,31 @@ bool IoRing::Prep(IoOp& op, uint64_t user_data) {
   return true;
 }
 
-void IoRing::Run(std::span<IoOp> ops) {
+void IoRing::Run(std::span<IoOp> ops, const OpCallback& prepare, const OpCallback& done) {
   std::deque<size_t> todo;
+  std::vector<bool> prepared(prepare ? ops.size() : 0, false);
   for (size_t i = 0; i < ops.size(); ++i) {
     ops[i].done = 0;
     ops[i].result = 0;
-    if (ops[i].Length() > 0) todo.push_back(i);
+    if (ops[i].Length() > 0) {
+      todo.push_back(i);
+    } else if (done) {
+      done(i);
+    }
   }
   uint32_t inflight = 0;
   while (!todo.empty() || inflight > 0) {
     uint32_t queued = 0;
     while (!todo.empty() && inflight + queued < entries_) {
-      if (!Prep(ops[todo.front()], todo.front())) break;
+      const size_t i = todo.front();
+      if (prepare && !prepared[i]) {
+        prepared[i] = true;
+        prepare(i);
+      }
+      if (!Prep(ops[i], i)) break;
       todo.pop_front();
       ++queued;
+      if (prepare) break;  // submit now; the next prepare overlaps this I/O
     }
     if (queued > 0) {
       int rc;
@@ -113,22 +124,29 @@ void IoRing::Run(std::span<IoOp> ops) {
       if (rc < 0) {
         // Submission itself failed: nothing queued reached the kernel. Fail
         // every op not yet finished rather than spin.
-        for (IoOp& op : ops) {
-          if (op.result == 0 && op.done < op.Length()) op.result = rc;
-        }
+        // Tearing the ring down cancels and waits for what is in flight, so
+        // no buffer is touched by the kernel after this.
         io_uring_queue_exit(&ring_);
         io_uring_queue_init(entries_, &ring_, 0);
         if (!fixed_.empty()) {
           io_uring_register_buffers(&ring_, fixed_.data(), static_cast<unsigned>(fixed_.size()));
         }
+        for (size_t i = 0; i < ops.size(); ++i) {
+          if (ops[i].result == 0 && ops[i].done < ops[i].Length()) {
+            ops[i].result = rc;
+            if (done) done(i);
+          }
+        }
         return;
       }
       inflight += queued;
     }
+    // While ops remain to be prepared, only reap what has already finished;
+    // block only when nothing more can be queued.
+    const bool more_to_queue = prepare && !todo.empty() && inflight < entries_;
     io_uring_cqe* cqe = nullptr;
-    int rc = io_uring_wait_cqe(&ring_, &cqe);
-    if (rc == -EINTR) continue;
-    if (rc < 0) continue;  // transient (e.g. EAGAIN); the CQE will come
+    const int rc = more_to_queue ? io_uring_peek_cqe(&ring_, &cqe) : io_uring_wait_cqe(&ring_, &cqe);
+    if (rc < 0 || cqe == nullptr) continue;  // nothing yet (EAGAIN) or interrupted (EINTR)
     const size_t idx = static_cast<size_t>(io_uring_cqe_get_data64(cqe));
     const int res = cqe->res;
     io_uring_cqe_seen(&ring_, cqe);
@@ -136,14 +154,20 @@ void IoRing::Run(std::span<IoOp> ops) {
     IoOp& op = ops[idx];
     if (res == -EAGAIN || res == -EINTR) {
       todo.push_back(idx);
-    } else if (res < 0) {
+      continue;
+    }
+    if (res < 0) {
       op.result = res;
     } else if (res == 0) {
       op.result = op.kind == IoOp::Kind::kRead ? -ENODATA : -EIO;
     } else {
       op.done += static_cast<uint64_t>(res);
-      if (op.done < op.Length()) todo.push_back(idx);
+      if (op.done < op.Length()) {
+        todo.push_back(idx);
+        continue;
+      }
     }
+    if (done) done(idx);
   }
 }
 

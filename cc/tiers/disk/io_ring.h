@@ -21,6 +21,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -58,7 +59,12 @@ class IoRing {
   IoRing(const IoRing&) = delete;
   IoRing& operator=(const IoRing&) = delete;
 
-  void Run(std::span<IoOp> ops);
+  // prepare(i), if given, runs just before op i is first queued, and each op
+  // is then submitted at once, so the caller's CPU work for op i+1 (e.g. a
+  // checksum) overlaps op i's I/O. done(i), if given, runs as soon as op i
+  // has finished (result set), while later ops are still in flight.
+  using OpCallback = std::function<void(size_t)>;
+  void Run(std::span<IoOp> ops, const OpCallback& prepare = nullptr, const OpCallback& done = nullptr);
 
   // Registers [region) as fixed buffers (split in pieces of at most 1 GiB,
   // the kernel's per-buffer limit), replacing any earlier registration.

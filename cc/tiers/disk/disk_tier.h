@@ -132,6 +132,10 @@ class DiskTier final : public Tier {
 
   StatusOr<DiskLocation> LocationOf(const ChunkKey& key) const;
 
+  // The metadata a committed chunk was stored with (layout id, tokens), so a
+  // promotion to an upper tier files it unchanged. kNotFound if absent.
+  StatusOr<ChunkMeta> GetMeta(const ChunkKey& key) const;
+
   // What PutBatch/GetBatch did (Tier::Stats cannot count them, see above),
   // plus fault counters over all calls.
   struct BatchCounters {

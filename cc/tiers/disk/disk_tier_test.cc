@@ -246,6 +246,12 @@ TEST(DiskTier, RebuildRestoresWhatWasStoredAndPersistsRemove) {
   EXPECT_EQ(seen.size(), stored.size());
   for (auto& [i, size] : stored) EXPECT_TRUE(CheckN(*t, i, size).ok()) << i;
   for (uint64_t i = 10; i <= 200; i += 10) EXPECT_FALSE(t->Contains(KeyFor(i))) << "removed chunk came back: " << i;
+  auto meta = t->GetMeta(KeyFor(7));
+  ASSERT_TRUE(meta.ok());
+  EXPECT_EQ(meta->layout_id, MetaFor(7).layout_id);
+  EXPECT_EQ(meta->num_tokens, MetaFor(7).num_tokens);
+  EXPECT_EQ(meta->fingerprint, MetaFor(7).fingerprint);
+  EXPECT_EQ(t->GetMeta(KeyFor(10)).status().code(), StatusCode::kNotFound);
   // The restarted tier appends into fresh segments and keeps everything.
   ASSERT_TRUE(PutN(*t, 1000, 5000).ok());
   EXPECT_TRUE(CheckN(*t, 1000, 5000).ok());

@@ -19,6 +19,7 @@
 #include "cc/datapath/cpu_copy.h"
 #include "cc/datapath/kv_layout.h"
 #include "python/src/bindings.h"
+#include "python/src/datapath_bindings.h"
 #include "python/src/status_to_exception.h"
 
 #ifdef KVTIER_WITH_CUDA
@@ -29,12 +30,6 @@ namespace kvtier::py {
 namespace {
 
 namespace pyb = pybind11;
-
-// A layout plus the Python objects that own its memory.
-struct PyLayout {
-  PagedKvLayout layout;
-  pyb::list owners;
-};
 
 bool IsTorchLike(const pyb::handle& o) {
   return pyb::hasattr(o, "data_ptr") && pyb::hasattr(o, "stride") &&

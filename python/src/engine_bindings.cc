@@ -1,8 +1,342 @@
-// Engine bindings: filled in with the engine facade.
+// Engine bindings: kvtier::Engine as _kvtier.Engine.
+//
+// Options arrive as a flat dict of native values (kvtier.config produces it
+// from the validated configuration); unknown keys are rejected here too so a
+// typo between the Python and C++ halves cannot pass silently.
+// Every method that hashes, copies or waits releases the GIL; arguments are
+// copied into C++ containers first so no Python object is touched without it.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "cc/engine/engine.h"
 #include "python/src/bindings.h"
+#include "python/src/engine_bindings.h"
+#include "python/src/status_to_exception.h"
 
 namespace kvtier::py {
+namespace pyb = pybind11;
 
-void RegisterEngine(pybind11::module_& m) {}
+namespace {
+
+using TokenArray = pyb::array_t<int32_t, pyb::array::c_style | pyb::array::forcecast>;
+
+std::vector<int32_t> CopyTokens(const TokenArray& tokens) {
+  if (tokens.ndim() != 1) {
+    ThrowStatus(InvalidArgument("tokens must be 1-D, got " + std::to_string(tokens.ndim()) + " dimensions"));
+  }
+  return std::vector<int32_t>(tokens.data(), tokens.data() + tokens.shape(0));
+}
+
+template <typename T>
+T Get(const pyb::dict& d, const char* key, T fallback) {
+  if (!d.contains(key)) return fallback;
+  try {
+    return d[key].cast<T>();
+  } catch (const pyb::cast_error&) {
+    ThrowStatus(InvalidArgument(std::string("engine option '") + key + "' has the wrong type: " +
+                                std::string(pyb::str(pyb::type::of(d[key])))));
+  }
+}
+
+HugePages ParseHugePages(const std::string& v) {
+  if (v == "auto") return HugePages::kAuto;
+  if (v == "on") return HugePages::kOn;
+  if (v == "off") return HugePages::kOff;
+  ThrowStatus(InvalidArgument("huge_pages must be one of auto, on, off; got '" + v + "'"));
+}
+
+const std::set<std::string>& KnownKeys() {
+  static const std::set<std::string> keys = {
+      "chunk_size", "partial_chunks", "cpu_capacity", "cpu_high_watermark", "cpu_low_watermark",
+      "eviction_policy", "ttl_seconds", "index_capacity", "huge_pages", "numa_node", "disk_path",
+      "disk_capacity", "disk_segment_size", "disk_queue_depth", "gds", "write_behind", "write_behind_queue",
+      "io_threads", "copy_threads", "namespace", "log_level", "model", "dtype", "layout", "rank",
+      "world_size", "chunk_bytes"};
+  return keys;
+}
+
+EngineOptions ParseOptions(const pyb::dict& d) {
+  for (auto item : d) {
+    std::string k = pyb::str(item.first);
+    if (!KnownKeys().count(k)) ThrowStatus(InvalidArgument("unknown engine option '" + k + "'"));
+  }
+  EngineOptions o;
+  o.hash_namespace.model = Get<std::string>(d, "model", "");
+  o.hash_namespace.dtype = Get<std::string>(d, "dtype", "");
+  // The user namespace and the layout both separate caches: fold them into
+  // the layout field so the hash format stays one documented tuple.
+  const std::string user_ns = Get<std::string>(d, "namespace", "");
+  o.hash_namespace.layout = Get<std::string>(d, "layout", "") + (user_ns.empty() ? "" : "|ns=" + user_ns);
+  o.hash_namespace.rank = Get<uint32_t>(d, "rank", 0);
+  o.hash_namespace.world_size = Get<uint32_t>(d, "world_size", 1);
+  o.chunk_tokens = Get<uint32_t>(d, "chunk_size", 256);
+  const std::string partial = Get<std::string>(d, "partial_chunks", "keep");
+  if (partial == "keep") {
+    o.partial = PartialChunkPolicy::kKeep;
+  } else if (partial == "drop") {
+    o.partial = PartialChunkPolicy::kDrop;
+  } else {
+    ThrowStatus(InvalidArgument("partial_chunks must be keep or drop; got '" + partial + "'"));
+  }
+  o.index_capacity = Get<size_t>(d, "index_capacity", 0);
+  o.cpu.capacity_bytes = Get<size_t>(d, "cpu_capacity", size_t{4} << 30);
+  o.cpu.chunk_bytes = Get<size_t>(d, "chunk_bytes", 0);
+  o.cpu.high_watermark = Get<double>(d, "cpu_high_watermark", 0.9);
+  o.cpu.low_watermark = Get<double>(d, "cpu_low_watermark", 0.8);
+  o.cpu.eviction_policy = Get<std::string>(d, "eviction_policy", "s3fifo");
+  o.cpu.ttl_ms = static_cast<uint64_t>(Get<double>(d, "ttl_seconds", 0.0) * 1000.0);
+  o.cpu.numa_node = Get<int>(d, "numa_node", -1);
+  o.cpu.huge_pages = ParseHugePages(Get<std::string>(d, "huge_pages", "auto"));
+  o.disk.path = Get<std::string>(d, "disk_path", "");
+  o.disk.capacity_bytes = Get<uint64_t>(d, "disk_capacity", uint64_t{16} << 30);
+  o.disk.segment_bytes = Get<uint64_t>(d, "disk_segment_size", 0);
+  o.disk.queue_depth = Get<uint32_t>(d, "disk_queue_depth", 64);
+  const std::string gds = Get<std::string>(d, "gds", "auto");
+  if (gds != "auto" && gds != "on" && gds != "off") {
+    ThrowStatus(InvalidArgument("gds must be one of auto, on, off; got '" + gds + "'"));
+  }
+  o.disk.use_gds = gds != "off";
+  o.write_behind = Get<bool>(d, "write_behind", true);
+  o.write_behind_queue = Get<size_t>(d, "write_behind_queue", 1024);
+  o.copy_threads = Get<size_t>(d, "copy_threads", 2);
+  if (o.copy_threads == 0) o.copy_threads = 2;
+  return o;
+}
+
+pyb::dict TierStatsDict(const TierStats& t) {
+  pyb::dict d;
+  d["capacity_bytes"] = t.capacity_bytes;
+  d["used_bytes"] = t.used_bytes;
+  d["entries"] = t.entries;
+  d["puts"] = t.puts;
+  d["put_bytes"] = t.put_bytes;
+  d["gets"] = t.gets;
+  d["get_hits"] = t.get_hits;
+  d["get_bytes"] = t.get_bytes;
+  d["evictions"] = t.evictions;
+  d["evicted_bytes"] = t.evicted_bytes;
+  d["errors"] = t.errors;
+  return d;
+}
+
+pyb::dict StatsDict(const EngineStats& s) {
+  pyb::dict d;
+#define KVT_STAT(name) d[#name] = s.name
+  KVT_STAT(lookups);
+  KVT_STAT(lookup_hit_tokens);
+  KVT_STAT(lookup_query_tokens);
+  KVT_STAT(store_requests);
+  KVT_STAT(chunks_stored);
+  KVT_STAT(chunks_skipped_present);
+  KVT_STAT(store_errors);
+  KVT_STAT(tokens_stored);
+  KVT_STAT(bytes_stored);
+  KVT_STAT(retrieve_requests);
+  KVT_STAT(chunks_loaded);
+  KVT_STAT(tokens_loaded);
+  KVT_STAT(bytes_loaded);
+  KVT_STAT(chunks_loaded_cpu);
+  KVT_STAT(chunks_loaded_disk);
+  KVT_STAT(retrieve_misses);
+  KVT_STAT(load_errors);
+  KVT_STAT(write_behind_written);
+  KVT_STAT(write_behind_retries);
+  KVT_STAT(write_behind_failed);
+  KVT_STAT(write_behind_dropped);
+  KVT_STAT(write_behind_queue_depth);
+  KVT_STAT(catalogue_entries);
+  KVT_STAT(store_latency_us_total);
+  KVT_STAT(retrieve_latency_us_total);
+#undef KVT_STAT
+  pyb::dict tiers;
+  if (s.has_cpu) tiers["cpu"] = TierStatsDict(s.cpu);
+  if (s.has_disk) tiers["disk"] = TierStatsDict(s.disk);
+  d["tiers"] = tiers;
+  return d;
+}
+
+}  // namespace
+
+std::shared_ptr<Engine> EngineRef(PyEngine& e) {
+  if (!e.engine) ThrowStatus(FailedPrecondition("engine is closed"));
+  return e.engine;  // the copy keeps it alive across a concurrent close()
+}
+
+void RegisterEngine(pyb::module_& m) {
+  pyb::class_<StoreHandle, std::shared_ptr<StoreHandle>>(m, "StoreHandle",
+                                                          "Completion of an asynchronous store.")
+      .def("done", &StoreHandle::done)
+      .def(
+          "wait",
+          [](const StoreHandle& h, std::optional<double> timeout) {
+            Status s;
+            {
+              pyb::gil_scoped_release nogil;
+              s = h.Wait(timeout ? static_cast<int64_t>(*timeout * 1000.0) : -1);
+            }
+            ThrowIfError(s);
+            return h.chunks_stored();
+          },
+          pyb::arg("timeout") = pyb::none(),
+          "Wait for the store; returns the number of chunks stored. Raises on the first chunk error, "
+          "UnavailableError on timeout.")
+      .def_property_readonly("chunks_total", &StoreHandle::chunks_total)
+      .def_property_readonly("chunks_stored", &StoreHandle::chunks_stored);
+
+  pyb::class_<PyEngine, std::shared_ptr<PyEngine>>(m, "Engine")
+      .def(pyb::init([](const pyb::dict& options) {
+             EngineOptions o = ParseOptions(options);
+             auto p = std::make_shared<PyEngine>();
+             StatusOr<std::unique_ptr<Engine>> e = Status();
+             {
+               pyb::gil_scoped_release nogil;  // disk rebuild may take a while
+               e = Engine::Create(o);
+             }
+             p->engine = std::shared_ptr<Engine>(ValueOrThrow(std::move(e)));
+             return p;
+           }),
+           pyb::arg("options"))
+      .def_property_readonly("chunk_size", [](PyEngine& e) {
+            auto eng = EngineRef(e); return eng->chunk_tokens(); })
+      .def(
+          "set_chunk_bytes",
+          [](PyEngine& e, size_t n) {
+            auto eng = EngineRef(e); ThrowIfError(eng->SetChunkBytes(n)); }, pyb::arg("max_chunk_bytes"))
+      .def(
+          "chunk_keys",
+          [](PyEngine& e, const TokenArray& tokens) {
+            auto eng = EngineRef(e);
+            std::vector<int32_t> t = CopyTokens(tokens);
+            std::vector<ChunkHash> chunks;
+            eng->hasher().Hash(t, &chunks);
+            pyb::list out;
+            for (const ChunkHash& c : chunks) out.append(pyb::make_tuple(c.key.ToHex(), c.begin, c.num_tokens));
+            return out;
+          },
+          pyb::arg("tokens"), "(hex key, first token, tokens) per chunk; for tools and tests.")
+      .def(
+          "lookup",
+          [](PyEngine& e, const TokenArray& tokens) {
+            auto eng = EngineRef(e);
+            std::vector<int32_t> t = CopyTokens(tokens);
+            pyb::gil_scoped_release nogil;
+            return eng->Lookup(t);
+          },
+          pyb::arg("tokens"), "Number of leading tokens whose KV is cached.")
+      .def(
+          "store_buffers",
+          [](PyEngine& e, const TokenArray& tokens, const pyb::list& buffers, uint64_t layout_id) {
+            auto eng = EngineRef(e);
+            std::vector<int32_t> t = CopyTokens(tokens);
+            // The handle keeps copies: Python buffers may be freed right after.
+            auto owned = std::make_shared<std::vector<std::vector<std::byte>>>();
+            for (pyb::handle b : buffers) {
+              pyb::buffer_info info = pyb::reinterpret_borrow<pyb::buffer>(b).request();
+              const auto* p = static_cast<const std::byte*>(info.ptr);
+              owned->emplace_back(p, p + info.size * info.itemsize);
+            }
+            std::vector<std::span<const std::byte>> spans;
+            for (const auto& v : *owned) spans.emplace_back(v.data(), v.size());
+            StatusOr<std::shared_ptr<StoreHandle>> h = Status();
+            {
+              pyb::gil_scoped_release nogil;
+              h = eng->StoreBuffers(t, layout_id, std::move(spans));
+              if (h.ok()) (void)(*h)->Wait();  // owned buffers die with this call
+            }
+            return ValueOrThrow(std::move(h));
+          },
+          pyb::arg("tokens"), pyb::arg("buffers"), pyb::arg("layout_id") = 0,
+          "Store finished chunk buffers (bytes-like, one per chunk). Synchronous; returns the handle.")
+      .def(
+          "retrieve_buffers",
+          [](PyEngine& e, const TokenArray& tokens, const pyb::list& buffers, uint64_t layout_id) {
+            auto eng = EngineRef(e);
+            std::vector<int32_t> t = CopyTokens(tokens);
+            std::vector<std::span<std::byte>> dsts;
+            for (pyb::handle b : buffers) {
+              pyb::buffer_info info = pyb::reinterpret_borrow<pyb::buffer>(b).request(true);
+              dsts.emplace_back(static_cast<std::byte*>(info.ptr), info.size * info.itemsize);
+            }
+            const uint32_t ct = eng->chunk_tokens();
+            StatusOr<size_t> n = Status();
+            {
+              pyb::gil_scoped_release nogil;
+              n = eng->Retrieve(t, 0, layout_id,
+                                        [&](const ChunkHash& c, std::span<const std::byte> src) -> Status {
+                                          const size_t i = c.begin / ct;
+                                          if (i >= dsts.size()) return InvalidArgument("not enough buffers");
+                                          if (dsts[i].size() != src.size()) {
+                                            return InvalidArgument("buffer " + std::to_string(i) + " has " +
+                                                                   std::to_string(dsts[i].size()) +
+                                                                   " bytes, the chunk has " +
+                                                                   std::to_string(src.size()));
+                                          }
+                                          std::memcpy(dsts[i].data(), src.data(), src.size());
+                                          return Status();
+                                        });
+            }
+            return ValueOrThrow(std::move(n));
+          },
+          pyb::arg("tokens"), pyb::arg("buffers"), pyb::arg("layout_id") = 0,
+          "Load cached chunks into writable buffers (one per chunk); returns tokens loaded.")
+      .def(
+          "prefetch",
+          [](PyEngine& e, const TokenArray& tokens) {
+            auto eng = EngineRef(e);
+            std::vector<int32_t> t = CopyTokens(tokens);
+            pyb::gil_scoped_release nogil;
+            return eng->Prefetch(t);
+          },
+          pyb::arg("tokens"))
+      .def(
+          "pin",
+          [](PyEngine& e, const TokenArray& tokens) {
+            auto eng = EngineRef(e);
+            std::vector<int32_t> t = CopyTokens(tokens);
+            pyb::gil_scoped_release nogil;
+            return eng->Pin(t);
+          },
+          pyb::arg("tokens"))
+      .def(
+          "unpin",
+          [](PyEngine& e, const TokenArray& tokens) {
+            auto eng = EngineRef(e);
+            std::vector<int32_t> t = CopyTokens(tokens);
+            pyb::gil_scoped_release nogil;
+            return eng->Unpin(t);
+          },
+          pyb::arg("tokens"))
+      .def("flush",
+           [](PyEngine& e) {
+            auto eng = EngineRef(e);
+             pyb::gil_scoped_release nogil;
+             eng->Flush();
+           })
+      .def("clear",
+           [](PyEngine& e) {
+            auto eng = EngineRef(e);
+             pyb::gil_scoped_release nogil;
+             eng->Clear();
+           })
+      .def("stats", [](PyEngine& e) {
+            auto eng = EngineRef(e); return StatsDict(eng->Stats()); })
+      .def("close",
+           [](PyEngine& e) {
+             std::shared_ptr<Engine> dying = std::move(e.engine);
+             pyb::gil_scoped_release nogil;
+             dying.reset();  // the last owner drains copies and write-behind
+           },
+           "Drain pending work and release the tiers. Idempotent.")
+      .def_property_readonly("closed", [](PyEngine& e) {
+            return e.engine == nullptr; });
+
+  RegisterPagedEngine(m);
+}
 
 }  // namespace kvtier::py

@@ -1,0 +1,633 @@
+#include "cc/engine/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+namespace kvtier {
+namespace {
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+uint64_t NowUs() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
+}
+
+size_t TokensCovered(const std::vector<ChunkHash>& chunks, size_t n) {
+  return n == 0 ? 0 : chunks[n - 1].begin + chunks[n - 1].num_tokens;
+}
+
+ChunkMeta MetaOf(const ChunkHash& c, uint64_t layout_id) {
+  ChunkMeta m;
+  m.key = c.key;
+  m.fingerprint = c.fingerprint;
+  m.layout_id = layout_id;
+  m.num_tokens = c.num_tokens;
+  return m;
+}
+
+// Per-thread scratch for the hot lookup path: no allocation per call once warm.
+thread_local std::vector<ChunkHash> tl_chunks;
+thread_local std::vector<ChunkKey> tl_keys;
+thread_local std::vector<uint64_t> tl_fps;
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// StoreHandle
+
+bool StoreHandle::done() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return pending_ == 0;
+}
+
+Status StoreHandle::Wait(int64_t timeout_ms) const {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto ready = [this] { return pending_ == 0; };
+  if (timeout_ms < 0) {
+    cv_.wait(lock, ready);
+  } else if (!cv_.wait_for(lock, std::chrono::milliseconds(timeout_ms), ready)) {
+    return Unavailable("store still in progress after " + std::to_string(timeout_ms) + " ms");
+  }
+  return first_error_;
+}
+
+void StoreHandle::ChunkDone(const Status& s, bool stored) {
+  if (stored) stored_.fetch_add(1, std::memory_order_release);  // pairs with chunks_stored() acquire
+  bool last = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!s.ok() && first_error_.ok()) first_error_ = s;
+    last = --pending_ == 0;
+  }
+  if (last) cv_.notify_all();
+}
+
+// ---------------------------------------------------------------------------
+// Engine: construction
+
+StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
+  if (options.copy_threads == 0 || options.copy_threads > 256) {
+    return InvalidArgument("copy_threads must be in [1, 256], got " + std::to_string(options.copy_threads));
+  }
+  if (options.store_queue == 0) return InvalidArgument("store_queue must be > 0");
+  if (!options.disk.path.empty() && options.write_behind && options.write_behind_queue == 0) {
+    return InvalidArgument("write_behind_queue must be > 0 when write_behind is on");
+  }
+  KVT_ASSIGN_OR_RETURN(ChunkHasher hasher,
+                       ChunkHasher::Create(options.hash_namespace, options.chunk_tokens, options.partial));
+  std::unique_ptr<Engine> engine(new Engine(options, std::move(hasher)));
+  KVT_RETURN_IF_ERROR(engine->Init());
+  return engine;
+}
+
+Engine::Engine(const EngineOptions& options, ChunkHasher hasher) : options_(options), hasher_(std::move(hasher)) {}
+
+Status Engine::Init() {
+  size_t capacity = options_.index_capacity;
+  if (capacity == 0) {
+    // Chunks are rarely smaller than a quarter of the largest chunk; without a
+    // known chunk size assume 256 KiB chunks.
+    const uint64_t est = options_.cpu.chunk_bytes ? std::max<uint64_t>(options_.cpu.chunk_bytes / 4, 4096) : 256 << 10;
+    const uint64_t bytes = options_.cpu.capacity_bytes + (options_.disk.path.empty() ? 0 : options_.disk.capacity_bytes);
+    capacity = static_cast<size_t>(std::clamp<uint64_t>(bytes / est, 1u << 16, 1u << 26));
+  }
+  KVT_ASSIGN_OR_RETURN(index_, ChunkIndex::Create(capacity));
+
+  if (options_.cpu.chunk_bytes != 0) KVT_RETURN_IF_ERROR(SetChunkBytes(options_.cpu.chunk_bytes));
+
+  if (!options_.disk.path.empty()) {
+    auto disk = DiskTier::Open(options_.disk);
+    if (!disk.ok()) return disk.status().Annotate("disk tier at " + options_.disk.path);
+    disk_ = std::move(disk).value();
+    // Refill the catalogue with what survived the restart.
+    disk_->ForEachChunk([this](const ChunkMeta& m, size_t bytes) {
+      Status s = index_->Insert(m.key, m.fingerprint, m.num_tokens, static_cast<uint32_t>(bytes));
+      if (!s.ok()) return;  // catalogue full: the chunk stays on disk, unreachable until space frees
+      (void)index_->UpdateTiers(m.key, kTierBitDisk, 0);
+      (void)index_->Publish(m.key);
+    });
+    disk_->SetEvictionListener([this](const ChunkKey& k) { OnTierEvicted(kTierBitDisk, k); });
+    if (options_.write_behind) wb_thread_ = std::thread([this] { WriteBehindLoop(); });
+  }
+  copy_pool_ = std::make_unique<ThreadPool>(options_.copy_threads, options_.store_queue, "kvt-copy");
+  return Status();
+}
+
+Engine::~Engine() {
+  // Order matters: finish copies (they enqueue write-behind), then drain
+  // write-behind, then tear the tiers down.
+  if (copy_pool_) copy_pool_->Shutdown();
+  {
+    std::lock_guard<std::mutex> lock(wb_mu_);
+    wb_stop_ = true;
+  }
+  wb_cv_.notify_all();
+  if (wb_thread_.joinable()) wb_thread_.join();
+}
+
+Status Engine::SetChunkBytes(size_t max_chunk_bytes) {
+  if (max_chunk_bytes == 0) return InvalidArgument("chunk bytes must be > 0");
+  std::lock_guard<std::mutex> lock(cpu_init_mu_);
+  if (cpu_) {
+    if (cpu_chunk_bytes_ == max_chunk_bytes) return Status();
+    return FailedPrecondition("the CPU tier was created for chunks of " + std::to_string(cpu_chunk_bytes_) +
+                              " bytes; cannot switch to " + std::to_string(max_chunk_bytes));
+  }
+  CpuTierOptions cpu_opts = options_.cpu;
+  cpu_opts.chunk_bytes = max_chunk_bytes;
+  auto tier = CpuTier::Create(cpu_opts);
+  if (!tier.ok()) return tier.status().Annotate("CPU tier");
+  cpu_ = std::move(tier).value();
+  cpu_chunk_bytes_ = max_chunk_bytes;
+  cpu_->SetEvictionListener([this](const ChunkKey& k) { OnTierEvicted(kTierBitCpu, k); });
+  cpu_ready_.store(true, std::memory_order_release);  // pairs with the acquire in cpu()
+  return Status();
+}
+
+void Engine::OnTierEvicted(uint32_t tier_bit, const ChunkKey& key) {
+  auto mask = index_->UpdateTiers(key, 0, tier_bit);
+  if (mask.ok() && *mask == 0 && index_->BeginEvict(key).ok()) (void)index_->Remove(key);
+}
+
+// ---------------------------------------------------------------------------
+// Lookup
+
+size_t Engine::Lookup(std::span<const int32_t> tokens) {
+  lookups_.fetch_add(1, std::memory_order_relaxed);
+  lookup_query_tokens_.fetch_add(tokens.size(), std::memory_order_relaxed);
+  hasher_.Hash(tokens, &tl_chunks);
+  tl_keys.resize(tl_chunks.size());
+  tl_fps.resize(tl_chunks.size());
+  for (size_t i = 0; i < tl_chunks.size(); ++i) {
+    tl_keys[i] = tl_chunks[i].key;
+    tl_fps[i] = tl_chunks[i].fingerprint;
+  }
+  const size_t n = index_->LookupPrefix(tl_keys, tl_fps);
+  const size_t hit = TokensCovered(tl_chunks, n);
+  lookup_hit_tokens_.fetch_add(hit, std::memory_order_relaxed);
+  return hit;
+}
+
+// ---------------------------------------------------------------------------
+// Store
+
+StatusOr<std::shared_ptr<StoreHandle>> Engine::Store(std::span<const int32_t> tokens, size_t skip_tokens,
+                                                     uint64_t layout_id, const ChunkBytesFn& chunk_bytes,
+                                                     FillFn fill) {
+  CpuTier* tier = cpu();
+  if (tier == nullptr) return FailedPrecondition("Store before the chunk size is known (SetChunkBytes)");
+  store_requests_.fetch_add(1, std::memory_order_relaxed);
+  std::vector<ChunkHash> chunks;
+  hasher_.Hash(tokens, &chunks);
+
+  auto handle = std::make_shared<StoreHandle>();
+  auto shared_fill = std::make_shared<FillFn>(std::move(fill));
+  std::vector<std::pair<ChunkHash, size_t>> todo;
+  for (const ChunkHash& c : chunks) {
+    if (c.begin < skip_tokens) continue;  // the caller's KV for these tokens is not valid
+    const size_t bytes = chunk_bytes(c.num_tokens);
+    if (bytes == 0 || bytes > cpu_chunk_bytes_) {
+      return InvalidArgument("chunk of " + std::to_string(c.num_tokens) + " tokens needs " + std::to_string(bytes) +
+                             " bytes; the CPU tier holds at most " + std::to_string(cpu_chunk_bytes_));
+    }
+    todo.emplace_back(c, bytes);
+  }
+  {
+    std::lock_guard<std::mutex> lock(handle->mu_);
+    handle->pending_ = todo.size();
+  }
+  handle->total_ = todo.size();
+  for (auto& [c, bytes] : todo) {
+    Status ins = index_->Insert(c.key, c.fingerprint, c.num_tokens, static_cast<uint32_t>(bytes));
+    if (ins.code() == StatusCode::kAlreadyExists) {
+      chunks_skipped_present_.fetch_add(1, std::memory_order_relaxed);
+      handle->ChunkDone(Status(), false);
+      continue;
+    }
+    if (!ins.ok()) {
+      store_errors_.fetch_add(1, std::memory_order_relaxed);
+      handle->ChunkDone(ins.Annotate("catalogue"), false);
+      continue;
+    }
+    const uint64_t start = NowUs();
+    {
+      std::lock_guard<std::mutex> lock(copy_mu_);
+      ++copies_pending_;
+    }
+    Status sub = copy_pool_->Submit([this, c = c, bytes = bytes, layout_id, shared_fill, handle, start] {
+      StoreOne(c, layout_id, bytes, *shared_fill, handle);
+      store_latency_us_.fetch_add(NowUs() - start, std::memory_order_relaxed);
+      CopyFinished();
+    });
+    if (!sub.ok()) {
+      CopyFinished();
+      (void)index_->Remove(c.key);
+      store_errors_.fetch_add(1, std::memory_order_relaxed);
+      handle->ChunkDone(sub, false);
+    }
+  }
+  return handle;
+}
+
+StatusOr<std::shared_ptr<StoreHandle>> Engine::StoreBuffers(std::span<const int32_t> tokens, uint64_t layout_id,
+                                                            std::vector<std::span<const std::byte>> chunks) {
+  std::vector<ChunkHash> hashes;
+  hasher_.Hash(tokens, &hashes);
+  if (hashes.size() != chunks.size()) {
+    return InvalidArgument("tokens make " + std::to_string(hashes.size()) + " chunks but " +
+                           std::to_string(chunks.size()) + " buffers were given");
+  }
+  std::vector<size_t> sizes(chunks.size());
+  for (size_t i = 0; i < chunks.size(); ++i) sizes[i] = chunks[i].size();
+  const uint32_t ct = hasher_.chunk_tokens();
+  auto index_of = [ct](const ChunkHash& c) { return static_cast<size_t>(c.begin / ct); };
+  // Buffer sizes are per chunk, so the size function answers for the chunk
+  // being asked about; all full chunks must agree.
+  for (size_t i = 0; i + 1 < chunks.size(); ++i) {
+    if (hashes[i].num_tokens == ct && sizes[i] != sizes[0]) {
+      return InvalidArgument("full chunk " + std::to_string(i) + " has " + std::to_string(sizes[i]) +
+                             " bytes, chunk 0 has " + std::to_string(sizes[0]));
+    }
+  }
+  auto size_fn = [sizes, ct](uint32_t n) { return n == ct || sizes.size() == 1 ? sizes.front() : sizes.back(); };
+  auto fill = [chunks = std::move(chunks), index_of](const ChunkHash& c, std::span<std::byte> dst) -> Status {
+    const auto& src = chunks[index_of(c)];
+    if (src.size() != dst.size()) return Internal("chunk buffer size changed");
+    std::memcpy(dst.data(), src.data(), dst.size());
+    return Status();
+  };
+  return Store(tokens, 0, layout_id, size_fn, std::move(fill));
+}
+
+void Engine::StoreOne(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, const FillFn& fill,
+                      const std::shared_ptr<StoreHandle>& handle) {
+  CpuTier* tier = cpu();
+  const ChunkMeta meta = MetaOf(chunk, layout_id);
+  auto fail = [&](const Status& s) {
+    (void)index_->Remove(chunk.key);
+    store_errors_.fetch_add(1, std::memory_order_relaxed);
+    handle->ChunkDone(s, false);
+  };
+  auto lease = tier->BeginPut(meta, bytes);
+  // Back-pressure: a CPU tier full of chunks pinned for write-behind frees
+  // up as the disk catches up, so wait for it (bounded) instead of failing.
+  for (int waits = 0; !lease.ok() && lease.status().code() == StatusCode::kResourceExhausted &&
+                      WaitForWriteBehindProgress() && waits < 100;
+       ++waits) {
+    lease = tier->BeginPut(meta, bytes);
+  }
+  if (!lease.ok()) {
+    if (lease.status().code() == StatusCode::kAlreadyExists) {
+      // Still in the CPU tier from before (the catalogue had lost it, e.g.
+      // after Clear raced a store): adopt it.
+      (void)index_->UpdateTiers(chunk.key, kTierBitCpu, 0);
+      (void)index_->Publish(chunk.key);
+      handle->ChunkDone(Status(), false);
+      return;
+    }
+    return fail(lease.status().Annotate("CPU tier"));
+  }
+  Status f = fill(chunk, lease->data());
+  if (!f.ok()) return fail(f.Annotate("filling chunk at token " + std::to_string(chunk.begin)));
+  // Set the tier bit before the chunk becomes visible so a concurrent
+  // eviction's clear cannot be overwritten by a late set.
+  (void)index_->UpdateTiers(chunk.key, kTierBitCpu, 0);
+  Status c = tier->Commit(std::move(lease).value());
+  if (!c.ok()) return fail(c.Annotate("CPU tier commit"));
+  (void)index_->Publish(chunk.key);
+  // An eviction between Commit and Publish could not remove a kWriting
+  // entry; repair I1 here.
+  auto e = index_->Find(chunk.key);
+  if (e && e->tier_mask == 0 && index_->BeginEvict(chunk.key).ok()) (void)index_->Remove(chunk.key);
+  chunks_stored_.fetch_add(1, std::memory_order_relaxed);
+  tokens_stored_.fetch_add(chunk.num_tokens, std::memory_order_relaxed);
+  bytes_stored_.fetch_add(bytes, std::memory_order_relaxed);
+  EnqueueWriteBehind(meta);
+  handle->ChunkDone(Status(), true);
+}
+
+void Engine::CopyFinished() {
+  bool idle = false;
+  {
+    std::lock_guard<std::mutex> lock(copy_mu_);
+    idle = --copies_pending_ == 0;
+  }
+  if (idle) copy_idle_cv_.notify_all();
+}
+
+// ---------------------------------------------------------------------------
+// Retrieve
+
+StatusOr<CpuTier::ReadLease> Engine::PromoteFromDisk(const ChunkHash& chunk, const IndexEntry& entry) {
+  CpuTier* tier = cpu();
+  if (disk_ == nullptr || tier == nullptr) return NotFound("no disk tier");
+  auto meta = disk_->GetMeta(chunk.key);
+  if (!meta.ok()) return meta.status();
+  auto size = disk_->SizeOf(chunk.key);
+  if (!size.ok()) return size.status();
+  auto lease = tier->BeginPut(*meta, *size);
+  if (!lease.ok()) {
+    // Another thread promoted it first: read it from CPU.
+    if (lease.status().code() == StatusCode::kAlreadyExists) return tier->Acquire(chunk.key, chunk.fingerprint);
+    return lease.status();
+  }
+  Status g = disk_->Get(chunk.key, chunk.fingerprint, lease->data());
+  if (!g.ok()) return g;
+  (void)index_->UpdateTiers(chunk.key, kTierBitCpu, 0);
+  KVT_RETURN_IF_ERROR(tier->Commit(std::move(lease).value()));
+  return tier->Acquire(chunk.key, chunk.fingerprint);
+}
+
+Status Engine::LoadOne(const ChunkHash& chunk, const IndexEntry& entry, uint64_t layout_id,
+                       const ConsumeFn& consume, bool* from_disk) {
+  CpuTier* tier = cpu();
+  if (tier == nullptr) return FailedPrecondition("retrieve before the chunk size is known (SetChunkBytes)");
+  *from_disk = false;
+  auto lease = tier->Acquire(chunk.key, chunk.fingerprint);
+  if (!lease.ok() && lease.status().code() == StatusCode::kNotFound) {
+    if (entry.tier_mask & kTierBitCpu) (void)index_->UpdateTiers(chunk.key, 0, kTierBitCpu);  // stale bit
+    lease = PromoteFromDisk(chunk, entry);
+    *from_disk = lease.ok();
+  }
+  if (!lease.ok()) return lease.status();
+  if (lease->meta().layout_id != layout_id) {
+    return InvalidArgument("chunk at token " + std::to_string(chunk.begin) + " was stored from KV layout " +
+                           std::to_string(lease->meta().layout_id) + ", the destination layout is " +
+                           std::to_string(layout_id));
+  }
+  return consume(chunk, lease->data());
+}
+
+StatusOr<size_t> Engine::Retrieve(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
+                                  const ConsumeFn& consume) {
+  const uint64_t start = NowUs();
+  retrieve_requests_.fetch_add(1, std::memory_order_relaxed);
+  std::vector<ChunkHash> chunks;
+  hasher_.Hash(tokens, &chunks);
+  size_t valid = std::min(skip_tokens, tokens.size());
+  for (const ChunkHash& c : chunks) {
+    const size_t end = c.begin + c.num_tokens;
+    if (end <= skip_tokens) continue;
+    auto entry = index_->Find(c.key);
+    if (!entry || entry->state != EntryState::kReady || entry->fingerprint != c.fingerprint) {
+      retrieve_misses_.fetch_add(1, std::memory_order_relaxed);
+      break;
+    }
+    bool from_disk = false;
+    Status s = LoadOne(c, *entry, layout_id, consume, &from_disk);
+    if (!s.ok()) {
+      if (s.code() == StatusCode::kNotFound) {
+        retrieve_misses_.fetch_add(1, std::memory_order_relaxed);
+        // Neither tier has it any more: drop the stale catalogue entry (I1).
+        if (!(cpu() && cpu()->Contains(c.key)) && !(disk_ && disk_->Contains(c.key)) &&
+            index_->BeginEvict(c.key).ok()) {
+          (void)index_->Remove(c.key);
+        }
+      } else {
+        load_errors_.fetch_add(1, std::memory_order_relaxed);
+      }
+      break;
+    }
+    (from_disk ? chunks_loaded_disk_ : chunks_loaded_cpu_).fetch_add(1, std::memory_order_relaxed);
+    chunks_loaded_.fetch_add(1, std::memory_order_relaxed);
+    const size_t new_tokens = end - std::max<size_t>(c.begin, skip_tokens);
+    tokens_loaded_.fetch_add(new_tokens, std::memory_order_relaxed);
+    bytes_loaded_.fetch_add(entry->size_bytes, std::memory_order_relaxed);
+    valid = end;
+  }
+  retrieve_latency_us_.fetch_add(NowUs() - start, std::memory_order_relaxed);
+  return valid;
+}
+
+size_t Engine::Prefetch(std::span<const int32_t> tokens) {
+  if (disk_ == nullptr || cpu() == nullptr) return 0;
+  std::vector<ChunkHash> chunks;
+  hasher_.Hash(tokens, &chunks);
+  size_t queued = 0;
+  for (const ChunkHash& c : chunks) {
+    auto entry = index_->Find(c.key);
+    if (!entry || entry->state != EntryState::kReady) break;
+    if (cpu()->Contains(c.key)) continue;
+    if (!(entry->tier_mask & kTierBitDisk)) break;
+    Status s = copy_pool_->Submit([this, c, e = *entry] { (void)PromoteFromDisk(c, e); });
+    if (!s.ok()) break;
+    ++queued;
+  }
+  return queued;
+}
+
+// ---------------------------------------------------------------------------
+// Pin / Flush / Clear
+
+size_t Engine::Pin(std::span<const int32_t> tokens) {
+  std::vector<ChunkHash> chunks;
+  hasher_.Hash(tokens, &chunks);
+  size_t pinned = 0;
+  for (const ChunkHash& c : chunks) {
+    if (!index_->Pin(c.key).ok()) break;
+    if (cpu()) (void)cpu()->Pin(c.key);
+    if (disk_) (void)disk_->Pin(c.key);
+    ++pinned;
+  }
+  return pinned;
+}
+
+size_t Engine::Unpin(std::span<const int32_t> tokens) {
+  std::vector<ChunkHash> chunks;
+  hasher_.Hash(tokens, &chunks);
+  size_t unpinned = 0;
+  for (const ChunkHash& c : chunks) {
+    if (!index_->Unpin(c.key).ok()) break;
+    if (cpu()) (void)cpu()->Unpin(c.key);
+    if (disk_) (void)disk_->Unpin(c.key);
+    ++unpinned;
+  }
+  return unpinned;
+}
+
+void Engine::Flush() {
+  // Copy tasks first: they feed write-behind.
+  {
+    std::unique_lock<std::mutex> lock(copy_mu_);
+    copy_idle_cv_.wait(lock, [this] { return copies_pending_ == 0; });
+  }
+  std::unique_lock<std::mutex> lock(wb_mu_);
+  wb_idle_cv_.wait(lock, [this] { return wb_queue_.empty() && wb_in_flight_ == 0; });
+}
+
+void Engine::Clear() {
+  Flush();
+  if (cpu()) cpu()->Clear();
+  if (disk_) disk_->Clear();
+  // Tier::Clear does not report evictions: rebuild the masks from the tiers.
+  std::vector<ChunkKey> keys;
+  index_->ForEach([&](const IndexEntry& e) { keys.push_back(e.key); });
+  for (const ChunkKey& k : keys) {
+    uint32_t mask = 0;
+    if (cpu() && cpu()->Contains(k)) mask |= kTierBitCpu;
+    if (disk_ && disk_->Contains(k)) mask |= kTierBitDisk;
+    auto m = index_->UpdateTiers(k, mask, (kTierBitCpu | kTierBitDisk) & ~mask);
+    if (m.ok() && *m == 0 && index_->BeginEvict(k).ok()) (void)index_->Remove(k);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Write-behind
+
+bool Engine::WaitForWriteBehindProgress() {
+  if (disk_ == nullptr || !options_.write_behind) return false;
+  std::unique_lock<std::mutex> lock(wb_mu_);
+  if (wb_queue_.empty() && wb_in_flight_ == 0) return false;  // nothing pinned by us to wait for
+  const uint64_t seen = wb_batches_done_;
+  wb_idle_cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return wb_batches_done_ != seen; });
+  return true;
+}
+
+void Engine::EnqueueWriteBehind(const ChunkMeta& meta) {
+  if (disk_ == nullptr || !options_.write_behind) return;
+  CpuTier* tier = cpu();
+  // The pin keeps the chunk in CPU until it is safely on disk (I2, I3).
+  if (!tier->Pin(meta.key).ok()) return;
+  {
+    std::lock_guard<std::mutex> lock(wb_mu_);
+    if (wb_queue_.size() < options_.write_behind_queue) {
+      wb_queue_.push_back(WbItem{meta, 0, 0});
+      wb_cv_.notify_one();
+      return;
+    }
+  }
+  (void)tier->Unpin(meta.key);
+  wb_dropped_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void Engine::WriteBehindLoop() {
+  constexpr size_t kBatch = 16;
+  std::vector<WbItem> batch;
+  std::vector<WbItem> retry;
+  for (;;) {
+    batch.clear();
+    {
+      std::unique_lock<std::mutex> lock(wb_mu_);
+      for (;;) {
+        if (wb_queue_.empty()) {
+          if (wb_stop_) return;
+          wb_idle_cv_.notify_all();
+          wb_cv_.wait(lock);
+          continue;
+        }
+        // Take ready items from the front; a backing-off item waits its turn.
+        const int64_t now = NowMs();
+        while (!wb_queue_.empty() && batch.size() < kBatch && wb_queue_.front().not_before_ms <= now) {
+          batch.push_back(wb_queue_.front());
+          wb_queue_.pop_front();
+        }
+        if (!batch.empty()) break;
+        if (wb_stop_) {
+          // Shutting down: give up on items still backing off.
+          for (const WbItem& it : wb_queue_) (void)cpu()->Unpin(it.meta.key);
+          wb_queue_.clear();
+          return;
+        }
+        wb_cv_.wait_for(lock, std::chrono::milliseconds(wb_queue_.front().not_before_ms - now));
+      }
+      wb_in_flight_ += batch.size();
+    }
+
+    CpuTier* tier = cpu();
+    std::vector<CpuTier::ReadLease> leases;
+    std::vector<ChunkMeta> metas;
+    std::vector<std::span<const std::byte>> datas;
+    std::vector<size_t> which;
+    leases.reserve(batch.size());
+    for (size_t i = 0; i < batch.size(); ++i) {
+      auto lease = tier->Acquire(batch[i].meta.key, batch[i].meta.fingerprint);
+      if (!lease.ok()) {  // removed by Clear meanwhile: nothing to file
+        (void)tier->Unpin(batch[i].meta.key);
+        continue;
+      }
+      metas.push_back(batch[i].meta);
+      datas.push_back(lease->data());
+      leases.push_back(std::move(lease).value());
+      which.push_back(i);
+    }
+    std::vector<Status> results = disk_->PutBatch(metas, datas);
+    leases.clear();
+    retry.clear();
+    for (size_t j = 0; j < which.size(); ++j) {
+      WbItem& it = batch[which[j]];
+      const Status& s = results[j];
+      if (s.ok() || s.code() == StatusCode::kAlreadyExists) {
+        (void)index_->UpdateTiers(it.meta.key, kTierBitDisk, 0);
+        (void)tier->Unpin(it.meta.key);
+        wb_written_.fetch_add(1, std::memory_order_relaxed);
+      } else if (++it.attempts < options_.write_behind_retries) {
+        it.not_before_ms = NowMs() + (static_cast<int64_t>(options_.write_behind_backoff_ms) << (it.attempts - 1));
+        wb_retries_.fetch_add(1, std::memory_order_relaxed);
+        retry.push_back(it);  // stays pinned in CPU while it waits
+      } else {
+        (void)tier->Unpin(it.meta.key);  // stays CPU-only; evictable again
+        wb_failed_.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lock(wb_mu_);
+      for (WbItem& it : retry) wb_queue_.push_back(it);
+      wb_in_flight_ -= batch.size();
+      ++wb_batches_done_;
+    }
+    wb_idle_cv_.notify_all();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Stats
+
+EngineStats Engine::Stats() const {
+  EngineStats s;
+  auto ld = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+  s.lookups = ld(lookups_);
+  s.lookup_hit_tokens = ld(lookup_hit_tokens_);
+  s.lookup_query_tokens = ld(lookup_query_tokens_);
+  s.store_requests = ld(store_requests_);
+  s.chunks_stored = ld(chunks_stored_);
+  s.chunks_skipped_present = ld(chunks_skipped_present_);
+  s.store_errors = ld(store_errors_);
+  s.tokens_stored = ld(tokens_stored_);
+  s.bytes_stored = ld(bytes_stored_);
+  s.retrieve_requests = ld(retrieve_requests_);
+  s.chunks_loaded = ld(chunks_loaded_);
+  s.tokens_loaded = ld(tokens_loaded_);
+  s.bytes_loaded = ld(bytes_loaded_);
+  s.chunks_loaded_cpu = ld(chunks_loaded_cpu_);
+  s.chunks_loaded_disk = ld(chunks_loaded_disk_);
+  s.retrieve_misses = ld(retrieve_misses_);
+  s.load_errors = ld(load_errors_);
+  s.write_behind_written = ld(wb_written_);
+  s.write_behind_retries = ld(wb_retries_);
+  s.write_behind_failed = ld(wb_failed_);
+  s.write_behind_dropped = ld(wb_dropped_);
+  s.store_latency_us_total = ld(store_latency_us_);
+  s.retrieve_latency_us_total = ld(retrieve_latency_us_);
+  {
+    std::lock_guard<std::mutex> lock(wb_mu_);
+    s.write_behind_queue_depth = wb_queue_.size() + wb_in_flight_;
+  }
+  s.catalogue_entries = index_->size();
+  if (CpuTier* t = cpu()) {
+    s.has_cpu = true;
+    s.cpu = t->Stats();
+  }
+  if (disk_) {
+    s.has_disk = true;
+    s.disk = disk_->Stats();
+  }
+  return s;
+}
+
+}  // namespace kvtier

@@ -1,0 +1,257 @@
+// Engine: the kvtier facade. Lookup / store / retrieve / pin / clear / stats
+// over the chunk index (the catalogue) and the tiers (CPU DRAM, local disk).
+// Usable from C++ with no Python (see cc/engine/example_embed.cc).
+//
+// Data model
+// - A prompt's tokens are cut into chunks of chunk_tokens and hashed into a
+//   chain of ChunkKeys (cc/hash). A chunk's bytes are whatever the caller's
+//   data path produces for it (for vLLM: the layer-major KV buffer of
+//   cc/datapath); the engine treats them as opaque bytes plus a layout_id.
+// - The catalogue (ChunkIndex) maps key -> state and a tier mask. It is the
+//   only structure Lookup reads, so it can live in shared memory and be read
+//   by another process.
+//
+// Store path (asynchronous, never blocks the caller on I/O)
+//   Store() hashes the tokens on the calling thread, then for every chunk not
+//   yet catalogued a copy task: index Insert (kWriting) -> CpuTier BeginPut ->
+//   fill(dst) writes straight into slab memory -> Commit -> catalogue tier
+//   bit + Publish (kReady) -> write-behind to disk. A chunk already present
+//   or being written by someone else is skipped (counted, not an error).
+//
+// Write-behind (CPU -> disk)
+//   A committed chunk is pinned in the CPU tier and queued (bounded); a
+//   writer thread files batches to the disk tier and unpins them. A failed
+//   disk write keeps the data in CPU and is retried with exponential backoff
+//   (max write_behind_retries attempts) before the chunk is left CPU-only.
+//   A full queue leaves the chunk CPU-only and counts write_behind_dropped.
+//   When the CPU tier is full of chunks pinned for write-behind, a store
+//   waits for the writer (back-pressure, bounded) instead of failing.
+//
+// Retrieve path (synchronous on the caller's thread)
+//   For chunks in prefix order: CPU hit -> ReadLease (pins) -> consume(src);
+//   CPU miss, disk hit -> promote: BeginPut in CPU, disk read straight into
+//   it, Commit, then consume. The first miss, fingerprint/checksum failure or
+//   layout mismatch ends the prefix: wrong KV is never handed out.
+//
+// Invariants
+//   I1 A key is kReady in the catalogue only while at least one tier holds a
+//      committed copy (tier listeners clear bits; an empty mask removes it).
+//   I2 Chunks pinned by a user or by write-behind are never evicted.
+//   I3 Loss happens only by eviction policy, never by an I/O fault.
+//
+// Thread safety: every public method may be called from any thread.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cc/common/status.h"
+#include "cc/common/thread_pool.h"
+#include "cc/hash/chunk_hash.h"
+#include "cc/index/chunk_index.h"
+#include "cc/tiers/cpu/cpu_tier.h"
+#include "cc/tiers/disk/disk_tier.h"
+
+namespace kvtier {
+
+inline constexpr uint32_t kTierBitCpu = 1u << 0;
+inline constexpr uint32_t kTierBitDisk = 1u << 1;
+
+struct EngineOptions {
+  // Hashing
+  HashNamespace hash_namespace;
+  uint32_t chunk_tokens = 256;
+  PartialChunkPolicy partial = PartialChunkPolicy::kKeep;
+
+  // Catalogue: 0 -> derived from the tier capacities.
+  size_t index_capacity = 0;
+
+  // CPU tier. chunk_bytes is the largest chunk (the slab's full class);
+  // 0 defers creating the CPU tier until SetChunkBytes() (the KV layout is
+  // often only known once the inference engine registers its caches).
+  CpuTierOptions cpu;
+
+  // Disk tier; disabled when disk.path is empty.
+  DiskTierOptions disk;
+  bool write_behind = true;
+  size_t write_behind_queue = 1024;
+  uint32_t write_behind_retries = 5;
+  uint32_t write_behind_backoff_ms = 20;  // doubles per retry
+
+  // Store copy tasks.
+  size_t copy_threads = 2;
+  size_t store_queue = 4096;
+};
+
+struct EngineStats {
+  uint64_t lookups = 0, lookup_hit_tokens = 0, lookup_query_tokens = 0;
+  uint64_t store_requests = 0, chunks_stored = 0, chunks_skipped_present = 0, store_errors = 0;
+  uint64_t tokens_stored = 0, bytes_stored = 0;
+  uint64_t retrieve_requests = 0, chunks_loaded = 0, tokens_loaded = 0, bytes_loaded = 0;
+  uint64_t chunks_loaded_cpu = 0, chunks_loaded_disk = 0, retrieve_misses = 0;
+  uint64_t load_errors = 0;  // checksum / fingerprint / layout failures on retrieve
+  uint64_t write_behind_written = 0, write_behind_retries = 0, write_behind_failed = 0,
+           write_behind_dropped = 0, write_behind_queue_depth = 0;
+  uint64_t catalogue_entries = 0;
+  uint64_t store_latency_us_total = 0, retrieve_latency_us_total = 0;
+  bool has_cpu = false, has_disk = false;
+  TierStats cpu, disk;
+};
+
+// Completion of one asynchronous Store(). Shared between the caller and the
+// copy tasks; the caller keeps the source buffers alive until done().
+class StoreHandle {
+ public:
+  bool done() const;
+  // Waits up to timeout_ms (<0: forever). kUnavailable on timeout; otherwise
+  // the first error of any chunk, or OK.
+  Status Wait(int64_t timeout_ms = -1) const;
+  size_t chunks_total() const { return total_; }
+  size_t chunks_stored() const { return stored_.load(std::memory_order_acquire); }
+
+ private:
+  friend class Engine;
+  void ChunkDone(const Status& s, bool stored);
+
+  size_t total_ = 0;
+  std::atomic<size_t> stored_{0};
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  size_t pending_ = 0;  // guarded by mu_
+  Status first_error_;  // guarded by mu_
+};
+
+class Engine {
+ public:
+  // Fills dst with the bytes of one chunk. Runs on a copy thread.
+  using FillFn = std::function<Status(const ChunkHash& chunk, std::span<std::byte> dst)>;
+  // Consumes the bytes of one chunk (e.g. scatters them into paged KV).
+  using ConsumeFn = std::function<Status(const ChunkHash& chunk, std::span<const std::byte> src)>;
+  // Bytes of a chunk of n tokens for the caller's layout.
+  using ChunkBytesFn = std::function<size_t(uint32_t num_tokens)>;
+
+  // kInvalidArgument for bad options; kIoError / kFailedPrecondition when the
+  // disk directory cannot be opened or is held by another process.
+  static StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
+  ~Engine();
+
+  uint32_t chunk_tokens() const { return hasher_.chunk_tokens(); }
+  const ChunkHasher& hasher() const { return hasher_; }
+
+  // Creates the CPU tier for chunks of at most max_chunk_bytes. Idempotent
+  // for the same value; kFailedPrecondition for a different one.
+  Status SetChunkBytes(size_t max_chunk_bytes);
+
+  // Tokens of `tokens` whose KV is cached, as a prefix: a multiple of
+  // chunk_tokens, or tokens.size() when the partial tail is cached too.
+  size_t Lookup(std::span<const int32_t> tokens);
+
+  // Files the chunks of tokens that are not cached yet; chunks that end at
+  // or before skip_tokens are not stored (the caller did not compute them).
+  // Returns kFailedPrecondition before SetChunkBytes; kInvalidArgument for a
+  // chunk larger than the CPU tier's chunk size.
+  StatusOr<std::shared_ptr<StoreHandle>> Store(std::span<const int32_t> tokens, size_t skip_tokens,
+                                               uint64_t layout_id, const ChunkBytesFn& chunk_bytes,
+                                               FillFn fill);
+
+  // Convenience for callers that hold finished chunk buffers: one span per
+  // chunk, in order (the partial tail last). The spans must stay valid until
+  // the handle is done.
+  StatusOr<std::shared_ptr<StoreHandle>> StoreBuffers(std::span<const int32_t> tokens, uint64_t layout_id,
+                                                      std::vector<std::span<const std::byte>> chunks);
+
+  // Loads the cached prefix beyond skip_tokens chunk by chunk through
+  // consume. Returns the number of leading tokens whose KV is now valid at
+  // the destination (>= skip_tokens unless nothing could be loaded and
+  // skip_tokens is 0). Never returns data that failed a check.
+  StatusOr<size_t> Retrieve(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
+                            const ConsumeFn& consume);
+
+  // Promotes the cached prefix of tokens from disk to CPU in the background.
+  // Returns the number of chunks queued.
+  size_t Prefetch(std::span<const int32_t> tokens);
+
+  // Pins the cached prefix (every tier holding it keeps it). Returns chunks pinned.
+  size_t Pin(std::span<const int32_t> tokens);
+  size_t Unpin(std::span<const int32_t> tokens);
+
+  // Blocks until every queued store and write-behind is finished.
+  void Flush();
+  // Drops every unpinned chunk from every tier and the catalogue.
+  void Clear();
+
+  EngineStats Stats() const;
+
+  // For tests and tools: direct access to the parts.
+  ChunkIndex& index() { return *index_; }
+  CpuTier* cpu_tier() { return cpu_.get(); }
+  DiskTier* disk_tier() { return disk_.get(); }
+
+ private:
+  explicit Engine(const EngineOptions& options, ChunkHasher hasher);
+  Status Init();
+  void OnTierEvicted(uint32_t tier_bit, const ChunkKey& key);
+  void StoreOne(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, const FillFn& fill,
+                const std::shared_ptr<StoreHandle>& handle);
+  // Loads one chunk into the caller through consume (CPU, else disk promote).
+  Status LoadOne(const ChunkHash& chunk, const IndexEntry& entry, uint64_t layout_id, const ConsumeFn& consume,
+                 bool* from_disk);
+  StatusOr<CpuTier::ReadLease> PromoteFromDisk(const ChunkHash& chunk, const IndexEntry& entry);
+  void CopyFinished();
+  // Waits (<= 50 ms) for a write-behind batch to finish; false when nothing
+  // is queued, i.e. waiting cannot free CPU space.
+  bool WaitForWriteBehindProgress();
+  void EnqueueWriteBehind(const ChunkMeta& meta);
+  void WriteBehindLoop();
+  CpuTier* cpu() const { return cpu_ready_.load(std::memory_order_acquire) ? cpu_.get() : nullptr; }
+
+  const EngineOptions options_;
+  const ChunkHasher hasher_;
+  std::unique_ptr<ChunkIndex> index_;
+  std::mutex cpu_init_mu_;
+  std::unique_ptr<CpuTier> cpu_;  // set once under cpu_init_mu_, then read-only
+  std::atomic<bool> cpu_ready_{false};
+  std::unique_ptr<DiskTier> disk_;
+  std::unique_ptr<ThreadPool> copy_pool_;
+  size_t cpu_chunk_bytes_ = 0;  // set with cpu_ under cpu_init_mu_
+
+  // Copy tasks submitted and not finished (Flush waits for zero).
+  std::mutex copy_mu_;
+  std::condition_variable copy_idle_cv_;
+  size_t copies_pending_ = 0;
+
+  // Write-behind queue.
+  struct WbItem {
+    ChunkMeta meta;
+    uint32_t attempts = 0;
+    int64_t not_before_ms = 0;
+  };
+  mutable std::mutex wb_mu_;
+  std::condition_variable wb_cv_;
+  std::condition_variable wb_idle_cv_;
+  std::deque<WbItem> wb_queue_;
+  size_t wb_in_flight_ = 0;
+  uint64_t wb_batches_done_ = 0;  // guarded by wb_mu_; back-pressure waits on it
+  bool wb_stop_ = false;
+  std::thread wb_thread_;
+
+  // Counters (relaxed: statistics only).
+  mutable std::atomic<uint64_t> lookups_{0}, lookup_hit_tokens_{0}, lookup_query_tokens_{0};
+  std::atomic<uint64_t> store_requests_{0}, chunks_stored_{0}, chunks_skipped_present_{0}, store_errors_{0},
+      tokens_stored_{0}, bytes_stored_{0};
+  std::atomic<uint64_t> retrieve_requests_{0}, chunks_loaded_{0}, tokens_loaded_{0}, bytes_loaded_{0},
+      chunks_loaded_cpu_{0}, chunks_loaded_disk_{0}, retrieve_misses_{0}, load_errors_{0};
+  std::atomic<uint64_t> wb_written_{0}, wb_retries_{0}, wb_failed_{0}, wb_dropped_{0};
+  std::atomic<uint64_t> store_latency_us_{0}, retrieve_latency_us_{0};
+};
+
+}  // namespace kvtier

@@ -1,0 +1,192 @@
+"""kvtier.Engine: the Python face of the C++ engine.
+
+A thin adapter: configuration and namespace in, numpy/torch arguments
+normalised, everything else is native code that releases the GIL.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvtier import _kvtier
+from kvtier.config import Config, load_config
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Engine", "Namespace", "StoreHandle"]
+
+StoreHandle = _kvtier.StoreHandle
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """What separates caches that must never share KV (part of every key)."""
+
+    model: str = ""
+    dtype: str = ""
+    layout: str = ""
+    rank: int = 0
+    world_size: int = 1
+
+
+def _tokens(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    if hasattr(tokens, "numpy") and not isinstance(tokens, np.ndarray):
+        tokens = tokens.detach().cpu().numpy()  # type: ignore[union-attr]
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"tokens must be a 1-D sequence, got shape {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+        raise ValueError("token ids must be in [0, 2**31)")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def _slots(slot_mapping: Sequence[int] | np.ndarray | torch.Tensor, n_tokens: int) -> np.ndarray:
+    if hasattr(slot_mapping, "numpy") and not isinstance(slot_mapping, np.ndarray):
+        slot_mapping = slot_mapping.detach().cpu().numpy()  # type: ignore[union-attr]
+    arr = np.ascontiguousarray(np.asarray(slot_mapping), dtype=np.int64)
+    if arr.ndim != 1 or arr.shape[0] != n_tokens:
+        raise ValueError(f"slot_mapping must be 1-D with one slot per token ({n_tokens}), got shape {arr.shape}")
+    return arr
+
+
+class Engine:
+    """Tiered KV cache: lookup / store / retrieve by token prefix.
+
+    ``Engine(config, namespace)``; ``config`` is a :class:`kvtier.Config`, a
+    mapping of overrides, or None (defaults + KVTIER_CONFIG + environment).
+    """
+
+    def __init__(self, config: Config | dict[str, Any] | None = None, namespace: Namespace | None = None) -> None:
+        if not isinstance(config, Config):
+            config = load_config(config)
+        self.config = config
+        self.namespace = namespace or Namespace()
+        native = dict(config.to_native())
+        native.update(
+            model=self.namespace.model,
+            dtype=self.namespace.dtype,
+            layout=self.namespace.layout,
+            rank=int(self.namespace.rank),
+            world_size=int(self.namespace.world_size),
+        )
+        self._native = _kvtier.Engine(native)
+        self._layout: Any = None
+        self._lock = threading.Lock()
+        self._loader: ThreadPoolExecutor | None = None
+
+    # -- basics ---------------------------------------------------------
+    @property
+    def chunk_size(self) -> int:
+        return int(self._native.chunk_size)
+
+    @property
+    def layout(self) -> Any:
+        """The registered paged-KV layout (None before register_kv_caches)."""
+        return self._layout
+
+    def lookup(self, tokens: Sequence[int] | np.ndarray) -> int:
+        """Leading tokens whose KV is cached (ready) in any tier."""
+        return int(self._native.lookup(_tokens(tokens)))
+
+    def chunk_keys(self, tokens: Sequence[int] | np.ndarray) -> list[tuple[str, int, int]]:
+        return list(self._native.chunk_keys(_tokens(tokens)))
+
+    # -- raw chunk buffers (no paged layout) ----------------------------
+    def store_buffers(self, tokens: Sequence[int] | np.ndarray, buffers: Sequence[Any], layout_id: int = 0) -> int:
+        """Store finished chunk buffers, one per chunk; returns chunks stored."""
+        h = self._native.store_buffers(_tokens(tokens), list(buffers), layout_id)
+        return int(h.wait())
+
+    def retrieve_buffers(self, tokens: Sequence[int] | np.ndarray, buffers: Sequence[Any], layout_id: int = 0) -> int:
+        return int(self._native.retrieve_buffers(_tokens(tokens), list(buffers), layout_id))
+
+    def set_chunk_bytes(self, max_chunk_bytes: int) -> None:
+        self._native.set_chunk_bytes(int(max_chunk_bytes))
+
+    # -- paged KV (the inference engine's own cache) ---------------------
+    def register_kv_caches(self, kv_caches: Sequence[torch.Tensor] | dict[str, torch.Tensor], kind: str | None = None) -> Any:
+        """Describe the engine's paged KV tensors once; sizes the CPU tier."""
+        from kvtier.kv_layout import make_layout
+
+        tensors = list(kv_caches.values()) if isinstance(kv_caches, dict) else list(kv_caches)
+        layout = make_layout(tensors, kind=kind or "auto")
+        self._native.set_chunk_bytes(int(layout.chunk_bytes(self.chunk_size)))
+        self._layout = layout
+        return layout
+
+    def _require_layout(self) -> Any:
+        if self._layout is None:
+            raise _kvtier.FailedPreconditionError("register_kv_caches() must be called before store/retrieve")
+        return self._layout
+
+    def store(self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0) -> StoreHandle:
+        """Gather the KV of uncached chunks into kvtier, asynchronously.
+
+        The paged KV blocks named by slot_mapping must stay untouched until
+        the returned handle is done.
+        """
+        toks = _tokens(tokens)
+        return self._native.store_paged(toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), self._require_layout())
+
+    def retrieve(self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0) -> int:
+        """Scatter the cached prefix into the paged KV; returns tokens now valid."""
+        toks = _tokens(tokens)
+        return int(
+            self._native.retrieve_paged(toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), self._require_layout())
+        )
+
+    def retrieve_async(self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0) -> Future[int]:
+        """retrieve() on a loader thread (the native call releases the GIL)."""
+        toks = _tokens(tokens)
+        slots = _slots(slot_mapping, toks.shape[0])
+        layout = self._require_layout()
+        with self._lock:
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
+            loader = self._loader
+        return loader.submit(lambda: int(self._native.retrieve_paged(toks, slots, int(skip_tokens), layout)))
+
+    # -- management ------------------------------------------------------
+    def prefetch(self, tokens: Sequence[int] | np.ndarray) -> int:
+        """Promote the cached prefix from disk to CPU in the background."""
+        return int(self._native.prefetch(_tokens(tokens)))
+
+    def pin(self, tokens: Sequence[int] | np.ndarray) -> int:
+        return int(self._native.pin(_tokens(tokens)))
+
+    def unpin(self, tokens: Sequence[int] | np.ndarray) -> int:
+        return int(self._native.unpin(_tokens(tokens)))
+
+    def flush(self) -> None:
+        """Wait until every queued store and disk write is finished."""
+        self._native.flush()
+
+    def clear(self) -> None:
+        self._native.clear()
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._native.stats())
+
+    def close(self) -> None:
+        with self._lock:
+            loader, self._loader = self._loader, None
+        if loader is not None:
+            loader.shutdown(wait=True)
+        self._native.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._native.closed)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,18 @@
+// The Python-side paged KV layout, shared with the engine bindings (which
+// gather/scatter through it on store_paged / retrieve_paged).
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include "cc/datapath/kv_layout.h"
+
+namespace kvtier::py {
+
+// A layout plus the Python objects that own its memory. Immutable after
+// construction; held by shared_ptr so a store in flight keeps it alive.
+struct PyLayout {
+  PagedKvLayout layout;
+  pybind11::list owners;
+};
+
+}  // namespace kvtier::py

@@ -73,6 +73,15 @@ bool RegisterComparison(const std::string& name, const std::string& value_run,
 
 int main(int argc, char** argv) {
   using namespace kvtier::bench;
+  // Colour codes would glue the first JSON line to an escape sequence;
+  // default to plain output unless the caller asks for colour.
+  std::vector<char*> args(argv, argv + argc);
+  bool has_color = false;
+  for (int i = 1; i < argc; ++i) has_color |= std::string(argv[i]).rfind("--benchmark_color", 0) == 0;
+  static char no_color[] = "--benchmark_color=false";
+  if (!has_color) args.insert(args.begin() + 1, no_color);
+  argc = static_cast<int>(args.size());
+  argv = args.data();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   CapturingReporter reporter;

@@ -32,8 +32,17 @@ struct ChunkKey {
 };
 static_assert(sizeof(ChunkKey) == 16, "ChunkKey is stored verbatim in shared memory and on disk");
 
+// Mixes both halves (a multiply-xorshift finaliser): real keys are XXH3
+// output, but tests and tools build structured keys, and `lo ^ hi * C` sends
+// families like {i * C + 1, i} to one bucket.
 struct ChunkKeyHash {
-  size_t operator()(const ChunkKey& k) const noexcept { return static_cast<size_t>(k.lo ^ (k.hi * 0x9E3779B97F4A7C15ull)); }
+  size_t operator()(const ChunkKey& k) const noexcept {
+    uint64_t x = k.lo * 0x9E3779B97F4A7C15ull + k.hi;
+    x ^= x >> 32;
+    x *= 0xD6E8FEB86659FD93ull;
+    x ^= x >> 29;
+    return static_cast<size_t>(x);
+  }
 };
 
 }  // namespace kvtier

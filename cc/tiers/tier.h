@@ -109,6 +109,19 @@ class Tier {
   }
   // Implementations count their own capacity/used/entries/evictions here.
   virtual void FillStatsImpl(TierStats* s) const = 0;
+  // For transfers that bypass Put/Get (zero-copy leases, batched I/O), so
+  // Stats() still counts every chunk that moved.
+  void CountPut(uint64_t bytes) const {
+    puts_.fetch_add(1, std::memory_order_relaxed);
+    put_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  }
+  void CountGet(bool hit, uint64_t bytes) const {
+    gets_.fetch_add(1, std::memory_order_relaxed);
+    if (hit) {
+      get_hits_.fetch_add(1, std::memory_order_relaxed);
+      get_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+    }
+  }
 
  private:
   virtual Status PutImpl(const ChunkMeta& meta, std::span<const std::byte> data) = 0;

@@ -193,7 +193,7 @@ StatusOr<CpuTier::WriteLease> CpuTier::BeginPut(const ChunkMeta& meta, size_t by
   return WriteLease(this, meta, std::span<std::byte>(alloc->ptr, bytes));
 }
 
-Status CpuTier::Commit(WriteLease&& lease) {
+Status CpuTier::CommitUncounted(WriteLease&& lease) {
   if (lease.tier_ != this) return InvalidArgument("CpuTier::Commit: lease is empty or from another tier");
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -220,15 +220,28 @@ void CpuTier::AbortPut(const ChunkMeta& meta, std::byte* ptr) {
   map_.erase(it);
 }
 
+Status CpuTier::Commit(WriteLease&& lease) {
+  const uint64_t bytes = lease.data().size();
+  Status s = CommitUncounted(std::move(lease));
+  if (s.ok()) CountPut(bytes);
+  return s;
+}
+
+StatusOr<CpuTier::ReadLease> CpuTier::Acquire(const ChunkKey& key, uint64_t fingerprint) {
+  StatusOr<ReadLease> lease = AcquireUncounted(key, fingerprint);
+  CountGet(lease.ok(), lease.ok() ? lease->data().size() : 0);
+  return lease;
+}
+
 Status CpuTier::PutImpl(const ChunkMeta& meta, std::span<const std::byte> data) {
   KVT_ASSIGN_OR_RETURN(WriteLease lease, BeginPut(meta, data.size()));
   std::memcpy(lease.data().data(), data.data(), data.size());  // outside the lock
-  return Commit(std::move(lease));
+  return CommitUncounted(std::move(lease));
 }
 
 // ---- get ---------------------------------------------------------------------
 
-StatusOr<CpuTier::ReadLease> CpuTier::Acquire(const ChunkKey& key, uint64_t fingerprint) {
+StatusOr<CpuTier::ReadLease> CpuTier::AcquireUncounted(const ChunkKey& key, uint64_t fingerprint) {
   std::vector<ChunkKey> evicted;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -260,7 +273,7 @@ void CpuTier::ReleaseReadPin(const ChunkKey& key) {
 }
 
 Status CpuTier::GetImpl(const ChunkKey& key, uint64_t fingerprint, std::span<std::byte> dst) {
-  KVT_ASSIGN_OR_RETURN(ReadLease lease, Acquire(key, fingerprint));
+  KVT_ASSIGN_OR_RETURN(ReadLease lease, AcquireUncounted(key, fingerprint));
   if (dst.size() != lease.data().size()) {
     return InvalidArgument("CpuTier::Get: destination is " + std::to_string(dst.size()) + " bytes, chunk is " +
                            std::to_string(lease.data().size()));

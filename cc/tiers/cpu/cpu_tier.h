@@ -131,6 +131,9 @@ class CpuTier final : public Tier {
 
   explicit CpuTier(const CpuTierOptions& o) : Tier(TierKind::kCpu, "cpu"), options_(o) {}
 
+  // Commit / Acquire without counting (Put and Get count through Tier).
+  Status CommitUncounted(WriteLease&& lease);
+  StatusOr<ReadLease> AcquireUncounted(const ChunkKey& key, uint64_t fingerprint);
   Status PutImpl(const ChunkMeta& meta, std::span<const std::byte> data) override;
   Status GetImpl(const ChunkKey& key, uint64_t fingerprint, std::span<std::byte> dst) override;
   StatusOr<size_t> SizeOfImpl(const ChunkKey& key) const override;

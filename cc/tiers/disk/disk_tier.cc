@@ -612,6 +612,7 @@ std::vector<Status> DiskTier::PutBatch(std::span<const ChunkMeta> metas,
   for (size_t i = 0; i < out.size(); ++i) {
     ++counters_.puts;
     if (out[i].ok()) {
+      CountPut(datas[i].size());
       counters_.put_bytes += datas[i].size();
     } else if (out[i].code() != StatusCode::kAlreadyExists) {
       ++batch_errors_;  // same rule as Tier::Put
@@ -627,6 +628,7 @@ std::vector<Status> DiskTier::GetBatch(std::span<const ChunkKey> keys, std::span
   ++counters_.batch_calls;
   for (size_t i = 0; i < out.size(); ++i) {
     ++counters_.gets;
+    CountGet(out[i].ok(), dsts[i].size());
     if (out[i].ok()) {
       ++counters_.get_hits;
       counters_.get_bytes += dsts[i].size();

@@ -120,7 +120,7 @@ def test_small_kv_space_many_requests(kv: VllmRun, reference: dict[str, Any]) ->
     assert hits > 0
     assert kv.metric("vllm:num_preemptions") > preempt_before, "vLLM never ran out of KV space"
     stats = flat_engine_stats(eng.stats())
-    evictions = stats.get("cpu_evictions", 0) + stats.get("disk_evictions", 0)
+    evictions = sum(v for k, v in stats.items() if k.endswith("cpu_evictions"))
     assert evictions > 0, f"kvtier never evicted: {stats}"
 
 

@@ -6,6 +6,7 @@ normalised, everything else is native code that releases the GIL.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,6 +68,7 @@ class Engine:
         if not isinstance(config, Config):
             config = load_config(config)
         self.config = config
+        logging.getLogger("kvtier").setLevel(config.log_level.upper())
         self.namespace = namespace or Namespace()
         native = dict(config.to_native())
         native.update(

@@ -97,6 +97,7 @@ EngineOptions ParseOptions(const pyb::dict& d) {
   o.disk.capacity_bytes = Get<uint64_t>(d, "disk_capacity", uint64_t{16} << 30);
   o.disk.segment_bytes = Get<uint64_t>(d, "disk_segment_size", 0);
   o.disk.queue_depth = Get<uint32_t>(d, "disk_queue_depth", 64);
+  o.disk.rebuild_threads = Get<uint32_t>(d, "io_threads", 2);
   const std::string gds = Get<std::string>(d, "gds", "auto");
   if (gds != "auto" && gds != "on" && gds != "off") {
     ThrowStatus(InvalidArgument("gds must be one of auto, on, off; got '" + gds + "'"));

@@ -1,0 +1,155 @@
+"""kvtier.Engine end to end over real paged tensors (vLLM CPU layout), with
+the CPU and disk tiers, through the installed extension."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kvtier
+from kvtier import _kvtier
+from kvtier.engine import Engine, Namespace
+
+LAYERS, BLOCKS, HEADS, BLOCK, HEAD = 4, 32, 2, 16, 64
+
+
+def make_kv(fill: str = "randn") -> list[torch.Tensor]:
+    # vLLM CPU 0.32 allocates [num_blocks, kv_heads, block_size, 2 * head_size].
+    gen = torch.Generator().manual_seed(0)
+    if fill == "zeros":
+        return [torch.zeros(BLOCKS, HEADS, BLOCK, 2 * HEAD) for _ in range(LAYERS)]
+    return [torch.randn(BLOCKS, HEADS, BLOCK, 2 * HEAD, generator=gen) for _ in range(LAYERS)]
+
+
+def engine(tmp_path, **over) -> Engine:
+    cfg = {"chunk_size": 32, "cpu_capacity": "64MiB", "disk_path": str(tmp_path / "disk"), "disk_capacity": "256MiB"}
+    cfg.update(over)
+    return Engine(cfg, Namespace(model="test", dtype="float32"))
+
+
+def blocks_equal(a: list[torch.Tensor], b: list[torch.Tensor], blocks: range) -> bool:
+    return all(torch.equal(x[blocks.start : blocks.stop], y[blocks.start : blocks.stop]) for x, y in zip(a, b))
+
+
+def test_store_lookup_retrieve_round_trip(tmp_path):
+    eng = engine(tmp_path)
+    src = make_kv()
+    eng.register_kv_caches(src)
+    tokens = np.arange(1000, 1100)  # 3 full chunks + a 4-token tail
+    slots = np.arange(100) + 2 * BLOCK  # blocks 2..8
+    assert eng.lookup(tokens) == 0
+    assert eng.store(tokens, slots).wait() == 4
+    assert eng.lookup(tokens) == 100
+
+    dst = make_kv("zeros")
+    eng.register_kv_caches(dst)
+    assert eng.retrieve(tokens, slots) == 100
+    # Blocks 2..7 are fully covered; block 8 holds tokens 96..99 only.
+    assert blocks_equal(src, dst, range(2, 8))
+    for x, y in zip(src, dst):
+        # vLLM CPU views each (block, head) plane as K[block][head] then V[block][head].
+        xv, yv = x.view(BLOCKS, HEADS, 2 * BLOCK, HEAD), y.view(BLOCKS, HEADS, 2 * BLOCK, HEAD)
+        assert torch.equal(xv[8, :, :4], yv[8, :, :4])  # K of tokens 96..99
+        assert torch.equal(xv[8, :, BLOCK : BLOCK + 4], yv[8, :, BLOCK : BLOCK + 4])  # their V
+        assert float(yv[8, :, 4:BLOCK].abs().sum()) == 0.0  # the rest of block 8 untouched
+        assert float(y[0].abs().sum()) == 0.0
+    stats = eng.stats()
+    assert stats["chunks_loaded_cpu"] == 4 and stats["tokens_loaded"] == 100
+    eng.close()
+
+
+def test_skip_tokens_are_not_written(tmp_path):
+    eng = engine(tmp_path)
+    src = make_kv()
+    eng.register_kv_caches(src)
+    tokens = np.arange(64)
+    slots = np.arange(64)
+    eng.store(tokens, slots).wait()
+    dst = make_kv("zeros")
+    eng.register_kv_caches(dst)
+    assert eng.retrieve(tokens, slots, skip_tokens=32) == 64
+    assert all(float(t[0:2].abs().sum()) == 0.0 for t in dst)  # tokens 0..31 skipped
+    assert blocks_equal(src, dst, range(2, 4))
+    eng.close()
+
+
+def test_restart_hits_from_disk(tmp_path):
+    tokens = np.arange(500, 596)
+    slots = np.arange(96)
+    src = make_kv()
+    eng = engine(tmp_path)
+    eng.register_kv_caches(src)
+    eng.store(tokens, slots).wait()
+    eng.flush()
+    assert eng.stats()["write_behind_written"] == 3
+    eng.close()
+
+    eng = engine(tmp_path)  # the catalogue is rebuilt from the disk records
+    assert eng.lookup(tokens) == 96
+    dst = make_kv("zeros")
+    eng.register_kv_caches(dst)
+    assert eng.retrieve(tokens, slots) == 96
+    assert blocks_equal(src, dst, range(0, 6))
+    assert eng.stats()["chunks_loaded_disk"] == 3
+    eng.close()
+
+
+def test_async_retrieve_and_prefix_divergence(tmp_path):
+    eng = engine(tmp_path)
+    src = make_kv()
+    eng.register_kv_caches(src)
+    tokens = np.arange(2000, 2128)
+    eng.store(tokens, np.arange(128)).wait()
+    other = tokens.copy()
+    other[70] += 1  # chunk 2 differs
+    assert eng.lookup(other) == 64
+    dst = make_kv("zeros")
+    eng.register_kv_caches(dst)
+    assert eng.retrieve_async(other, np.arange(128)).result(timeout=30) == 64
+    eng.close()
+
+
+def test_chunk_from_another_layout_is_not_scattered(tmp_path):
+    eng = engine(tmp_path, disk_path="none")
+    eng.register_kv_caches(make_kv())
+    tokens = np.arange(64)
+    eng.store(tokens, np.arange(64)).wait()
+    # fp16 with twice the head size: the same bytes per chunk, another layout.
+    other = [torch.zeros(BLOCKS, HEADS, BLOCK, 4 * HEAD, dtype=torch.float16) for _ in range(LAYERS)]
+    eng.register_kv_caches(other)
+    assert eng.retrieve(tokens, np.arange(64)) == 0
+    assert all(float(t.abs().sum()) == 0.0 for t in other)
+    assert eng.stats()["load_errors"] == 1
+    # A layout whose chunks have another size cannot share the CPU tier.
+    small = [torch.zeros(BLOCKS, HEADS, BLOCK, HEAD) for _ in range(LAYERS)]
+    with pytest.raises(_kvtier.FailedPreconditionError, match="chunks of"):
+        eng.register_kv_caches(small)
+    eng.close()
+
+
+def test_bad_inputs_fail_clearly(tmp_path):
+    eng = engine(tmp_path, disk_path="none")
+    with pytest.raises(_kvtier.FailedPreconditionError, match="register_kv_caches"):
+        eng.store(np.arange(32), np.arange(32))
+    eng.register_kv_caches(make_kv())
+    with pytest.raises(ValueError, match="one slot per token"):
+        eng.store(np.arange(32), np.arange(31))
+    with pytest.raises(ValueError, match="out of range"):
+        eng.retrieve(np.arange(32), np.arange(32) + BLOCKS * BLOCK)
+    with pytest.raises(ValueError, match="1-D"):
+        eng.lookup(np.zeros((2, 2), dtype=np.int64))
+    with pytest.raises(ValueError, match="token ids"):
+        eng.lookup([-1, 2, 3])
+    # Padding (-1) slots inside a chunk cannot be stored: the handle reports it.
+    slots = np.arange(32)
+    slots[5] = -1
+    with pytest.raises(ValueError, match="padding"):
+        eng.store(np.arange(32), slots).wait()
+    assert eng.lookup(np.arange(32)) == 0
+    with pytest.raises(kvtier.ConfigError, match="chunk_size"):
+        Engine({"chunk_sise": 32})
+    eng.close()
+    with pytest.raises(_kvtier.FailedPreconditionError, match="closed"):
+        eng.lookup(np.arange(4))
+    eng.close()  # idempotent

@@ -33,7 +33,15 @@
 //   kVllmCpu     [num_blocks, heads, block_size, 2*head_size]    (vLLM CPU 0.32:
 //                the (block, head) plane is reinterpreted as K[block_size]
 //                [head_size] followed by V[block_size][head_size], exactly as
-//                cpu_attn.py views it; the plane must be contiguous)
+//                cpu_attn.py's Python view shows it; the plane must be
+//                contiguous). Caveat: the C++ kernels of vLLM CPU 0.32 do not
+//                all use that view -- the "vec" kernel keeps K transposed,
+//                [head_size][block_size] per (block, head) -- so token rows
+//                are not where this kind says. The vLLM connector therefore
+//                never uses kVllmCpu: it registers each contiguous layer as
+//                raw blocks ([blocks, 2, block_size, heads, head] bytes,
+//                kind flash_infer) and copies whole blocks, which is
+//                byte-exact whatever the kernel's inner layout.
 //   kMla         [num_blocks, block_size, head_size]             (one latent)
 // kAuto picks by rank: 3 -> kMla; 5 -> kFlashAttn if shape[0]==2 else
 // kFlashInfer if shape[1]==2 (both 2 is ambiguous: an error asking for a

@@ -13,16 +13,16 @@ from kvtier._version import __version__
 from kvtier.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
-    from kvtier.engine import Engine
+    from kvtier.engine import Engine, Namespace
 
-__all__ = ["Config", "ConfigError", "Engine", "__version__", "load_config"]
+__all__ = ["Config", "ConfigError", "Engine", "Namespace", "__version__", "load_config"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy so that `import kvtier` works without the extension (and before
     # kvtier.engine exists); the import error surfaces where Engine is used.
-    if name == "Engine":
-        from kvtier.engine import Engine
+    if name in ("Engine", "Namespace"):
+        from kvtier import engine
 
-        return Engine
+        return getattr(engine, name)
     raise AttributeError(f"module 'kvtier' has no attribute {name!r}")

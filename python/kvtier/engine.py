@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvtier import _kvtier
+try:  # installed wheel: the extension sits inside the package
+    from kvtier import _kvtier
+except ImportError:  # development: bazel-bin/python/src on sys.path
+    import _kvtier  # type: ignore[no-redef]
 from kvtier.config import Config, load_config
 
 if TYPE_CHECKING:

@@ -41,7 +41,7 @@ StatusOr<std::unique_ptr<CpuTier>> CpuTier::Create(const CpuTierOptions& o) {
   // A cache fills up anyway; faulting pages in now keeps page faults out of
   // the put path (and cudaHostRegister would pin them all regardless).
   auto region = MemoryRegion::Allocate(
-      {.bytes = o.capacity_bytes, .numa_node = o.numa_node, .huge_pages = o.huge_pages, .prefault = true});
+      {.bytes = o.capacity_bytes, .numa_node = o.numa_node, .huge_pages = o.huge_pages, .prefault = o.prefault});
   if (!region.ok()) return region.status().Annotate("CpuTier");
   tier->region_ = std::move(region).value();
   // The region may be rounded up to a huge page; only capacity_bytes are used

@@ -60,6 +60,10 @@ struct CpuTierOptions {
   uint64_t ttl_ms = 0;  // 0 = no TTL
   int numa_node = -1;
   HugePages huge_pages = HugePages::kAuto;
+  // Touch every page at creation: no page faults on the first puts, at the
+  // price of committing capacity_bytes of RSS up front. Off by default so a
+  // generous capacity costs only what is used.
+  bool prefault = false;
 };
 
 class CpuTier final : public Tier {

@@ -35,6 +35,7 @@ CpuTier* TierFor(size_t chunk) {
     CpuTierOptions o;
     o.capacity_bytes = kRegion;
     o.chunk_bytes = chunk;
+    o.prefault = true;  // steady state: page faults are a first-touch cost, not the tier's
     t = std::move(CpuTier::Create(o)).value();
   }
   return t.get();

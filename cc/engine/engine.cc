@@ -155,6 +155,14 @@ void Engine::OnTierEvicted(uint32_t tier_bit, const ChunkKey& key) {
   if (mask.ok() && *mask == 0 && index_->BeginEvict(key).ok()) (void)index_->Remove(key);
 }
 
+void Engine::Reconcile(const ChunkKey& key) {
+  uint32_t mask = 0;
+  if (cpu() && cpu()->Contains(key)) mask |= kTierBitCpu;
+  if (disk_ && disk_->Contains(key)) mask |= kTierBitDisk;
+  auto m = index_->UpdateTiers(key, mask, (kTierBitCpu | kTierBitDisk) & ~mask);
+  if (m.ok() && *m == 0 && index_->BeginEvict(key).ok()) (void)index_->Remove(key);
+}
+
 // ---------------------------------------------------------------------------
 // Lookup
 
@@ -382,16 +390,11 @@ StatusOr<size_t> Engine::Retrieve(std::span<const int32_t> tokens, size_t skip_t
     bool from_disk = false;
     Status s = LoadOne(c, *entry, layout_id, consume, &from_disk);
     if (!s.ok()) {
-      if (s.code() == StatusCode::kNotFound) {
-        retrieve_misses_.fetch_add(1, std::memory_order_relaxed);
-        // Neither tier has it any more: drop the stale catalogue entry (I1).
-        if (!(cpu() && cpu()->Contains(c.key)) && !(disk_ && disk_->Contains(c.key)) &&
-            index_->BeginEvict(c.key).ok()) {
-          (void)index_->Remove(c.key);
-        }
-      } else {
-        load_errors_.fetch_add(1, std::memory_order_relaxed);
-      }
+      (s.code() == StatusCode::kNotFound ? retrieve_misses_ : load_errors_).fetch_add(1, std::memory_order_relaxed);
+      // A tier may have dropped the chunk (gone, or failed its checksum):
+      // make the catalogue say what the tiers hold, so Lookup stops
+      // promising it and the next store can file it again (I1).
+      if (s.code() != StatusCode::kInvalidArgument) Reconcile(c.key);
       break;
     }
     (from_disk ? chunks_loaded_disk_ : chunks_loaded_cpu_).fetch_add(1, std::memory_order_relaxed);
@@ -468,13 +471,7 @@ void Engine::Clear() {
   // Tier::Clear does not report evictions: rebuild the masks from the tiers.
   std::vector<ChunkKey> keys;
   index_->ForEach([&](const IndexEntry& e) { keys.push_back(e.key); });
-  for (const ChunkKey& k : keys) {
-    uint32_t mask = 0;
-    if (cpu() && cpu()->Contains(k)) mask |= kTierBitCpu;
-    if (disk_ && disk_->Contains(k)) mask |= kTierBitDisk;
-    auto m = index_->UpdateTiers(k, mask, (kTierBitCpu | kTierBitDisk) & ~mask);
-    if (m.ok() && *m == 0 && index_->BeginEvict(k).ok()) (void)index_->Remove(k);
-  }
+  for (const ChunkKey& k : keys) Reconcile(k);
 }
 
 // ---------------------------------------------------------------------------

@@ -200,6 +200,8 @@ class Engine {
   explicit Engine(const EngineOptions& options, ChunkHasher hasher);
   Status Init();
   void OnTierEvicted(uint32_t tier_bit, const ChunkKey& key);
+  // Sets the key's tier mask from what the tiers hold; removes it when none.
+  void Reconcile(const ChunkKey& key);
   void StoreOne(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, const FillFn& fill,
                 const std::shared_ptr<StoreHandle>& handle);
   // Loads one chunk into the caller through consume (CPU, else disk promote).

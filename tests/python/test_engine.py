@@ -153,3 +153,39 @@ def test_bad_inputs_fail_clearly(tmp_path):
     with pytest.raises(_kvtier.FailedPreconditionError, match="closed"):
         eng.lookup(np.arange(4))
     eng.close()  # idempotent
+
+
+def test_corrupt_disk_record_between_lookup_and_load_is_a_miss(tmp_path):
+    tokens = np.arange(700, 796)  # 3 chunks
+    slots = np.arange(96)
+    src = make_kv()
+    eng = engine(tmp_path)
+    eng.register_kv_caches(src)
+    eng.store(tokens, slots).wait()
+    eng.flush()
+    eng.close()
+
+    eng = engine(tmp_path)
+    assert eng.lookup(tokens) == 96  # the records verified at rebuild
+    # Now damage every record's payload on disk (bypassing the page cache the
+    # tier does not use: O_DIRECT reads go to the file).
+    segs = sorted((tmp_path / "disk").glob("seg_*.kvt"))
+    assert segs
+    for seg in segs:
+        with open(seg, "r+b") as f:
+            data = bytearray(f.read())
+            for off in range(2 * 4096, len(data), 4096):  # inside payloads and headers alike
+                data[off + 17] ^= 0xFF
+            f.seek(0)
+            f.write(data)
+            f.flush()
+            import os
+
+            os.fsync(f.fileno())
+    dst = make_kv("zeros")
+    eng.register_kv_caches(dst)
+    loaded = eng.retrieve(tokens, slots)
+    assert loaded == 0  # the first chunk fails its checksum: nothing after it is trusted
+    assert all(float(t.abs().sum()) == 0.0 for t in dst)  # no byte of bad KV was scattered
+    assert eng.lookup(tokens) == 0  # and the catalogue no longer promises it
+    eng.close()

@@ -10,7 +10,7 @@ namespace kvtier::py {
 
 // A layout plus the Python objects that own its memory. Immutable after
 // construction; held by shared_ptr so a store in flight keeps it alive.
-struct PyLayout {
+struct __attribute__((visibility("hidden"))) PyLayout {  // pybind11 objects are hidden too
   PagedKvLayout layout;
   pybind11::list owners;
 };

@@ -3,11 +3,10 @@ the CPU and disk tiers, through the installed extension."""
 
 from __future__ import annotations
 
+import kvtier
 import numpy as np
 import pytest
 import torch
-
-import kvtier
 from kvtier import _kvtier
 from kvtier.engine import Engine, Namespace
 
@@ -90,7 +89,7 @@ def test_restart_hits_from_disk(tmp_path):
     dst = make_kv("zeros")
     eng.register_kv_caches(dst)
     assert eng.retrieve(tokens, slots) == 96
-    assert blocks_equal(src, dst, range(0, 6))
+    assert blocks_equal(src, dst, range(6))
     assert eng.stats()["chunks_loaded_disk"] == 3
     eng.close()
 

@@ -88,11 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(_table(none, kv)))
     summary = ttft.summarize(results)
     k = summary["modes"]["kvtier"]
-    totals = kv.get("connector_totals", {})
-    lookups = totals.get("lookups", 0) or 1
-    print(f"\nkvtier hit rate: {totals.get('hit_requests', 0) / lookups:.0%} of requests, "
-          f"{int(totals.get('tokens_loaded', 0))} tokens loaded")
-    print("bytes per tier: " + json.dumps(k.get("bytes_stored", {})))
+    es = kv.get("engine_stats", {})
+    served = float(kv.get("external_hits", 0))
+    prompt_tokens = float(kv.get("prompt_tokens", 0)) or 1.0
+    print(f"\nkvtier served {served / prompt_tokens:.0%} of all prompt tokens "
+          f"({int(served)} of {int(prompt_tokens)}; vLLM's external prefix cache hits), "
+          f"{int(es.get('chunks_loaded_cpu', 0))} chunks loaded from CPU, "
+          f"{int(es.get('chunks_loaded_disk', 0))} from disk")
+    mib = 1 << 20
+    print(f"CPU tier:  {es.get('tiers_cpu_used_bytes', 0) / mib:8.1f} MiB in {int(es.get('tiers_cpu_entries', 0))} chunks "
+          f"(capacity {es.get('tiers_cpu_capacity_bytes', 0) / mib:.0f} MiB, "
+          f"{int(es.get('tiers_cpu_evictions', 0))} evictions)")
+    if "tiers_disk_used_bytes" in es:
+        print(f"disk tier: {es.get('tiers_disk_used_bytes', 0) / mib:8.1f} MiB in {int(es.get('tiers_disk_entries', 0))} chunks "
+              f"({int(es.get('write_behind_written', 0))} written behind, "
+              f"{int(es.get('write_behind_failed', 0))} failed)")
     print(f"outputs identical to vLLM alone: {k.get('outputs_equal_none')}")
     png = os.path.join(args.out_dir, "ttft_per_round.png")
     try:

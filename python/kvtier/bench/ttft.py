@@ -91,7 +91,11 @@ def run_mode(mode: str, wl: Workload, model_path: str, workdir: str, progress: b
     )
     bar = _bar(progress, wl.docs * 2 + wl.users * wl.rounds, mode)
 
+    prompt_tokens = 0
+
     def one(prompt: list[int], max_tokens: int) -> tuple[list[int], float]:
+        nonlocal prompt_tokens
+        prompt_tokens += len(prompt)
         out, ttft = run.generate([prompt], max_tokens)[0]
         if mode == "kvtier":
             run.connector().engine.flush()
@@ -128,6 +132,7 @@ def run_mode(mode: str, wl: Workload, model_path: str, workdir: str, progress: b
             histories[u] = prompt + out
     bar.close()
     result["chat"] = {"per_round": per_round, "outputs": chat_outputs}
+    result["prompt_tokens"] = prompt_tokens
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     if mode == "kvtier":
         conn = run.connector()

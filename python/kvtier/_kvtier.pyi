@@ -2,13 +2,13 @@
 # Keep in step with the bindings; tests/python/test_stubs.py checks that every
 # name here exists on the module and every public native name is stubbed.
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
-_Tokens = Sequence[int] | npt.NDArray[np.integer[Any]]
-_Slots = Sequence[int] | npt.NDArray[np.integer[Any]]
+_Tokens: TypeAlias = Sequence[int] | npt.NDArray[np.integer[Any]]
+_Slots: TypeAlias = Sequence[int] | npt.NDArray[np.integer[Any]]
 
 class KvtierError(RuntimeError): ...
 class NotFoundError(KvtierError, KeyError): ...

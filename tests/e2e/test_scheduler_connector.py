@@ -10,7 +10,6 @@ the KV stored for the same prefix.
 from __future__ import annotations
 
 import time
-
 from collections.abc import Iterator
 from typing import Any
 

@@ -82,6 +82,8 @@ class Engine:
             world_size=int(self.namespace.world_size),
         )
         self._native = _kvtier.Engine(native)
+        # Scatter threads per retrieve: copy_threads, 0 = the native default.
+        self._threads = int(config.copy_threads)
         self._layout: Any = None
         self._lock = threading.Lock()
         self._loader: ThreadPoolExecutor | None = None
@@ -144,7 +146,9 @@ class Engine:
         """Scatter the cached prefix into the paged KV; returns tokens now valid."""
         toks = _tokens(tokens)
         return int(
-            self._native.retrieve_paged(toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), self._require_layout())
+            self._native.retrieve_paged(
+                toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), self._require_layout(), self._threads
+            )
         )
 
     def retrieve_async(self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0) -> Future[int]:
@@ -156,7 +160,7 @@ class Engine:
             if self._loader is None:
                 self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
             loader = self._loader
-        return loader.submit(lambda: int(self._native.retrieve_paged(toks, slots, int(skip_tokens), layout)))
+        return loader.submit(lambda: int(self._native.retrieve_paged(toks, slots, int(skip_tokens), layout, self._threads)))
 
     # -- management ------------------------------------------------------
     def prefetch(self, tokens: Sequence[int] | np.ndarray) -> int:

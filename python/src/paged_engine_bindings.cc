@@ -53,10 +53,11 @@ std::shared_ptr<PagedArgs> CopyArgs(const TokenArray& tokens, const SlotArray& s
   return args;
 }
 
-int CopyThreads(int requested) {
-  if (requested > 0) return requested;
-  return static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 4u));
-}
+// 0 (auto) scatters on the calling thread alone: inside an inference engine
+// the cores belong to its compute threads (vLLM CPU pins OpenMP threads that
+// spin between steps), and extra copy threads there measured 2.7x slower
+// than one (BENCHMARKS.md).
+int CopyThreads(int requested) { return requested > 0 ? requested : 1; }
 
 }  // namespace
 

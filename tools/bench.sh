@@ -34,8 +34,9 @@ micro() {
     path="$bin_dir/${t#//}"
     path="${path/://}"
     echo "== $t" >&2
+    # bench_main turns colour off itself; trace_replay takes no benchmark flags.
     # shellcheck disable=SC2086
-    if ! out=$("$path" --benchmark_color=false ${KVTIER_BENCH_ARGS:-} 2>&1); then
+    if ! out=$("$path" ${KVTIER_BENCH_ARGS:-} 2>&1); then
       echo "$out" >&2
       echo "bench.sh: $t failed" >&2
       failed=1

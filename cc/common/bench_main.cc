@@ -23,6 +23,10 @@ std::vector<Comparison>& Comparisons() {
 // Keeps the console output and remembers every run for the comparisons.
 class CapturingReporter : public benchmark::ConsoleReporter {
  public:
+  // Plain text: a colour escape left open would glue the first JSON line to
+  // it (the --benchmark_color flag only reaches google-benchmark's own
+  // default reporter, not one passed in).
+  CapturingReporter() : ConsoleReporter(OO_Tabular) {}
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const Run& r : runs) {
       if (r.run_type == Run::RT_Iteration && r.error_occurred == false) runs_[r.benchmark_name()] = r;
@@ -73,15 +77,6 @@ bool RegisterComparison(const std::string& name, const std::string& value_run,
 
 int main(int argc, char** argv) {
   using namespace kvtier::bench;
-  // Colour codes would glue the first JSON line to an escape sequence;
-  // default to plain output unless the caller asks for colour.
-  std::vector<char*> args(argv, argv + argc);
-  bool has_color = false;
-  for (int i = 1; i < argc; ++i) has_color |= std::string(argv[i]).rfind("--benchmark_color", 0) == 0;
-  static char no_color[] = "--benchmark_color=false";
-  if (!has_color) args.insert(args.begin() + 1, no_color);
-  argc = static_cast<int>(args.size());
-  argv = args.data();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   CapturingReporter reporter;

@@ -1,6 +1,8 @@
 // ChunkIndex lookups against std::unordered_map<ChunkKey, ...> measured in
-// the same run over the same keys (both tables hold kEntries random keys,
-// and both are probed in the same shuffled order).
+// the same run over the same keys (both tables hold the same random keys and
+// are probed in the same shuffled order). Two table sizes: 8Ki entries (a
+// 1 MiB index, cache resident: e.g. 16 GB of KV in 2 MB chunks) and 128Ki
+// entries (a 16 MiB index, beyond most L2s: memory latency dominates).
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -15,7 +17,8 @@
 namespace kvtier {
 namespace {
 
-constexpr size_t kEntries = size_t{1} << 17;
+constexpr int64_t kSmall = int64_t{1} << 13;
+constexpr int64_t kLarge = int64_t{1} << 17;
 constexpr size_t kPrefix = 128;
 
 struct MapValue {  // what a mutex-guarded map would keep per entry
@@ -32,8 +35,12 @@ struct Tables {
   std::vector<uint32_t> order;  // shuffled probe order for point lookups
 };
 
-const Tables& GetTables() {
-  static const Tables* t = [] {
+const Tables& GetTables(size_t kEntries) {
+  static std::mutex mu;
+  static std::map<size_t, const Tables*> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const Tables*& slot = cache[kEntries];
+  if (slot == nullptr) slot = [kEntries] {
     auto* t = new Tables;
     t->index = std::move(ChunkIndex::Create(kEntries)).value();
     t->map.reserve(kEntries);
@@ -51,11 +58,12 @@ const Tables& GetTables() {
     std::shuffle(t->order.begin(), t->order.end(), rng);
     return t;
   }();
-  return *t;
+  return *slot;
 }
 
 void BM_IndexFind(benchmark::State& state) {
-  const Tables& t = GetTables();
+  const size_t kEntries = static_cast<size_t>(state.range(0));
+  const Tables& t = GetTables(kEntries);
   size_t i = static_cast<size_t>(state.thread_index()) * 7919;
   for (auto _ : state) {
     auto e = t.index->Find(t.keys[t.order[i++ & (kEntries - 1)]]);
@@ -63,10 +71,11 @@ void BM_IndexFind(benchmark::State& state) {
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
 }
-BENCHMARK(BM_IndexFind)->UseRealTime()->Threads(1)->Threads(2);
+BENCHMARK(BM_IndexFind)->Arg(kSmall)->Arg(kLarge)->UseRealTime()->Threads(1)->Threads(2);
 
 void BM_IndexLookup1(benchmark::State& state) {
-  const Tables& t = GetTables();
+  const size_t kEntries = static_cast<size_t>(state.range(0));
+  const Tables& t = GetTables(kEntries);
   size_t i = static_cast<size_t>(state.thread_index()) * 7919;
   for (auto _ : state) {
     const size_t j = t.order[i++ & (kEntries - 1)];
@@ -75,10 +84,11 @@ void BM_IndexLookup1(benchmark::State& state) {
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
 }
-BENCHMARK(BM_IndexLookup1)->UseRealTime()->Threads(1)->Threads(2);
+BENCHMARK(BM_IndexLookup1)->Arg(kSmall)->Arg(kLarge)->UseRealTime()->Threads(1)->Threads(2);
 
 void BM_UnorderedMapFind(benchmark::State& state) {
-  const Tables& t = GetTables();
+  const size_t kEntries = static_cast<size_t>(state.range(0));
+  const Tables& t = GetTables(kEntries);
   size_t i = static_cast<size_t>(state.thread_index()) * 7919;
   for (auto _ : state) {
     auto it = t.map.find(t.keys[t.order[i++ & (kEntries - 1)]]);
@@ -86,12 +96,13 @@ void BM_UnorderedMapFind(benchmark::State& state) {
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
 }
-BENCHMARK(BM_UnorderedMapFind)->UseRealTime()->Threads(1)->Threads(2);
+BENCHMARK(BM_UnorderedMapFind)->Arg(kSmall)->Arg(kLarge)->UseRealTime()->Threads(1)->Threads(2);
 
 // 128 chained chunks of one prompt, all present and ready; prompts rotate so
 // the working set is the whole table, not one prompt in L1.
 void BM_IndexLookupPrefix128(benchmark::State& state) {
-  const Tables& t = GetTables();
+  const size_t kEntries = static_cast<size_t>(state.range(0));
+  const Tables& t = GetTables(kEntries);
   size_t p = 0;
   size_t total = 0;
   for (auto _ : state) {
@@ -104,11 +115,12 @@ void BM_IndexLookupPrefix128(benchmark::State& state) {
   if (total != state.iterations() * kPrefix) state.SkipWithError("prefix not fully found");
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * kPrefix));
 }
-BENCHMARK(BM_IndexLookupPrefix128);
+BENCHMARK(BM_IndexLookupPrefix128)->Arg(kSmall)->Arg(kLarge);
 
 // Baseline: the same prefix walk as 128 finds (with the fingerprint check).
 void BM_UnorderedMapPrefix128(benchmark::State& state) {
-  const Tables& t = GetTables();
+  const size_t kEntries = static_cast<size_t>(state.range(0));
+  const Tables& t = GetTables(kEntries);
   size_t p = 0;
   size_t total = 0;
   for (auto _ : state) {
@@ -124,16 +136,24 @@ void BM_UnorderedMapPrefix128(benchmark::State& state) {
   if (total != state.iterations() * kPrefix) state.SkipWithError("prefix not fully found");
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * kPrefix));
 }
-BENCHMARK(BM_UnorderedMapPrefix128);
+BENCHMARK(BM_UnorderedMapPrefix128)->Arg(kSmall)->Arg(kLarge);
 
-KVTIER_BENCH_COMPARE("index_find_vs_unordered_map_1thread", "BM_IndexFind/real_time/threads:1",
-                     "BM_UnorderedMapFind/real_time/threads:1", kvtier::bench::Metric::kItemsPerSecond);
-KVTIER_BENCH_COMPARE("index_find_vs_unordered_map_2threads", "BM_IndexFind/real_time/threads:2",
-                     "BM_UnorderedMapFind/real_time/threads:2", kvtier::bench::Metric::kItemsPerSecond);
-KVTIER_BENCH_COMPARE("index_lookup1_vs_unordered_map_1thread", "BM_IndexLookup1/real_time/threads:1",
-                     "BM_UnorderedMapFind/real_time/threads:1", kvtier::bench::Metric::kItemsPerSecond);
-KVTIER_BENCH_COMPARE("index_lookup_prefix128_vs_unordered_map", "BM_IndexLookupPrefix128",
-                     "BM_UnorderedMapPrefix128", kvtier::bench::Metric::kRealTimeNs);
+KVTIER_BENCH_COMPARE("index_find_vs_unordered_map_1thread_8Ki", "BM_IndexFind/8192/real_time/threads:1",
+                     "BM_UnorderedMapFind/8192/real_time/threads:1", kvtier::bench::Metric::kItemsPerSecond);
+KVTIER_BENCH_COMPARE("index_find_vs_unordered_map_2threads_8Ki", "BM_IndexFind/8192/real_time/threads:2",
+                     "BM_UnorderedMapFind/8192/real_time/threads:2", kvtier::bench::Metric::kItemsPerSecond);
+KVTIER_BENCH_COMPARE("index_lookup1_vs_unordered_map_1thread_8Ki", "BM_IndexLookup1/8192/real_time/threads:1",
+                     "BM_UnorderedMapFind/8192/real_time/threads:1", kvtier::bench::Metric::kItemsPerSecond);
+KVTIER_BENCH_COMPARE("index_lookup_prefix128_vs_unordered_map_8Ki", "BM_IndexLookupPrefix128/8192",
+                     "BM_UnorderedMapPrefix128/8192", kvtier::bench::Metric::kRealTimeNs);
+KVTIER_BENCH_COMPARE("index_find_vs_unordered_map_1thread_128Ki", "BM_IndexFind/131072/real_time/threads:1",
+                     "BM_UnorderedMapFind/131072/real_time/threads:1", kvtier::bench::Metric::kItemsPerSecond);
+KVTIER_BENCH_COMPARE("index_find_vs_unordered_map_2threads_128Ki", "BM_IndexFind/131072/real_time/threads:2",
+                     "BM_UnorderedMapFind/131072/real_time/threads:2", kvtier::bench::Metric::kItemsPerSecond);
+KVTIER_BENCH_COMPARE("index_lookup1_vs_unordered_map_1thread_128Ki", "BM_IndexLookup1/131072/real_time/threads:1",
+                     "BM_UnorderedMapFind/131072/real_time/threads:1", kvtier::bench::Metric::kItemsPerSecond);
+KVTIER_BENCH_COMPARE("index_lookup_prefix128_vs_unordered_map_128Ki", "BM_IndexLookupPrefix128/131072",
+                     "BM_UnorderedMapPrefix128/131072", kvtier::bench::Metric::kRealTimeNs);
 
 }  // namespace
 }  // namespace kvtier

@@ -306,7 +306,10 @@ void Engine::StoreOne(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, 
   // Set the tier bit before the chunk becomes visible so a concurrent
   // eviction's clear cannot be overwritten by a late set.
   (void)index_->UpdateTiers(chunk.key, kTierBitCpu, 0);
-  Status c = tier->Commit(std::move(lease).value());
+  // A chunk bound for the disk commits already pinned: it must not be
+  // evicted before write-behind has filed it (I2, I3).
+  const bool to_disk = disk_ != nullptr && options_.write_behind;
+  Status c = tier->Commit(std::move(lease).value(), /*pinned=*/to_disk);
   if (!c.ok()) return fail(c.Annotate("CPU tier commit"));
   (void)index_->Publish(chunk.key);
   // An eviction between Commit and Publish could not remove a kWriting
@@ -489,8 +492,8 @@ bool Engine::WaitForWriteBehindProgress() {
 void Engine::EnqueueWriteBehind(const ChunkMeta& meta) {
   if (disk_ == nullptr || !options_.write_behind) return;
   CpuTier* tier = cpu();
-  // The pin keeps the chunk in CPU until it is safely on disk (I2, I3).
-  if (!tier->Pin(meta.key).ok()) return;
+  // The chunk was committed pinned; the pin passes to the queue and keeps it
+  // in CPU until it is safely on disk (I2, I3).
   {
     std::lock_guard<std::mutex> lock(wb_mu_);
     if (wb_queue_.size() < options_.write_behind_queue) {

@@ -193,7 +193,7 @@ StatusOr<CpuTier::WriteLease> CpuTier::BeginPut(const ChunkMeta& meta, size_t by
   return WriteLease(this, meta, std::span<std::byte>(alloc->ptr, bytes));
 }
 
-Status CpuTier::CommitUncounted(WriteLease&& lease) {
+Status CpuTier::CommitUncounted(WriteLease&& lease, bool pinned) {
   if (lease.tier_ != this) return InvalidArgument("CpuTier::Commit: lease is empty or from another tier");
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -203,6 +203,7 @@ Status CpuTier::CommitUncounted(WriteLease&& lease) {
     }
     Entry& e = it->second;
     e.committed = true;
+    if (pinned) ++e.pins;  // in the same critical section: never evictable in between
     e.expires = Clock::now() + std::chrono::milliseconds(options_.ttl_ms);
     ++entries_;
     policy_->OnInsert(e.meta.key, e.alloc.capacity);
@@ -220,9 +221,9 @@ void CpuTier::AbortPut(const ChunkMeta& meta, std::byte* ptr) {
   map_.erase(it);
 }
 
-Status CpuTier::Commit(WriteLease&& lease) {
+Status CpuTier::Commit(WriteLease&& lease, bool pinned) {
   const uint64_t bytes = lease.data().size();
-  Status s = CommitUncounted(std::move(lease));
+  Status s = CommitUncounted(std::move(lease), pinned);
   if (s.ok()) CountPut(bytes);
   return s;
 }
@@ -236,7 +237,7 @@ StatusOr<CpuTier::ReadLease> CpuTier::Acquire(const ChunkKey& key, uint64_t fing
 Status CpuTier::PutImpl(const ChunkMeta& meta, std::span<const std::byte> data) {
   KVT_ASSIGN_OR_RETURN(WriteLease lease, BeginPut(meta, data.size()));
   std::memcpy(lease.data().data(), data.data(), data.size());  // outside the lock
-  return CommitUncounted(std::move(lease));
+  return CommitUncounted(std::move(lease), false);
 }
 
 // ---- get ---------------------------------------------------------------------

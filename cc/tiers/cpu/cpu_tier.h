@@ -112,7 +112,9 @@ class CpuTier final : public Tier {
   StatusOr<WriteLease> BeginPut(const ChunkMeta& meta, size_t bytes);
   // kOk, or kInvalidArgument for an empty (moved-from/committed) lease or one
   // from another tier.
-  Status Commit(WriteLease&& lease);
+  // pinned: the entry becomes visible already holding one pin (released with
+  // Unpin), so it cannot be evicted between Commit and a separate Pin.
+  Status Commit(WriteLease&& lease, bool pinned = false);
   // kOk, kNotFound (absent, fingerprint mismatch, expired),
   // kFailedPrecondition (in flight). Never kInvalidArgument.
   StatusOr<ReadLease> Acquire(const ChunkKey& key, uint64_t fingerprint);
@@ -136,7 +138,7 @@ class CpuTier final : public Tier {
   explicit CpuTier(const CpuTierOptions& o) : Tier(TierKind::kCpu, "cpu"), options_(o) {}
 
   // Commit / Acquire without counting (Put and Get count through Tier).
-  Status CommitUncounted(WriteLease&& lease);
+  Status CommitUncounted(WriteLease&& lease, bool pinned);
   StatusOr<ReadLease> AcquireUncounted(const ChunkKey& key, uint64_t fingerprint);
   Status PutImpl(const ChunkMeta& meta, std::span<const std::byte> data) override;
   Status GetImpl(const ChunkKey& key, uint64_t fingerprint, std::span<std::byte> dst) override;

@@ -62,6 +62,22 @@ TEST(CpuTierTest, PutGetRoundTripAndStats) {
   EXPECT_EQ(lease->meta().num_tokens, 256u);
 }
 
+TEST(CpuTierTest, PinnedCommitIsNeverEvictedBeforeUnpin) {
+  auto t = std::move(CpuTier::Create(Small(4))).value();
+  {
+    auto lease = std::move(t->BeginPut(Meta(1), kChunk)).value();
+    std::memset(lease.data().data(), 9, kChunk);
+    ASSERT_TRUE(t->Commit(std::move(lease), /*pinned=*/true).ok());
+  }
+  // Far more puts than the tier holds: everything else may go, chunk 1 stays.
+  for (uint64_t i = 2; i < 40; ++i) ASSERT_TRUE(t->Put(Meta(i), Bytes(kChunk, 1)).ok());
+  EXPECT_TRUE(t->Contains(Meta(1).key));
+  EXPECT_GT(t->Stats().evictions, 0u);
+  ASSERT_TRUE(t->Unpin(Meta(1).key).ok());
+  for (uint64_t i = 40; i < 80; ++i) ASSERT_TRUE(t->Put(Meta(i), Bytes(kChunk, 1)).ok());
+  EXPECT_FALSE(t->Contains(Meta(1).key));  // evictable again once unpinned
+}
+
 TEST(CpuTierTest, PartialChunksUseSmallerClasses) {
   auto t = Make(Small(16, 256 * kKiB));  // classes: 64, 128, 256 KiB
   const auto data = Bytes(100 * kKiB, 2);

@@ -200,6 +200,12 @@ void RegisterEngine(pyb::module_& m) {
                e = Engine::Create(o);
              }
              p->engine = std::shared_ptr<Engine>(ValueOrThrow(std::move(e)));
+             // gds=on is a requirement, not a wish: refuse to start without it.
+             if (Get<std::string>(options, "gds", "auto") == "on" && !o.disk.path.empty() &&
+                 !p->engine->disk_tier()->gds_available()) {
+               ThrowStatus(NotImplemented("gds=on, but cuFile could not open a GPUDirect Storage driver on this "
+                                          "machine (see the log line above); use gds=auto or gds=off"));
+             }
              return p;
            }),
            pyb::arg("options"))

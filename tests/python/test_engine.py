@@ -188,3 +188,10 @@ def test_corrupt_disk_record_between_lookup_and_load_is_a_miss(tmp_path):
     assert all(float(t.abs().sum()) == 0.0 for t in dst)  # no byte of bad KV was scattered
     assert eng.lookup(tokens) == 0  # and the catalogue no longer promises it
     eng.close()
+
+
+def test_gds_on_without_cufile_fails_at_start(tmp_path):
+    # This machine has no GPU and no libcufile: a required GDS must refuse to start.
+    with pytest.raises(_kvtier.NotImplementedByBuildError, match="gds=on"):
+        engine(tmp_path, gds="on")
+    engine(tmp_path, gds="off").close()  # the same directory opens fine without it

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One prepared check for a lent GPU machine (CUDA driver, Python 3, no Bazel,
-# no network). Runs the binaries staged by tools/prepare_device_check.sh and
-# writes, under $OUT:
-#   <step>.log            stdout+stderr of each step
-#   kv_copy_cuda_test.json         gtest results
-#   kv_copy_cuda_benchmark.json    google-benchmark results
-#   comparisons.jsonl     the KVTIER_BENCH_COMPARE ratios (gather vs memcpy ...)
-#   summary.json          one object: gpu, steps (rc, seconds), comparisons
+# One prepared check for a lent GPU machine (CUDA driver, Python 3 with torch
+# and pytest, no Bazel, no network). Runs what tools/prepare_device_check.sh
+# staged: the CUDA kernel tests against the CPU reference, the engine's GPU
+# data path tests, both bandwidth benchmarks, the GDS probe and, when the
+# Python package was staged, tests/gpu through the Python API with torch.
+# Writes under $OUT (few files: the device tool returns at most 8):
+#   summary.json          one object: gpu, ok, steps (rc, seconds), comparisons
+#   device_check.log      each step's command, the tail of its output, rc
+#   device_out.tgz        every step's full log, gtest and benchmark JSON
 # Exit status: 0 when every step passed.
 #
 # Hook: every executable in build/device/extra/ is run too (its own step,
@@ -16,9 +17,10 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DEV=${KVTIER_DEVICE_DIR:-$ROOT/build/device}
-OUT=${OUT:-$ROOT/device_out}
+FINAL=${OUT:-$ROOT/device_out}
 STEP_TIMEOUT=${KVTIER_STEP_TIMEOUT:-240}
-mkdir -p "$OUT"
+mkdir -p "$FINAL"
+OUT=$(mktemp -d /tmp/kvtier-device.XXXXXX)  # packed into $FINAL at the end
 export LD_LIBRARY_PATH="$DEV/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # Prefer the machine's C++ runtime; ours (lib/fallback) may need a newer glibc.
 # --benchmark_list_tests loads the binary without touching the GPU.
@@ -47,9 +49,22 @@ step() {  # step NAME CMD...
 step nvidia_smi nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv
 step kv_copy_probe_test "$DEV/bin/kv_copy_probe_test"
 step kv_copy_cuda_test "$DEV/bin/kv_copy_cuda_test" --gtest_output="json:$OUT/kv_copy_cuda_test.json"
-step kv_copy_cuda_benchmark "$DEV/bin/kv_copy_cuda_benchmark" --benchmark_min_time=0.3 \
-  --benchmark_out="$OUT/kv_copy_cuda_benchmark.json" --benchmark_out_format=json
-grep -h '^{"name"' "$OUT/kv_copy_cuda_benchmark.log" > "$OUT/comparisons.jsonl" 2>/dev/null || true
+step paged_io_test "$DEV/bin/paged_io_test" --gtest_output="json:$OUT/paged_io_test.json"
+: > "$OUT/comparisons.jsonl"
+for b in kv_copy_cuda_benchmark paged_io_benchmark; do
+  step "$b" "$DEV/bin/$b" --benchmark_min_time=0.3 \
+    --benchmark_out="$OUT/$b.json" --benchmark_out_format=json
+  grep -h '^{"name"' "$OUT/$b.log" >> "$OUT/comparisons.jsonl" 2>/dev/null || true
+done
+# GPUDirect Storage: libcufile from the machine, else from pip's nvidia-cufile.
+CUFILE_LIB=$(python3 -c 'import nvidia.cufile as m, os; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null || true)
+mkdir -p /tmp/kvtier-gds
+LD_LIBRARY_PATH="$LD_LIBRARY_PATH${CUFILE_LIB:+:$CUFILE_LIB}" step gds_check "$DEV/bin/gds_check" /tmp/kvtier-gds
+if [[ -d "$DEV/python/kvtier" ]]; then
+  PYTHONPATH="$DEV/python" KVTIER_TEST_SOURCE_TREE=1 PYTHONDONTWRITEBYTECODE=1 \
+    step python_gpu_tests python3 -m pytest -q -p no:cacheprovider -rs \
+    --junitxml="$OUT/python_gpu_tests.xml" "$DEV/python/tests/gpu"
+fi
 
 if [[ -d "$DEV/extra" ]]; then
   for x in "$DEV"/extra/*; do
@@ -84,4 +99,7 @@ summary = {
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps(summary, indent=2))
 PY
-python3 -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))["ok"] else 1)' "$OUT/summary.json"
+cp "$OUT/summary.json" "$OUT/device_check.log" "$FINAL/"
+[[ -f "$OUT/MANIFEST" ]] && cp "$OUT/MANIFEST" "$FINAL/"
+tar czf "$FINAL/device_out.tgz" -C "$OUT" .
+python3 -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))["ok"] else 1)' "$FINAL/summary.json"

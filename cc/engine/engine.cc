@@ -355,8 +355,8 @@ StatusOr<CpuTier::ReadLease> Engine::PromoteFromDisk(const ChunkHash& chunk, con
   return tier->Acquire(chunk.key, chunk.fingerprint);
 }
 
-Status Engine::LoadOne(const ChunkHash& chunk, const IndexEntry& entry, uint64_t layout_id,
-                       const ConsumeFn& consume, bool* from_disk) {
+StatusOr<CpuTier::ReadLease> Engine::LoadOne(const ChunkHash& chunk, const IndexEntry& entry,
+                                             uint64_t layout_id, bool* from_disk) {
   CpuTier* tier = cpu();
   if (tier == nullptr) return FailedPrecondition("retrieve before the chunk size is known (SetChunkBytes)");
   *from_disk = false;
@@ -372,11 +372,11 @@ Status Engine::LoadOne(const ChunkHash& chunk, const IndexEntry& entry, uint64_t
                            std::to_string(lease->meta().layout_id) + ", the destination layout is " +
                            std::to_string(layout_id));
   }
-  return consume(chunk, lease->data());
+  return lease;
 }
 
-StatusOr<size_t> Engine::Retrieve(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
-                                  const ConsumeFn& consume) {
+StatusOr<size_t> Engine::RetrieveLoop(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
+                                      const LeaseSink& sink) {
   const uint64_t start = NowUs();
   retrieve_requests_.fetch_add(1, std::memory_order_relaxed);
   std::vector<ChunkHash> chunks;
@@ -391,7 +391,8 @@ StatusOr<size_t> Engine::Retrieve(std::span<const int32_t> tokens, size_t skip_t
       break;
     }
     bool from_disk = false;
-    Status s = LoadOne(c, *entry, layout_id, consume, &from_disk);
+    auto lease = LoadOne(c, *entry, layout_id, &from_disk);
+    Status s = lease.ok() ? sink(c, std::move(lease).value()) : lease.status();
     if (!s.ok()) {
       (s.code() == StatusCode::kNotFound ? retrieve_misses_ : load_errors_).fetch_add(1, std::memory_order_relaxed);
       // A tier may have dropped the chunk (gone, or failed its checksum):
@@ -409,6 +410,26 @@ StatusOr<size_t> Engine::Retrieve(std::span<const int32_t> tokens, size_t skip_t
   }
   retrieve_latency_us_.fetch_add(NowUs() - start, std::memory_order_relaxed);
   return valid;
+}
+
+StatusOr<size_t> Engine::Retrieve(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
+                                  const ConsumeFn& consume) {
+  // Each lease is released as soon as its chunk is consumed.
+  return RetrieveLoop(tokens, skip_tokens, layout_id,
+                      [&](const ChunkHash& c, CpuTier::ReadLease&& lease) { return consume(c, lease.data()); });
+}
+
+StatusOr<Engine::PrefixLeases> Engine::AcquirePrefix(std::span<const int32_t> tokens, size_t skip_tokens,
+                                                     uint64_t layout_id) {
+  PrefixLeases out;
+  auto valid = RetrieveLoop(tokens, skip_tokens, layout_id, [&](const ChunkHash& c, CpuTier::ReadLease&& lease) {
+    out.chunks.push_back(c);
+    out.leases.push_back(std::move(lease));
+    return Status::Ok();
+  });
+  if (!valid.ok()) return valid.status();
+  out.valid_tokens = *valid;
+  return out;
 }
 
 size_t Engine::Prefetch(std::span<const int32_t> tokens) {

@@ -176,6 +176,22 @@ class Engine {
   StatusOr<size_t> Retrieve(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
                             const ConsumeFn& consume);
 
+  // The cached prefix beyond skip_tokens, handed over as read leases instead
+  // of through a callback: for data paths whose copies finish after the call
+  // returns (a CUDA stream). While `leases` live, their chunks are pinned in
+  // the CPU tier (never evicted, never overwritten); drop them only once the
+  // copy out of them is complete. Same checks, counters and prefix rule as
+  // Retrieve: chunks[i] is leases[i], in prefix order, and valid_tokens is
+  // what Retrieve would return. Holding many leases holds CPU memory: a
+  // prefix longer than the CPU tier can hold at once ends early (a shorter
+  // valid_tokens), it never fails the call.
+  struct PrefixLeases {
+    size_t valid_tokens = 0;
+    std::vector<ChunkHash> chunks;
+    std::vector<CpuTier::ReadLease> leases;
+  };
+  StatusOr<PrefixLeases> AcquirePrefix(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id);
+
   // Promotes the cached prefix of tokens from disk to CPU in the background.
   // Returns the number of chunks queued.
   size_t Prefetch(std::span<const int32_t> tokens);
@@ -204,9 +220,14 @@ class Engine {
   void Reconcile(const ChunkKey& key);
   void StoreOne(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, const FillFn& fill,
                 const std::shared_ptr<StoreHandle>& handle);
-  // Loads one chunk into the caller through consume (CPU, else disk promote).
-  Status LoadOne(const ChunkHash& chunk, const IndexEntry& entry, uint64_t layout_id, const ConsumeFn& consume,
-                 bool* from_disk);
+  // A read lease on one chunk (CPU, else disk promote), layout checked.
+  StatusOr<CpuTier::ReadLease> LoadOne(const ChunkHash& chunk, const IndexEntry& entry, uint64_t layout_id,
+                                       bool* from_disk);
+  // Retrieve's loop: hands each chunk of the prefix to sink in order; a
+  // failing sink ends the prefix like a failed load.
+  using LeaseSink = std::function<Status(const ChunkHash& chunk, CpuTier::ReadLease&& lease)>;
+  StatusOr<size_t> RetrieveLoop(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
+                                const LeaseSink& sink);
   StatusOr<CpuTier::ReadLease> PromoteFromDisk(const ChunkHash& chunk, const IndexEntry& entry);
   void CopyFinished();
   // Waits (<= 50 ms) for a write-behind batch to finish; false when nothing

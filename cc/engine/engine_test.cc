@@ -109,6 +109,40 @@ TEST(EngineTest, StoreLookupRetrieveRoundTrip) {
   EXPECT_EQ(s.tokens_loaded, 100u);
 }
 
+// AcquirePrefix hands over leases: the data stays pinned (Clear cannot take
+// it) until the caller drops them, and the prefix rule is Retrieve's.
+TEST(EngineTest, AcquirePrefixHoldsChunksUntilReleased) {
+  auto e = Engine::Create(Options());
+  ASSERT_TRUE(e.ok());
+  auto tokens = Tokens(100, 77);  // 6 full chunks + 4-token tail
+  StoreAndWait(**e, tokens);
+  {
+    auto p = (*e)->AcquirePrefix(tokens, 32, 7);  // caller holds 0..31
+    ASSERT_TRUE(p.ok()) << p.status().ToString();
+    EXPECT_EQ(p->valid_tokens, 100u);
+    ASSERT_EQ(p->chunks.size(), 5u);
+    ASSERT_EQ(p->leases.size(), 5u);
+    EXPECT_EQ(p->chunks.front().begin, 32u);
+    Checker check{tokens};
+    auto consume = check.Fn();
+    for (size_t i = 0; i < p->chunks.size(); ++i) ASSERT_TRUE(consume(p->chunks[i], p->leases[i].data()).ok());
+    EXPECT_EQ(check.bad, 0u);
+    (*e)->Clear();  // the leased chunks are pinned: they survive
+    EXPECT_EQ(check.bad, 0u);
+    for (size_t i = 0; i < p->chunks.size(); ++i) ASSERT_TRUE(consume(p->chunks[i], p->leases[i].data()).ok());
+    EXPECT_EQ(check.bad, 0u);
+    EXPECT_EQ((*e)->cpu_tier()->Stats().entries, 5u);  // chunks 0 and 1 were not leased
+    // A wrong layout ends the prefix at once, as in Retrieve.
+    auto wrong = (*e)->AcquirePrefix(tokens, 32, /*layout=*/8);
+    ASSERT_TRUE(wrong.ok());
+    EXPECT_EQ(wrong->valid_tokens, 32u);
+    EXPECT_TRUE(wrong->leases.empty());
+  }
+  (*e)->Clear();  // released: now they go
+  EXPECT_EQ((*e)->cpu_tier()->Stats().entries, 0u);
+  EXPECT_EQ((*e)->Lookup(tokens), 0u);
+}
+
 TEST(EngineTest, ChangedTokenMissesFromThatChunkOn) {
   auto e = Engine::Create(Options());
   ASSERT_TRUE(e.ok());

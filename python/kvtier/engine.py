@@ -133,22 +133,76 @@ class Engine:
             raise _kvtier.FailedPreconditionError("register_kv_caches() must be called before store/retrieve")
         return self._layout
 
-    def store(self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0) -> StoreHandle:
+    def _stream(self, layout: Any, stream: Any) -> int:
+        """cudaStream_t of `stream` as an int; 0 for CPU layouts.
+
+        None means torch's current stream on the layout's device (where the
+        engine's forward pass runs). Accepts a torch.cuda.Stream, anything
+        with ``cuda_stream``, or a raw int handle.
+        """
+        if layout.device == "cpu":
+            return 0
+        if stream is None:
+            import torch
+
+            stream = torch.cuda.current_stream(torch.device(layout.device))
+        handle = getattr(stream, "cuda_stream", stream)
+        if not isinstance(handle, int):
+            raise TypeError(f"stream must be a torch.cuda.Stream or an int handle, got {type(stream).__name__}")
+        return int(handle)
+
+    def store(
+        self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0, stream: Any = None
+    ) -> StoreHandle:
         """Gather the KV of uncached chunks into kvtier, asynchronously.
 
         The paged KV blocks named by slot_mapping must stay untouched until
-        the returned handle is done.
+        the returned handle is done. On a CUDA layout the copies start once
+        ``stream`` (default: the current stream) has reached this call, so
+        the KV its earlier kernels write is what gets stored; the calling
+        thread and the stream never wait.
         """
         toks = _tokens(tokens)
-        return self._native.store_paged(toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), self._require_layout())
+        layout = self._require_layout()
+        return self._native.store_paged(
+            toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), layout, self._stream(layout, stream)
+        )
 
-    def retrieve(self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0) -> int:
-        """Scatter the cached prefix into the paged KV; returns tokens now valid."""
+    def retrieve(
+        self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0, stream: Any = None
+    ) -> int:
+        """Scatter the cached prefix into the paged KV; returns tokens now valid.
+
+        Returns once the copy is complete (CUDA layouts: enqueued on
+        ``stream`` and waited for). See retrieve_on_stream to overlap.
+        """
         toks = _tokens(tokens)
+        layout = self._require_layout()
         return int(
             self._native.retrieve_paged(
-                toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), self._require_layout(), self._threads
+                toks,
+                _slots(slot_mapping, toks.shape[0]),
+                int(skip_tokens),
+                layout,
+                self._threads,
+                self._stream(layout, stream),
             )
+        )
+
+    def retrieve_on_stream(
+        self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0, stream: Any = None
+    ) -> Any:
+        """Enqueue the load of the cached prefix on a CUDA stream; returns a LoadHandle at once.
+
+        Kernels queued on ``stream`` afterwards see the KV without any host
+        wait; ``handle.valid_tokens`` is known immediately, and the cached
+        chunks stay pinned until ``handle.done()`` or ``handle.wait()``. On a
+        CPU layout the copy is complete when this returns.
+        """
+        toks = _tokens(tokens)
+        layout = self._require_layout()
+        return self._native.retrieve_paged_on_stream(
+            toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), layout, self._stream(layout, stream)
         )
 
     def retrieve_async(self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0) -> Future[int]:
@@ -156,11 +210,14 @@ class Engine:
         toks = _tokens(tokens)
         slots = _slots(slot_mapping, toks.shape[0])
         layout = self._require_layout()
+        stream = self._stream(layout, None)
         with self._lock:
             if self._loader is None:
                 self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
             loader = self._loader
-        return loader.submit(lambda: int(self._native.retrieve_paged(toks, slots, int(skip_tokens), layout, self._threads)))
+        return loader.submit(
+            lambda: int(self._native.retrieve_paged(toks, slots, int(skip_tokens), layout, self._threads, stream))
+        )
 
     # -- management ------------------------------------------------------
     def prefetch(self, tokens: Sequence[int] | np.ndarray) -> int:

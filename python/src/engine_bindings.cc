@@ -336,6 +336,14 @@ void RegisterEngine(pyb::module_& m) {
       .def("close",
            [](PyEngine& e) {
              std::shared_ptr<Engine> dying = std::move(e.engine);
+             if (dying == nullptr) return;
+             {
+               // Stores in flight still read the KV tensors that the CUDA
+               // data paths keep alive: drain before dropping them.
+               pyb::gil_scoped_release nogil;
+               dying->Flush();
+             }
+             DropCudaIo(e);
              pyb::gil_scoped_release nogil;
              dying.reset();  // the last owner drains copies and write-behind
            },

@@ -6,6 +6,14 @@
 // (it is a few pointers and strides; no Python object crosses to the copy
 // threads). The paged KV it points to must stay allocated until the store
 // handle is done: the vLLM connector holds the request's blocks until then.
+//
+// KV on a CUDA device (builds with --config=cuda, i.e. the wheel): the calls
+// go to a CudaPagedIo (cuda/paged_io.h), made once per (engine, layout) and
+// cached on the PyEngine together with the PyLayout, so the tensors outlive
+// every copy; close() drains the engine before dropping them. `stream` is a
+// cudaStream_t as an integer (torch.cuda.Stream.cuda_stream); 0 is the
+// legacy default stream. Without CUDA in the build, or without a usable
+// device, CUDA layouts get a clear error and nothing moves.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -21,6 +29,10 @@
 #include "python/src/datapath_bindings.h"
 #include "python/src/engine_bindings.h"
 #include "python/src/status_to_exception.h"
+
+#ifdef KVTIER_WITH_CUDA
+#include "cuda/paged_io.h"
+#endif
 
 namespace kvtier::py {
 namespace pyb = pybind11;
@@ -42,10 +54,12 @@ std::shared_ptr<PagedArgs> CopyArgs(const TokenArray& tokens, const SlotArray& s
     ThrowStatus(InvalidArgument("slot_mapping has " + std::to_string(slots.shape(0)) + " entries for " +
                                 std::to_string(tokens.shape(0)) + " tokens; it needs one slot per token"));
   }
+#ifndef KVTIER_WITH_CUDA
   if (layout.layout.device() != DeviceType::kCpu) {
-    ThrowStatus(NotImplemented("store/retrieve of KV on a CUDA device is not wired into the engine yet; "
-                               "layout is " + layout.layout.DebugString()));
+    ThrowStatus(FailedPrecondition("this kvtier build has no CUDA kernels (built without --config=cuda); "
+                                   "layout is " + layout.layout.DebugString()));
   }
+#endif
   auto args = std::make_shared<PagedArgs>();
   args->tokens.assign(tokens.data(), tokens.data() + tokens.shape(0));
   args->slots.assign(slots.data(), slots.data() + slots.shape(0));
@@ -59,17 +73,64 @@ std::shared_ptr<PagedArgs> CopyArgs(const TokenArray& tokens, const SlotArray& s
 // than one (BENCHMARKS.md).
 int CopyThreads(int requested) { return requested > 0 ? requested : 1; }
 
+bool OnCuda(const PyLayout& l) { return l.layout.device() == DeviceType::kCuda; }
+
+// One retrieve as Python sees it: the CPU path is finished when returned;
+// the CUDA path may still be in flight on its stream.
+struct __attribute__((visibility("hidden"))) PyLoad {
+  size_t valid_tokens = 0;
+  size_t chunks = 0;
+#ifdef KVTIER_WITH_CUDA
+  std::unique_ptr<CudaLoad> cuda;
+#endif
+};
+
+#ifdef KVTIER_WITH_CUDA
+// Needs the GIL (reads and extends the engine's cache).
+std::shared_ptr<CudaPagedIo> CudaIoFor(PyEngine& e, const std::shared_ptr<Engine>& eng,
+                                       const std::shared_ptr<PyLayout>& layout) {
+  for (const auto& [l, io] : e.cuda_io) {
+    if (l.get() == layout.get()) return std::static_pointer_cast<CudaPagedIo>(io);
+  }
+  StatusOr<std::shared_ptr<CudaPagedIo>> io = Status();
+  {
+    pyb::gil_scoped_release nogil;  // cudaHostRegister pins the whole CPU tier
+    io = CudaPagedIo::Create(eng, layout->layout);
+  }
+  std::shared_ptr<CudaPagedIo> out = ValueOrThrow(std::move(io));
+  e.cuda_io.emplace_back(layout, out);
+  return out;
+}
+
+CudaStream StreamOf(uintptr_t s) { return reinterpret_cast<CudaStream>(s); }
+#endif
+
 }  // namespace
+
+void DropCudaIo(PyEngine& e) { e.cuda_io.clear(); }
 
 void RegisterPagedEngine(pyb::module_& m) {
   auto cls = pyb::reinterpret_borrow<pyb::class_<PyEngine, std::shared_ptr<PyEngine>>>(m.attr("Engine"));
   cls.def(
       "store_paged",
       [](PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
-         const std::shared_ptr<PyLayout>& layout) {
+         const std::shared_ptr<PyLayout>& layout, uintptr_t stream) {
         auto eng = EngineRef(e);
         if (skip_tokens < 0) ThrowStatus(InvalidArgument("skip_tokens must be >= 0"));
         std::shared_ptr<PagedArgs> args = CopyArgs(tokens, slots, *layout);
+#ifdef KVTIER_WITH_CUDA
+        if (OnCuda(*layout)) {
+          std::shared_ptr<CudaPagedIo> io = CudaIoFor(e, eng, layout);
+          StatusOr<std::shared_ptr<StoreHandle>> h = Status();
+          {
+            pyb::gil_scoped_release nogil;
+            h = io->Store(args->tokens, args->slots, static_cast<size_t>(skip_tokens), StreamOf(stream));
+          }
+          return ValueOrThrow(std::move(h));
+        }
+#else
+        (void)stream;
+#endif
         const PagedKvLayout lay = layout->layout;  // by value: see the file comment
         auto chunk_bytes = [lay](uint32_t n) { return lay.ChunkBytes(n); };
         auto fill = [lay, args](const ChunkHash& c, std::span<std::byte> dst) -> Status {
@@ -89,36 +150,122 @@ void RegisterPagedEngine(pyb::module_& m) {
         return ValueOrThrow(std::move(h));
       },
       pyb::arg("tokens"), pyb::arg("slot_mapping"), pyb::arg("skip_tokens"), pyb::arg("layout"),
+      pyb::arg("stream") = 0,
       "Gather the paged KV of uncached chunks (starting at or after skip_tokens) into kvtier, "
-      "asynchronously. The KV must stay untouched until the handle is done.");
+      "asynchronously. The KV must stay untouched until the handle is done. CUDA layouts: the "
+      "copies start once `stream` (a cudaStream_t as int) has reached this point.");
+
+  // Both retrieve entry points: CPU layouts scatter synchronously; CUDA
+  // layouts enqueue on `stream` and return a PyLoad still in flight.
+  auto retrieve = [](PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
+                     const std::shared_ptr<PyLayout>& layout, int num_threads, uintptr_t stream) {
+    auto eng = EngineRef(e);
+    if (skip_tokens < 0) ThrowStatus(InvalidArgument("skip_tokens must be >= 0"));
+    std::shared_ptr<PagedArgs> args = CopyArgs(tokens, slots, *layout);
+    auto load = std::make_unique<PyLoad>();
+#ifdef KVTIER_WITH_CUDA
+    if (OnCuda(*layout)) {
+      std::shared_ptr<CudaPagedIo> io = CudaIoFor(e, eng, layout);
+      StatusOr<std::unique_ptr<CudaLoad>> l = Status();
+      {
+        pyb::gil_scoped_release nogil;
+        l = io->Retrieve(args->tokens, args->slots, static_cast<size_t>(skip_tokens), StreamOf(stream));
+      }
+      load->cuda = ValueOrThrow(std::move(l));
+      load->valid_tokens = load->cuda->valid_tokens();
+      load->chunks = load->cuda->chunks();
+      return load;
+    }
+#else
+    (void)stream;
+#endif
+    // Tokens the destination already holds are never written.
+    const size_t skip = std::min<size_t>(static_cast<size_t>(skip_tokens), args->slots.size());
+    std::fill(args->slots.begin(), args->slots.begin() + skip, int64_t{-1});
+    const PagedKvLayout& lay = layout->layout;  // the caller's reference keeps it alive
+    const int threads = CopyThreads(num_threads);
+    StatusOr<size_t> n = Status();
+    size_t chunks = 0;
+    {
+      pyb::gil_scoped_release nogil;
+      n = eng->Retrieve(args->tokens, skip, lay.layout_id(),
+                        [&](const ChunkHash& c, std::span<const std::byte> src) -> Status {
+                          std::span<const int64_t> s(args->slots.data() + c.begin, c.num_tokens);
+                          ++chunks;
+                          return ScatterCpu(lay, s, src, threads);
+                        });
+    }
+    load->valid_tokens = ValueOrThrow(std::move(n));
+    load->chunks = chunks;
+    return load;
+  };
+
+  pyb::class_<PyLoad>(m, "LoadHandle", R"doc(
+A retrieve of paged KV. valid_tokens is known at once. On a CUDA layout the
+copy may still be in flight on the stream it was enqueued on: work queued on
+that stream afterwards sees the KV, and the cached chunks stay pinned until
+done() is True or wait() returned (dropping the handle waits too). On a CPU
+layout the copy is already complete.
+)doc")
+      .def_property_readonly("valid_tokens", [](const PyLoad& l) { return l.valid_tokens; })
+      .def_property_readonly("chunks", [](const PyLoad& l) { return l.chunks; })
+      .def("done",
+           [](PyLoad& l) {
+#ifdef KVTIER_WITH_CUDA
+             if (l.cuda) return l.cuda->done();
+#endif
+             (void)l;
+             return true;
+           })
+      .def(
+          "wait",
+          [](PyLoad& l) {
+#ifdef KVTIER_WITH_CUDA
+            if (l.cuda) {
+              Status s;
+              {
+                pyb::gil_scoped_release nogil;
+                s = l.cuda->Wait();
+              }
+              ThrowIfError(s);
+            }
+#endif
+            return l.valid_tokens;
+          },
+          "Blocks until the copy is complete; returns valid_tokens.");
 
   cls.def(
       "retrieve_paged",
-      [](PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
-         const std::shared_ptr<PyLayout>& layout, int num_threads) {
-        auto eng = EngineRef(e);
-        if (skip_tokens < 0) ThrowStatus(InvalidArgument("skip_tokens must be >= 0"));
-        std::shared_ptr<PagedArgs> args = CopyArgs(tokens, slots, *layout);
-        // Tokens the destination already holds are never written.
-        const size_t skip = std::min<size_t>(static_cast<size_t>(skip_tokens), args->slots.size());
-        std::fill(args->slots.begin(), args->slots.begin() + skip, int64_t{-1});
-        const PagedKvLayout& lay = layout->layout;  // the caller's reference keeps it alive
-        const int threads = CopyThreads(num_threads);
-        StatusOr<size_t> n = Status();
-        {
-          pyb::gil_scoped_release nogil;
-          n = eng->Retrieve(args->tokens, skip, lay.layout_id(),
-                            [&](const ChunkHash& c, std::span<const std::byte> src) -> Status {
-                              std::span<const int64_t> s(args->slots.data() + c.begin, c.num_tokens);
-                              return ScatterCpu(lay, s, src, threads);
-                            });
+      [retrieve](PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
+                 const std::shared_ptr<PyLayout>& layout, int num_threads, uintptr_t stream) {
+        std::unique_ptr<PyLoad> load = retrieve(e, tokens, slots, skip_tokens, layout, num_threads, stream);
+#ifdef KVTIER_WITH_CUDA
+        if (load->cuda) {
+          Status s;
+          {
+            pyb::gil_scoped_release nogil;
+            s = load->cuda->Wait();
+          }
+          ThrowIfError(s);
         }
-        return ValueOrThrow(std::move(n));
+#endif
+        return load->valid_tokens;
       },
       pyb::arg("tokens"), pyb::arg("slot_mapping"), pyb::arg("skip_tokens"), pyb::arg("layout"),
-      pyb::arg("num_threads") = 0,
-      "Scatter the cached prefix (beyond skip_tokens) into the paged KV; returns the number of "
-      "leading tokens now valid there.");
+      pyb::arg("num_threads") = 0, pyb::arg("stream") = 0,
+      "Scatter the cached prefix (beyond skip_tokens) into the paged KV and wait for it; returns "
+      "the number of leading tokens now valid there.");
+
+  cls.def(
+      "retrieve_paged_on_stream",
+      [retrieve](PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
+                 const std::shared_ptr<PyLayout>& layout, uintptr_t stream) {
+        return retrieve(e, tokens, slots, skip_tokens, layout, 0, stream);
+      },
+      pyb::arg("tokens"), pyb::arg("slot_mapping"), pyb::arg("skip_tokens"), pyb::arg("layout"),
+      pyb::arg("stream") = 0,
+      "Enqueue the load of the cached prefix on a CUDA stream and return a LoadHandle at once "
+      "(CPU layouts: the copy is done when it returns).");
 }
 
 }  // namespace kvtier::py

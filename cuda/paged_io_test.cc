@@ -1,0 +1,300 @@
+// CudaPagedIo end to end on a GPU: paged KV in device memory -> engine (CPU
+// tier registered with CUDA) -> back into zeroed device KV, checked byte for
+// byte against the CPU reference over the same host copy of the KV. Tagged
+// requires-gpu; tools/device_check.sh runs it on a lent GPU machine.
+#include "cuda/paged_io.h"
+
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <numeric>
+#include <optional>
+#include <thread>
+
+#include "cc/datapath/cpu_copy.h"
+#include "cc/datapath/paged_test_util.h"
+
+namespace kvtier {
+namespace {
+
+constexpr uint32_t kChunkTokens = 256;
+
+class CudaPagedIoTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    int n = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+      if (std::getenv("KVTIER_REQUIRE_GPU") != nullptr) {
+        FAIL() << "KVTIER_REQUIRE_GPU is set but no CUDA device is usable: " << cudaGetErrorString(e);
+      }
+      GTEST_SKIP() << "no CUDA device";
+    }
+    ASSERT_EQ(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), cudaSuccess);
+  }
+  void TearDown() override {
+    io_.reset();
+    if (dev_ != nullptr) cudaFree(dev_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+
+  // Paged KV of `spec` (random bytes) on the device, an engine sized for it
+  // and a CudaPagedIo over both.
+  void Build(const testing::PagedSpec& spec, size_t cpu_bytes = 256 << 20) {
+    host_ = std::make_unique<testing::PagedKv>(spec, 11);
+    ASSERT_EQ(cudaMalloc(&dev_, host_->bytes()), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dev_, host_->base(), host_->bytes(), cudaMemcpyHostToDevice), cudaSuccess);
+    auto lay = PagedKvLayout::Create(host_->Descs(dev_, DeviceType::kCuda), spec.kind);
+    ASSERT_TRUE(lay.ok()) << lay.status().ToString();
+    layout_opt_ = *lay;
+    auto host_lay = PagedKvLayout::Create(host_->Descs(), spec.kind);
+    ASSERT_TRUE(host_lay.ok());
+    host_layout_opt_ = *host_lay;
+    EngineOptions o;
+    o.hash_namespace.model = "cuda-paged-io-test";
+    o.chunk_tokens = kChunkTokens;
+    o.cpu.capacity_bytes = cpu_bytes;
+    o.cpu.chunk_bytes = layout().ChunkBytes(kChunkTokens);
+    auto eng = Engine::Create(o);
+    ASSERT_TRUE(eng.ok()) << eng.status().ToString();
+    engine_ = std::shared_ptr<Engine>(std::move(*eng));
+    auto io = CudaPagedIo::Create(engine_, layout());
+    ASSERT_TRUE(io.ok()) << io.status().ToString();
+    io_ = *io;
+  }
+
+  // The device KV, downloaded.
+  std::vector<std::byte> Download() {
+    std::vector<std::byte> out(host_->bytes());
+    EXPECT_EQ(cudaMemcpy(out.data(), dev_, out.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+    return out;
+  }
+
+  // Gathers `slots` out of a host image of the KV with the CPU reference.
+  std::vector<std::byte> GatherHost(std::byte* image, const std::vector<int64_t>& slots) {
+    auto lay = PagedKvLayout::Create(host_->Descs(image), host_->spec().kind);
+    EXPECT_TRUE(lay.ok());
+    std::vector<std::byte> out(lay->ChunkBytes(static_cast<int64_t>(slots.size())), std::byte{0});
+    EXPECT_TRUE(GatherCpu(*lay, slots, out, 1).ok());
+    return out;
+  }
+
+  std::unique_ptr<testing::PagedKv> host_;
+  std::byte* dev_ = nullptr;
+  std::optional<PagedKvLayout> layout_opt_, host_layout_opt_;
+  const PagedKvLayout& layout() const { return *layout_opt_; }
+  std::shared_ptr<Engine> engine_;
+  std::shared_ptr<CudaPagedIo> io_;
+  cudaStream_t stream_ = nullptr;
+};
+
+std::vector<int32_t> Tokens(size_t n, int32_t first) {
+  std::vector<int32_t> t(n);
+  std::iota(t.begin(), t.end(), first);
+  return t;
+}
+
+testing::PagedSpec Spec(KvLayoutKind kind, int elem_size, int64_t block_size) {
+  testing::PagedSpec s;
+  s.kind = kind;
+  s.layers = 4;
+  s.block_size = block_size;
+  s.heads = 4;
+  s.head_size = 64;
+  s.elem_size = elem_size;
+  s.dtype = elem_size == 1 ? KvDtype::kUInt8 : elem_size == 2 ? KvDtype::kFloat16 : KvDtype::kFloat32;
+  s.blocks = 2048 / block_size;
+  return s;
+}
+
+class RoundTrip : public CudaPagedIoTest,
+                  public ::testing::WithParamInterface<std::tuple<KvLayoutKind, int, int64_t>> {};
+
+TEST_P(RoundTrip, StoreZeroRetrieveIsByteExact) {
+  const auto [kind, elem, block] = GetParam();
+  Build(Spec(kind, elem, block));
+  const size_t n = 700;  // two full chunks and a 188-token tail
+  auto tokens = Tokens(n, 100);
+  auto slots = testing::MakeSlots(host_->spec(), n, 5);
+  const auto want = GatherHost(host_->base(), slots);
+
+  auto h = io_->Store(tokens, slots, 0, stream_);
+  ASSERT_TRUE(h.ok()) << h.status().ToString();
+  ASSERT_TRUE((*h)->Wait().ok()) << (*h)->Wait().ToString();
+  EXPECT_EQ(engine_->Stats().chunks_stored, 3u);
+  EXPECT_EQ(engine_->Lookup(tokens), n);
+
+  // What reached the CPU tier is the CPU reference's gather, chunk by chunk.
+  auto prefix = engine_->AcquirePrefix(tokens, 0, layout().layout_id());
+  ASSERT_TRUE(prefix.ok());
+  ASSERT_EQ(prefix->chunks.size(), 3u);
+  for (size_t i = 0; i < prefix->chunks.size(); ++i) {
+    const ChunkHash& c = prefix->chunks[i];
+    std::vector<int64_t> s(slots.begin() + c.begin, slots.begin() + c.begin + c.num_tokens);
+    auto ref = GatherHost(host_->base(), s);
+    auto got = prefix->leases[i].data();
+    ASSERT_EQ(got.size(), ref.size());
+    EXPECT_EQ(std::memcmp(got.data(), ref.data(), ref.size()), 0) << "chunk " << i;
+  }
+  prefix->leases.clear();
+
+  ASSERT_EQ(cudaMemset(dev_, 0, host_->bytes()), cudaSuccess);
+  auto load = io_->Retrieve(tokens, slots, 0, stream_);
+  ASSERT_TRUE(load.ok()) << load.status().ToString();
+  EXPECT_EQ((*load)->valid_tokens(), n);
+  EXPECT_EQ((*load)->chunks(), 3u);
+  ASSERT_TRUE((*load)->Wait().ok());
+  EXPECT_TRUE((*load)->done());
+  auto image = Download();
+  EXPECT_EQ(GatherHost(image.data(), slots), want);
+  // Nothing but the request's slots was written.
+  std::vector<int64_t> others;
+  std::vector<bool> used(static_cast<size_t>(layout().num_slots()), false);
+  for (int64_t s : slots) used[static_cast<size_t>(s)] = true;
+  for (int64_t s = 0; s < layout().num_slots(); ++s)
+    if (!used[static_cast<size_t>(s)]) others.push_back(s);
+  const auto rest = GatherHost(image.data(), others);
+  EXPECT_TRUE(std::all_of(rest.begin(), rest.end(), [](std::byte b) { return b == std::byte{0}; }));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Layouts, RoundTrip,
+    ::testing::Values(std::make_tuple(KvLayoutKind::kFlashAttn, 2, int64_t{16}),
+                      std::make_tuple(KvLayoutKind::kFlashInfer, 2, int64_t{32}),
+                      std::make_tuple(KvLayoutKind::kPackedKv, 1, int64_t{16}),
+                      std::make_tuple(KvLayoutKind::kMla, 2, int64_t{128}),
+                      std::make_tuple(KvLayoutKind::kFlashAttn, 4, int64_t{128})));
+
+TEST_F(CudaPagedIoTest, SkipTokensAreNotWrittenAndPaddingIsSkipped) {
+  Build(Spec(KvLayoutKind::kFlashAttn, 2, 16));
+  const size_t n = 512;
+  auto tokens = Tokens(n, 7);
+  auto slots = testing::MakeSlots(host_->spec(), n, 9);
+  auto h = io_->Store(tokens, slots, 0, stream_);
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE((*h)->Wait().ok());
+  ASSERT_EQ(cudaMemset(dev_, 0, host_->bytes()), cudaSuccess);
+  auto dst = slots;
+  dst[300] = -1;  // padding: left alone
+  auto load = io_->Retrieve(tokens, dst, /*skip_tokens=*/256, stream_);
+  ASSERT_TRUE(load.ok());
+  EXPECT_EQ((*load)->valid_tokens(), n);
+  EXPECT_EQ((*load)->chunks(), 1u);  // the first chunk is the caller's
+  ASSERT_TRUE((*load)->Wait().ok());
+  auto image = Download();
+  auto got = GatherHost(image.data(), slots);
+  auto want = GatherHost(host_->base(), slots);
+  const size_t row = got.size() / (n * 2 * 4);  // bytes per token per plane per layer
+  for (int layer = 0; layer < 4; ++layer)
+    for (int kv = 0; kv < 2; ++kv)
+      for (size_t t = 0; t < n; ++t) {
+        const size_t off = ((static_cast<size_t>(layer) * 2 + kv) * n + t) * row;
+        const bool loaded = t >= 256 && t != 300;
+        for (size_t b = 0; b < row; ++b) {
+          const std::byte expect = loaded ? want[off + b] : std::byte{0};
+          ASSERT_EQ(got[off + b], expect) << "layer " << layer << " kv " << kv << " token " << t;
+        }
+      }
+}
+
+TEST_F(CudaPagedIoTest, BadInputIsRefusedBeforeAnythingMoves) {
+  Build(Spec(KvLayoutKind::kFlashAttn, 2, 16));
+  auto tokens = Tokens(300, 1);
+  auto slots = testing::MakeSlots(host_->spec(), 300, 2);
+
+  auto short_slots = std::vector<int64_t>(slots.begin(), slots.end() - 1);
+  auto h = io_->Store(tokens, short_slots, 0, stream_);
+  EXPECT_EQ(h.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(h.status().message().find("one slot per token"), std::string::npos) << h.status().ToString();
+
+  auto out_of_range = slots;
+  out_of_range[17] = layout().num_slots();
+  h = io_->Store(tokens, out_of_range, 0, stream_);
+  EXPECT_EQ(h.status().code(), StatusCode::kInvalidArgument) << h.status().ToString();
+  auto load = io_->Retrieve(tokens, out_of_range, 0, stream_);
+  EXPECT_EQ(load.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine_->Stats().store_requests, 0u);
+
+  // Padding in a chunk to store: that chunk fails, the handle says why.
+  auto padded = slots;
+  padded[10] = -1;
+  h = io_->Store(tokens, padded, 0, stream_);
+  ASSERT_TRUE(h.ok());
+  Status s = (*h)->Wait();
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("padding"), std::string::npos) << s.ToString();
+  EXPECT_EQ(engine_->Lookup(tokens), 0u);  // the first chunk failed: no prefix
+
+  // A CPU layout cannot drive the CUDA path.
+  auto cpu_io = CudaPagedIo::Create(engine_, *host_layout_opt_);
+  EXPECT_EQ(cpu_io.status().code(), StatusCode::kFailedPrecondition) << cpu_io.status().ToString();
+}
+
+// The leases of a load in flight keep its chunks: Clear() right after
+// Retrieve() must not take memory the kernels still read.
+TEST_F(CudaPagedIoTest, LoadInFlightSurvivesClear) {
+  Build(Spec(KvLayoutKind::kFlashInfer, 2, 16));
+  const size_t n = 1024;
+  auto tokens = Tokens(n, 3);
+  auto slots = testing::MakeSlots(host_->spec(), n, 4);
+  auto want = GatherHost(host_->base(), slots);
+  auto h = io_->Store(tokens, slots, 0, stream_);
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE((*h)->Wait().ok());
+  ASSERT_EQ(cudaMemset(dev_, 0, host_->bytes()), cudaSuccess);
+  auto load = io_->Retrieve(tokens, slots, 0, stream_);
+  ASSERT_TRUE(load.ok());
+  engine_->Clear();
+  EXPECT_EQ(engine_->cpu_tier()->Stats().entries, 4u);  // leased until Wait/done/destruction
+  ASSERT_TRUE((*load)->Wait().ok());
+  auto image = Download();
+  EXPECT_EQ(GatherHost(image.data(), slots), want);
+  load->reset();
+  engine_->Clear();
+  EXPECT_EQ(engine_->cpu_tier()->Stats().entries, 0u);
+}
+
+// Many threads, each with its own stream, store and load their own prompts
+// (sharing a common prefix) at once.
+TEST_F(CudaPagedIoTest, ConcurrentStoresAndLoads) {
+  Build(Spec(KvLayoutKind::kFlashAttn, 2, 16), 512 << 20);
+  const int kThreads = 4;
+  // Per thread 512 tokens: chunk 0 is the same prompt prefix in the same
+  // slots for everyone (same tokens, same KV, as in an engine's prefix
+  // cache), chunk 1 is the thread's own, in slots of its own.
+  const size_t n = 512;
+  auto all_slots = testing::MakeSlots(host_->spec(), 256 * (kThreads + 1), 8);
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      cudaSetDevice(0);
+      cudaStream_t st;
+      cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+      auto tokens = Tokens(n, 0);
+      for (size_t i = 256; i < n; ++i) tokens[i] = static_cast<int32_t>(100000 * (t + 1) + i);
+      std::vector<int64_t> slots(all_slots.begin(), all_slots.begin() + 256);
+      slots.insert(slots.end(), all_slots.begin() + 256 * (t + 1), all_slots.begin() + 256 * (t + 2));
+      for (int round = 0; round < 5; ++round) {
+        auto h = io_->Store(tokens, slots, 0, st);
+        if (!h.ok() || !(*h)->Wait().ok()) failures++;
+        auto load = io_->Retrieve(tokens, slots, 0, st);
+        if (!load.ok() || (*load)->valid_tokens() != n || !(*load)->Wait().ok()) failures++;
+      }
+      cudaStreamDestroy(st);
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  // Every thread reloaded its own KV into its own slots, unchanged.
+  auto image = Download();
+  EXPECT_EQ(GatherHost(image.data(), all_slots), GatherHost(host_->base(), all_slots));
+  // The shared first chunk was stored once, or skipped as present after.
+  const EngineStats s = engine_->Stats();
+  EXPECT_EQ(s.chunks_stored, 1u + kThreads);
+  EXPECT_EQ(s.load_errors, 0u);
+}
+
+}  // namespace
+}  // namespace kvtier

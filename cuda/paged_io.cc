@@ -27,13 +27,16 @@ struct Registration {
   size_t bytes = 0;
   std::byte* device = nullptr;
 };
+// Never destroyed: a CudaPagedIo held by another static (or by Python at
+// interpreter exit) may unregister after this translation unit's statics
+// would have been torn down.
 std::mutex& RegistryMu() {
-  static std::mutex mu;
-  return mu;
+  static auto* mu = new std::mutex;
+  return *mu;
 }
 std::map<std::byte*, Registration>& Registry() {
-  static std::map<std::byte*, Registration> r;
-  return r;
+  static auto* r = new std::map<std::byte*, Registration>;
+  return *r;
 }
 
 StatusOr<std::byte*> RegisterRegion(std::byte* host, size_t bytes) {

@@ -51,10 +51,11 @@ struct Setup {
 
 // One engine per number of copy threads (the store's parallelism).
 Setup& Get(int copy_threads = 2) {
-  static std::map<int, Setup> cache;
-  auto it = cache.find(copy_threads);
-  if (it != cache.end()) return it->second;
-  Setup& s = cache[copy_threads];
+  // Leaked on purpose: no CUDA teardown after the runtime's own at exit.
+  static auto* cache = new std::map<int, Setup>;
+  auto it = cache->find(copy_threads);
+  if (it != cache->end()) return it->second;
+  Setup& s = (*cache)[copy_threads];
   {
     testing::PagedSpec spec;
     spec.kind = KvLayoutKind::kFlashAttn, spec.layers = 32, spec.block_size = 16, spec.heads = 8;

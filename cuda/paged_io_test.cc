@@ -10,6 +10,9 @@
 #include <cstdlib>
 #include <numeric>
 #include <optional>
+#include <chrono>
+#include <mutex>
+#include <string>
 #include <thread>
 
 #include "cc/datapath/cpu_copy.h"
@@ -267,6 +270,13 @@ TEST_F(CudaPagedIoTest, ConcurrentStoresAndLoads) {
   auto all_slots = testing::MakeSlots(host_->spec(), 256 * (kThreads + 1), 8);
   std::vector<std::thread> threads;
   std::atomic<int> failures{0};
+  std::mutex mu;
+  std::vector<std::string> why;
+  auto fail = [&](const char* what, const Status& s) {
+    failures++;
+    std::lock_guard<std::mutex> lock(mu);
+    why.push_back(std::string(what) + ": " + s.ToString());
+  };
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
       cudaSetDevice(0);
@@ -278,15 +288,29 @@ TEST_F(CudaPagedIoTest, ConcurrentStoresAndLoads) {
       slots.insert(slots.end(), all_slots.begin() + 256 * (t + 1), all_slots.begin() + 256 * (t + 2));
       for (int round = 0; round < 5; ++round) {
         auto h = io_->Store(tokens, slots, 0, st);
-        if (!h.ok() || !(*h)->Wait().ok()) failures++;
+        if (!h.ok() || !(*h)->Wait().ok()) {
+          fail("store", h.ok() ? (*h)->Wait() : h.status());
+          continue;
+        }
+        // A chunk another thread is still writing was skipped by this store
+        // (its handle is done at once); it is ready once that writer commits.
+        for (int i = 0; i < 5000 && engine_->Lookup(tokens) != n; ++i) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
         auto load = io_->Retrieve(tokens, slots, 0, st);
-        if (!load.ok() || (*load)->valid_tokens() != n || !(*load)->Wait().ok()) failures++;
+        if (!load.ok()) {
+          fail("retrieve", load.status());
+        } else if ((*load)->valid_tokens() != n) {
+          fail("retrieve", Internal("valid_tokens " + std::to_string((*load)->valid_tokens())));
+        } else if (Status w = (*load)->Wait(); !w.ok()) {
+          fail("wait", w);
+        }
       }
       cudaStreamDestroy(st);
     });
   }
   for (auto& th : threads) th.join();
-  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(failures.load(), 0) << (why.empty() ? "" : why.front());
   // Every thread reloaded its own KV into its own slots, unchanged.
   auto image = Download();
   EXPECT_EQ(GatherHost(image.data(), all_slots), GatherHost(host_->base(), all_slots));

@@ -2,7 +2,8 @@
 # One prepared check for a lent GPU machine (CUDA driver, Python 3 with torch
 # and pytest, no Bazel, no network). Runs what tools/prepare_device_check.sh
 # staged: the CUDA kernel tests against the CPU reference, the engine's GPU
-# data path tests, both bandwidth benchmarks, the GDS probe and, when the
+# data path tests (also under compute-sanitizer memcheck), both bandwidth
+# benchmarks, the GDS probe on each file system at hand and, when the
 # Python package was staged, tests/gpu through the Python API with torch.
 # Writes under $OUT (few files: the device tool returns at most 8):
 #   summary.json          one object: gpu, ok, steps (rc, seconds), comparisons
@@ -50,6 +51,16 @@ step nvidia_smi nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.lin
 step kv_copy_probe_test "$DEV/bin/kv_copy_probe_test"
 step kv_copy_cuda_test "$DEV/bin/kv_copy_cuda_test" --gtest_output="json:$OUT/kv_copy_cuda_test.json"
 step paged_io_test "$DEV/bin/paged_io_test" --gtest_output="json:$OUT/paged_io_test.json"
+# The same tests under compute-sanitizer's memcheck (out-of-bounds and
+# misaligned device accesses, including to mapped host memory).
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [[ -n "$SANITIZER" ]]; then
+  for t in kv_copy_cuda_test paged_io_test; do
+    step "memcheck_$t" "$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no "$DEV/bin/$t"
+  done
+else
+  echo "compute-sanitizer not found: memcheck steps skipped" | tee -a "$OUT/device_check.log"
+fi
 : > "$OUT/comparisons.jsonl"
 for b in kv_copy_cuda_benchmark paged_io_benchmark; do
   step "$b" "$DEV/bin/$b" --benchmark_min_time=0.3 \
@@ -58,8 +69,18 @@ for b in kv_copy_cuda_benchmark paged_io_benchmark; do
 done
 # GPUDirect Storage: libcufile from the machine, else from pip's nvidia-cufile.
 CUFILE_LIB=$(python3 -c 'import nvidia.cufile as m, os; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null || true)
-mkdir -p /tmp/kvtier-gds
-LD_LIBRARY_PATH="$LD_LIBRARY_PATH${CUFILE_LIB:+:$CUFILE_LIB}" step gds_check "$DEV/bin/gds_check" /tmp/kvtier-gds
+# Probed on each file system at hand (cuFile's verdict depends on it); its
+# own log (cufile.log, written to the working directory) is kept.
+gds_dirs=(/tmp/kvtier-gds "$ROOT/build/kvtier-gds" /dev/shm/kvtier-gds)
+mkdir -p "${gds_dirs[@]}" 2>/dev/null
+i=0
+for d in "${gds_dirs[@]}"; do
+  [[ -d "$d" ]] || continue
+  (cd "$OUT" && LD_LIBRARY_PATH="$LD_LIBRARY_PATH${CUFILE_LIB:+:$CUFILE_LIB}" \
+    step "gds_check_$i" "$DEV/bin/gds_check" "$d")
+  echo "$d: $(df -T "$d" 2>/dev/null | awk 'NR==2 {print $2}')" >> "$OUT/gds_filesystems.txt"
+  i=$((i + 1))
+done
 if [[ -d "$DEV/python/kvtier" ]]; then
   PYTHONPATH="$DEV/python" KVTIER_TEST_SOURCE_TREE=1 PYTHONDONTWRITEBYTECODE=1 \
     step python_gpu_tests python3 -m pytest -q -p no:cacheprovider -rs \

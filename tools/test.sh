@@ -7,7 +7,8 @@
 #   4. bazel test --config=tsan    tests tagged "concurrency"
 #   5. bazel build //python:wheel  optimised, with CUDA when available
 #   6. pip install the wheel       into ./.venv (--force-reinstall --no-deps)
-#   7. pytest tests/python tests/e2e, against the INSTALLED package
+#   7. pytest tests/python tests/gpu tests/e2e, against the INSTALLED package
+#      (tests/gpu skips itself without a GPU: see tools/device_check.sh)
 #
 # Every step runs even if an earlier one failed (except those that need its
 # result); the exit status is non-zero if any step failed.
@@ -138,6 +139,16 @@ else
   record FAIL "wheel" "CUDA detection: see the message above"
 fi
 
+# The GPU test and benchmark binaries (tagged manual: they need a GPU to run)
+# must at least compile wherever the wheel has CUDA; the probe test runs
+# anywhere and checks the no-GPU path. tools/device_check.sh runs the rest.
+if [[ -n $WHEEL && " ${WHEEL_FLAGS[*]} " == *" --config=cuda "* ]]; then
+  run "CUDA GPU binaries compile; probe test (${WHEEL_FLAGS[*]})" "${BAZEL[@]}" test "${BUILD_FLAGS[@]}" \
+    "${WHEEL_FLAGS[@]}" --build_tests_only=false //cuda:kv_copy_probe_test //cuda:kv_copy_cuda_test \
+    //cuda:paged_io_test //cuda:kv_copy_cuda_benchmark //cuda:paged_io_benchmark \
+    --test_tag_filters=-requires-gpu
+fi
+
 if [[ -n $WHEEL ]]; then
   echo "wheel: $WHEEL"
   run "install wheel into .venv" "$VENV_PY" -m pip install --quiet --force-reinstall --no-deps "$WHEEL"
@@ -149,7 +160,7 @@ fi
 
 # --- 7. Python tests against the installed package ----------------------------
 TEST_DIRS=()
-for d in tests/python tests/e2e; do
+for d in tests/python tests/gpu tests/e2e; do
   [[ -d $d ]] && TEST_DIRS+=("$ROOT/$d")
 done
 if ((INSTALLED != 0)); then

@@ -20,6 +20,7 @@ try:  # installed wheel: the extension sits inside the package
 except ImportError:  # development: bazel-bin/python/src on sys.path
     import _kvtier  # type: ignore[no-redef]
 from kvtier.config import Config, load_config
+from kvtier.kv_layout import stream_handle
 
 if TYPE_CHECKING:
     import torch
@@ -133,24 +134,6 @@ class Engine:
             raise _kvtier.FailedPreconditionError("register_kv_caches() must be called before store/retrieve")
         return self._layout
 
-    def _stream(self, layout: Any, stream: Any) -> int:
-        """cudaStream_t of `stream` as an int; 0 for CPU layouts.
-
-        None means torch's current stream on the layout's device (where the
-        engine's forward pass runs). Accepts a torch.cuda.Stream, anything
-        with ``cuda_stream``, or a raw int handle.
-        """
-        if layout.device == "cpu":
-            return 0
-        if stream is None:
-            import torch
-
-            stream = torch.cuda.current_stream(torch.device(layout.device))
-        handle = getattr(stream, "cuda_stream", stream)
-        if not isinstance(handle, int):
-            raise TypeError(f"stream must be a torch.cuda.Stream or an int handle, got {type(stream).__name__}")
-        return int(handle)
-
     def store(
         self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0, stream: Any = None
     ) -> StoreHandle:
@@ -165,7 +148,7 @@ class Engine:
         toks = _tokens(tokens)
         layout = self._require_layout()
         return self._native.store_paged(
-            toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), layout, self._stream(layout, stream)
+            toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), layout, stream_handle(layout, stream)
         )
 
     def retrieve(
@@ -185,7 +168,7 @@ class Engine:
                 int(skip_tokens),
                 layout,
                 self._threads,
-                self._stream(layout, stream),
+                stream_handle(layout, stream),
             )
         )
 
@@ -202,7 +185,7 @@ class Engine:
         toks = _tokens(tokens)
         layout = self._require_layout()
         return self._native.retrieve_paged_on_stream(
-            toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), layout, self._stream(layout, stream)
+            toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), layout, stream_handle(layout, stream)
         )
 
     def retrieve_async(self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0) -> Future[int]:
@@ -210,7 +193,7 @@ class Engine:
         toks = _tokens(tokens)
         slots = _slots(slot_mapping, toks.shape[0])
         layout = self._require_layout()
-        stream = self._stream(layout, None)
+        stream = stream_handle(layout, None)
         with self._lock:
             if self._loader is None:
                 self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")

@@ -32,6 +32,7 @@ __all__ = [
     "gather",
     "make_layout",
     "scatter",
+    "stream_handle",
 ]
 
 PagedKvLayout = _kvtier.PagedKvLayout
@@ -52,31 +53,55 @@ def make_layout(
     return _kvtier.PagedKvLayout(_layers(kv_caches), kind)
 
 
-def _slots(slot_mapping: Any) -> Any:
+def _slots(slot_mapping: Any, layout: Any = None) -> Any:
     # The slot mapping is small (one int per token): converting it is cheap,
-    # unlike the KV itself, which is never copied here.
+    # unlike the KV itself, which is never copied here. On a CUDA layout a
+    # CUDA slot tensor stays on the device (the kernels read it in place).
     if hasattr(slot_mapping, "data_ptr"):
         import torch
 
-        return slot_mapping.to(device="cpu", dtype=torch.int64).contiguous()
+        on_gpu = layout is not None and layout.device != "cpu" and slot_mapping.device.type == "cuda"
+        device = slot_mapping.device if on_gpu else "cpu"
+        return slot_mapping.to(device=device, dtype=torch.int64).contiguous()
     import numpy as np
 
     return np.ascontiguousarray(slot_mapping, dtype=np.int64)
 
 
-def gather(
-    layout: Any, slot_mapping: Any, out: Any = None, num_threads: int = 1
-) -> Any:
+def stream_handle(layout: Any, stream: Any) -> int:
+    """cudaStream_t of ``stream`` as an int for a CUDA layout; 0 for a CPU layout.
+
+    None means torch's current stream on the layout's device (where the
+    engine's forward pass runs). Accepts a torch.cuda.Stream, anything with
+    ``cuda_stream``, or a raw int handle.
+    """
+    if layout.device == "cpu":
+        return 0
+    if stream is None:
+        import torch
+
+        stream = torch.cuda.current_stream(torch.device(layout.device))
+    handle = getattr(stream, "cuda_stream", stream)
+    if not isinstance(handle, int):
+        raise TypeError(f"stream must be a torch.cuda.Stream or an int handle, got {type(stream).__name__}")
+    return int(handle)
+
+
+def gather(layout: Any, slot_mapping: Any, out: Any = None, num_threads: int = 1, stream: Any = None) -> Any:
     """Paged KV -> chunk buffer. Allocates a uint8 torch tensor when ``out`` is None.
 
-    Bytes of padding tokens (slot < 0) in ``out`` are left as they were.
+    Bytes of padding tokens (slot < 0) in ``out`` are left as they were. For
+    a CUDA layout, ``out`` is a CUDA tensor or pinned host memory (allocated
+    on the layout's device when None); the copy runs on ``stream`` (default:
+    the current stream) with the CUDA kernels and is complete on return.
     """
-    slots = _slots(slot_mapping)
+    slots = _slots(slot_mapping, layout)
     if out is None:
         import torch
 
-        out = torch.empty(layout.chunk_bytes(len(slots)), dtype=torch.uint8)
-    _kvtier.gather(layout, slots, out, num_threads)
+        device = "cpu" if layout.device == "cpu" else layout.device
+        out = torch.empty(layout.chunk_bytes(len(slots)), dtype=torch.uint8, device=device)
+    _kvtier.gather(layout, slots, out, num_threads, stream_handle(layout, stream))
     return out
 
 
@@ -86,7 +111,9 @@ def scatter(
     src: Any,
     chunk_layout_id: int | None = None,
     num_threads: int = 1,
+    stream: Any = None,
 ) -> None:
     """Chunk buffer -> paged KV. With ``chunk_layout_id``, a chunk gathered from
-    another layout raises InvalidArgumentError instead of corrupting the cache."""
-    _kvtier.scatter(layout, _slots(slot_mapping), src, num_threads, chunk_layout_id)
+    another layout raises InvalidArgumentError instead of corrupting the cache.
+    CUDA layouts: as :func:`gather`."""
+    _kvtier.scatter(layout, _slots(slot_mapping, layout), src, num_threads, chunk_layout_id, stream_handle(layout, stream))

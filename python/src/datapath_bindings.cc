@@ -23,6 +23,8 @@
 #include "python/src/status_to_exception.h"
 
 #ifdef KVTIER_WITH_CUDA
+#include <cuda_runtime.h>
+
 #include "cuda/kv_copy.h"
 #endif
 
@@ -180,6 +182,125 @@ std::string IdHex(uint64_t id) {
   return buf;
 }
 
+#ifdef KVTIER_WITH_CUDA
+Status CudaStatus(const std::string& op, cudaError_t e) {
+  return IoError(op + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+}
+
+// A device address for a tensor's bytes: CUDA memory on the layout's device,
+// or pinned host memory (torch's pin_memory()). Needs the GIL.
+StatusOr<std::byte*> DeviceAddress(const pyb::handle& o, const PagedKvLayout& l, size_t want, const char* what) {
+  if (!IsTorchLike(o)) {
+    return InvalidArgument(std::string(what) + " must be a torch tensor (CUDA, or pinned CPU memory) for a " +
+                           "layout on cuda:" + std::to_string(l.device_index()));
+  }
+  if (!o.attr("is_contiguous")().cast<bool>()) return InvalidArgument(std::string(what) + " must be contiguous");
+  const size_t size = o.attr("numel")().cast<size_t>() * o.attr("element_size")().cast<size_t>();
+  if (size != want) {
+    return InvalidArgument(std::string(what) + " is " + std::to_string(size) + " bytes; the chunk needs " +
+                           std::to_string(want));
+  }
+  auto* ptr = reinterpret_cast<void*>(o.attr("data_ptr")().cast<uintptr_t>());
+  cudaPointerAttributes attr{};
+  const cudaError_t e = cudaPointerGetAttributes(&attr, ptr);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return CudaStatus(std::string(what) + ": cudaPointerGetAttributes", e);
+  }
+  if (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged) {
+    if (attr.device != l.device_index()) {
+      return InvalidArgument(std::string(what) + " is on cuda:" + std::to_string(attr.device) +
+                             ", the layout on cuda:" + std::to_string(l.device_index()));
+    }
+    return static_cast<std::byte*>(ptr);
+  }
+  if (attr.type == cudaMemoryTypeHost && attr.devicePointer != nullptr) {
+    return static_cast<std::byte*>(attr.devicePointer);
+  }
+  return InvalidArgument(std::string(what) +
+                         " is pageable CPU memory, which a GPU kernel cannot reach; pass a CUDA tensor "
+                         "or tensor.pin_memory()");
+}
+
+// Module-level gather/scatter of a CUDA layout: synchronous (waits for its
+// own stream work), for tools and tests; the engine's path is CudaPagedIo.
+void CudaCopy(PyLayout& pl, const pyb::handle& slots_obj, const pyb::handle& buf, bool gather, uintptr_t stream_h) {
+  const PagedKvLayout& l = pl.layout;
+  if (!pl.cuda_layout) {
+    pl.cuda_layout = std::make_shared<CudaKvLayout>(ValueOrThrow(CudaKvLayout::Create(l)));
+  }
+  const auto& cl = *std::static_pointer_cast<CudaKvLayout>(pl.cuda_layout);
+  // Slots: a CUDA int64 tensor is used in place; CPU slots are checked here
+  // and uploaded.
+  const int64_t* dev_slots = nullptr;
+  std::vector<int64_t> host_slots;
+  bool slots_on_device = false;
+  if (IsTorchLike(slots_obj)) {
+    int index = 0;
+    if (ValueOrThrow(DeviceOf(slots_obj, &index)) == DeviceType::kCuda) {
+      if (std::string(pyb::str(slots_obj.attr("dtype"))) != "torch.int64") {
+        ThrowStatus(InvalidArgument("slot_mapping must be int64"));
+      }
+      if (!slots_obj.attr("is_contiguous")().cast<bool>()) ThrowStatus(InvalidArgument("slot_mapping must be contiguous"));
+      dev_slots = reinterpret_cast<const int64_t*>(slots_obj.attr("data_ptr")().cast<uintptr_t>());
+      host_slots.resize(slots_obj.attr("numel")().cast<size_t>());
+      slots_on_device = true;
+    }
+  }
+  if (!slots_on_device) {
+    auto s = ValueOrThrow(SlotsOf(slots_obj));
+    ThrowIfError(CheckSlots(l, s));
+    host_slots.assign(s.begin(), s.end());
+  }
+  const size_t n = host_slots.size();
+  std::byte* chunk = ValueOrThrow(DeviceAddress(buf, l, l.ChunkBytes(static_cast<int64_t>(n)), gather ? "out" : "src"));
+  auto stream = reinterpret_cast<cudaStream_t>(stream_h);
+  Status st;
+  {
+    pyb::gil_scoped_release nogil;
+    st = [&]() -> Status {
+      if (cudaError_t e = cudaSetDevice(l.device_index()); e != cudaSuccess) return CudaStatus("cudaSetDevice", e);
+      int64_t* upload = nullptr;
+      int* bad = nullptr;
+      auto cleanup = [&] {
+        if (upload != nullptr) cudaFreeAsync(upload, stream);
+        if (bad != nullptr) cudaFreeAsync(bad, stream);
+        cudaStreamSynchronize(stream);
+      };
+      cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&bad), sizeof(int), stream);
+      if (e == cudaSuccess) e = cudaMemsetAsync(bad, 0, sizeof(int), stream);
+      if (e == cudaSuccess && !slots_on_device && n > 0) {
+        e = cudaMallocAsync(reinterpret_cast<void**>(&upload), n * sizeof(int64_t), stream);
+        if (e == cudaSuccess) {
+          e = cudaMemcpyAsync(upload, host_slots.data(), n * sizeof(int64_t), cudaMemcpyHostToDevice, stream);
+        }
+        dev_slots = upload;
+      }
+      if (e != cudaSuccess) {
+        cleanup();
+        return CudaStatus("staging the slot mapping", e);
+      }
+      const ChunkCopy copy{dev_slots, static_cast<int64_t>(n), chunk, l.ChunkBytes(static_cast<int64_t>(n))};
+      Status s = gather ? GatherCuda(cl, std::span<const ChunkCopy>(&copy, 1), stream, bad)
+                        : ScatterCuda(cl, std::span<const ChunkCopy>(&copy, 1), stream, bad);
+      int bad_host = 0;
+      if (s.ok()) {
+        e = cudaMemcpyAsync(&bad_host, bad, sizeof(int), cudaMemcpyDeviceToHost, stream);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+        if (e != cudaSuccess) s = CudaStatus(gather ? "gather" : "scatter", e);
+      }
+      cleanup();
+      if (s.ok() && bad_host != 0) {
+        s = InvalidArgument("slot_mapping has slots >= " + std::to_string(l.num_slots()) +
+                            " (out of range for the layout); those tokens were skipped");
+      }
+      return s;
+    }();
+  }
+  ThrowIfError(st);
+}
+#endif  // KVTIER_WITH_CUDA
+
 }  // namespace
 
 void RegisterDatapath(pybind11::module_& m) {
@@ -252,7 +373,11 @@ then V[tokens][heads*head] (MLA: the latent only), contiguous.
 
   m.def(
       "gather",
-      [](const PyLayout& l, const pyb::object& slots, const pyb::object& out, int num_threads) {
+      [](PyLayout& l, const pyb::object& slots, const pyb::object& out, int num_threads, uintptr_t stream) {
+#ifdef KVTIER_WITH_CUDA
+        if (l.layout.device() == DeviceType::kCuda) return CudaCopy(l, slots, out, /*gather=*/true, stream);
+#endif
+        (void)stream;
         auto s = ValueOrThrow(SlotsOf(slots));
         Bytes dst = ValueOrThrow(BytesOf(out, /*writable=*/true, "out"));
         Status st;
@@ -263,17 +388,23 @@ then V[tokens][heads*head] (MLA: the latent only), contiguous.
         ThrowIfError(st);
       },
       pyb::arg("layout"), pyb::arg("slot_mapping"), pyb::arg("out"), pyb::arg("num_threads") = 1,
-      "Paged KV -> chunk buffer (CPU). `out` must be exactly layout.chunk_bytes(len(slots)) "
-      "bytes; slots < 0 leave their bytes untouched.");
+      pyb::arg("stream") = 0,
+      "Paged KV -> chunk buffer. `out` must be exactly layout.chunk_bytes(len(slots)) bytes; slots "
+      "< 0 leave their bytes untouched. CUDA layouts: `out` is a CUDA tensor or pinned host memory, "
+      "the copy runs on `stream` (cudaStream_t as int) and is complete when this returns.");
 
   m.def(
       "scatter",
-      [](const PyLayout& l, const pyb::object& slots, const pyb::object& src, int num_threads,
-         pyb::object chunk_layout_id) {
-        auto s = ValueOrThrow(SlotsOf(slots));
+      [](PyLayout& l, const pyb::object& slots, const pyb::object& src, int num_threads,
+         pyb::object chunk_layout_id, uintptr_t stream) {
         if (!chunk_layout_id.is_none()) {
           ThrowIfError(CheckCompatible(l.layout, chunk_layout_id.cast<uint64_t>()));
         }
+#ifdef KVTIER_WITH_CUDA
+        if (l.layout.device() == DeviceType::kCuda) return CudaCopy(l, slots, src, /*gather=*/false, stream);
+#endif
+        (void)stream;
+        auto s = ValueOrThrow(SlotsOf(slots));
         Bytes b = ValueOrThrow(BytesOf(src, /*writable=*/false, "src"));
         Status st;
         {
@@ -283,9 +414,9 @@ then V[tokens][heads*head] (MLA: the latent only), contiguous.
         ThrowIfError(st);
       },
       pyb::arg("layout"), pyb::arg("slot_mapping"), pyb::arg("src"), pyb::arg("num_threads") = 1,
-      pyb::arg("chunk_layout_id") = pyb::none(),
-      "Chunk buffer -> paged KV (CPU). With chunk_layout_id, refuses a chunk gathered from "
-      "another layout.");
+      pyb::arg("chunk_layout_id") = pyb::none(), pyb::arg("stream") = 0,
+      "Chunk buffer -> paged KV. With chunk_layout_id, refuses a chunk gathered from another "
+      "layout. CUDA layouts: as gather.");
 
   m.def(
       "cuda_runtime_available",

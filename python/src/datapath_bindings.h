@@ -4,6 +4,8 @@
 
 #include <pybind11/pybind11.h>
 
+#include <memory>
+
 #include "cc/datapath/kv_layout.h"
 
 namespace kvtier::py {
@@ -13,6 +15,9 @@ namespace kvtier::py {
 struct __attribute__((visibility("hidden"))) PyLayout {  // pybind11 objects are hidden too
   PagedKvLayout layout;
   pybind11::list owners;
+  // CUDA builds: the layout's device-side table (a CudaKvLayout), made on
+  // the first module-level gather/scatter of a CUDA layout. GIL-guarded.
+  std::shared_ptr<void> cuda_layout;
 };
 
 }  // namespace kvtier::py

@@ -85,6 +85,9 @@ if [[ -d "$DEV/python/kvtier" ]]; then
   PYTHONPATH="$DEV/python" KVTIER_TEST_SOURCE_TREE=1 PYTHONDONTWRITEBYTECODE=1 \
     step python_gpu_tests python3 -m pytest -q -p no:cacheprovider -rs \
     --junitxml="$OUT/python_gpu_tests.xml" "$DEV/python/tests/gpu"
+  PYTHONPATH="$DEV/python" PYTHONDONTWRITEBYTECODE=1 \
+    step gpu_recompute_bench python3 -m kvtier.bench.gpu_recompute
+  grep -h '^{"name"' "$OUT/gpu_recompute_bench.log" >> "$OUT/comparisons.jsonl" 2>/dev/null || true
 fi
 
 if [[ -d "$DEV/extra" ]]; then

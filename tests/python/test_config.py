@@ -429,3 +429,13 @@ def test_cli_requires_command() -> None:
     result = run_cli()
     assert result.returncode == 2
     assert "usage: kvtier" in result.stderr
+
+
+def test_cli_gpu_recompute_without_gpu_says_so() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tools/device_check.sh runs this benchmark")
+    result = run_cli("bench", "gpu-recompute", "--tokens", "256")
+    assert result.returncode == 2
+    assert "needs a CUDA GPU" in result.stderr

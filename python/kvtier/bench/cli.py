@@ -8,6 +8,7 @@ from collections.abc import Sequence
 SUBCOMMANDS = {
     "ttft": "kvtier.bench.ttft",
     "demo": "kvtier.bench.demo",
+    "gpu-recompute": "kvtier.bench.gpu_recompute",
 }
 
 
@@ -18,6 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("  ttft  TTFT of long-document and multi-round QA on a real vLLM "
               "(kvtier vs ExampleConnector vs none)", file=sys.stderr)
         print("  demo  the demo workload with per-request TTFT and a PNG plot", file=sys.stderr)
+        print("  gpu-recompute  on a GPU: loading a prefix's KV from kvtier vs recomputing it "
+              "(Llama shapes, transformers)", file=sys.stderr)
         return 0 if args and args[0] in ("-h", "--help") else 2
     import importlib
 

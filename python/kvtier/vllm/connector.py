@@ -19,8 +19,10 @@ Contract with vLLM
 * Loads. The scheduler puts, per request, the tokens, the slot mapping of
   the blocks vLLM allocated and the number of tokens it relies on into the
   step's metadata. The worker calls `Engine.retrieve` (sync, before the
-  forward) or `Engine.retrieve_async` (when `async_load` is on; the request
-  waits in WAITING_FOR_REMOTE_KVS and is released through `get_finished`).
+  forward; on a GPU `Engine.retrieve_on_stream`, which enqueues the copy on
+  the forward's stream and returns without a host wait) or
+  `Engine.retrieve_async` (when `async_load` is on; the request waits in
+  WAITING_FOR_REMOTE_KVS and is released through `get_finished`).
   When fewer tokens arrive than promised, the blocks past the loaded prefix
   are returned by `get_block_ids_with_load_errors`; this connector sets
   vLLM's `kv_load_failure_policy` to "recompute" (a cache miss is never
@@ -319,6 +321,9 @@ class KVTierConnector(KVConnectorBase_V1):
 
         # Worker state.
         self._async_loads: dict[str, tuple[Any, LoadSpec, float]] = {}
+        # GPU: loads enqueued on the forward's stream (no host wait); each
+        # handle pins its chunks until the copy is done, then is dropped.
+        self._stream_loads: list[Any] = []
         self._saves_in_flight: dict[str, list[tuple[Any, float]]] = {}
         self._saved_reqs: set[str] = set()
         self._finished_waiting: set[str] = set()
@@ -468,6 +473,7 @@ class KVTierConnector(KVConnectorBase_V1):
             self.engine.register_kv_caches(tensors)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self._stream_loads = [h for h in self._stream_loads if not h.done()]
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVTierConnectorMetadata)
         for spec in meta.loads:
@@ -485,9 +491,14 @@ class KVTierConnector(KVConnectorBase_V1):
                 self._async_loads[spec.req_id] = (handle, spec, started)
                 continue
             try:
-                loaded = int(
-                    self.engine.retrieve(spec.tokens, spec.slots, skip_tokens=spec.skip_tokens)
-                )
+                if self._cpu:
+                    loaded = int(self.engine.retrieve(spec.tokens, spec.slots, skip_tokens=spec.skip_tokens))
+                else:
+                    # Ordered before the forward on the current stream; the
+                    # count is known now, the copy completes on the GPU.
+                    handle = self.engine.retrieve_on_stream(spec.tokens, spec.slots, skip_tokens=spec.skip_tokens)
+                    loaded = int(handle.valid_tokens)
+                    self._stream_loads.append(handle)
             except Exception:
                 logger.exception("kvtier retrieve failed for %s", spec.req_id)
                 loaded = 0

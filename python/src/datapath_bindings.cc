@@ -173,7 +173,7 @@ std::shared_ptr<PyLayout> MakeLayout(const pyb::sequence& layers, const std::str
     owners.append(t);
   }
   return std::make_shared<PyLayout>(
-      PyLayout{ValueOrThrow(PagedKvLayout::Create(descs, kind)), std::move(owners)});
+      PyLayout{ValueOrThrow(PagedKvLayout::Create(descs, kind)), std::move(owners), nullptr});
 }
 
 std::string IdHex(uint64_t id) {

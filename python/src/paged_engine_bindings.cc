@@ -73,8 +73,6 @@ std::shared_ptr<PagedArgs> CopyArgs(const TokenArray& tokens, const SlotArray& s
 // than one (BENCHMARKS.md).
 int CopyThreads(int requested) { return requested > 0 ? requested : 1; }
 
-bool OnCuda(const PyLayout& l) { return l.layout.device() == DeviceType::kCuda; }
-
 // One retrieve as Python sees it: the CPU path is finished when returned;
 // the CUDA path may still be in flight on its stream.
 struct __attribute__((visibility("hidden"))) PyLoad {
@@ -86,6 +84,8 @@ struct __attribute__((visibility("hidden"))) PyLoad {
 };
 
 #ifdef KVTIER_WITH_CUDA
+bool OnCuda(const PyLayout& l) { return l.layout.device() == DeviceType::kCuda; }
+
 // Needs the GIL (reads and extends the engine's cache).
 std::shared_ptr<CudaPagedIo> CudaIoFor(PyEngine& e, const std::shared_ptr<Engine>& eng,
                                        const std::shared_ptr<PyLayout>& layout) {

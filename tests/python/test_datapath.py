@@ -309,8 +309,10 @@ def test_copy_errors_name_the_problem() -> None:
         kv_layout.scatter(lay, [0, -1, 99], torch.empty(192, dtype=torch.uint8))
 
 
-def test_cuda_probe_is_false_without_a_gpu_build() -> None:
-    # The CPU extension never claims CUDA; a CUDA build answers from the driver.
-    assert kv_layout.cuda_runtime_available() in (False, True)
-    if not torch.cuda.is_available():
-        assert kv_layout.cuda_runtime_available() is False
+def test_cuda_probe_is_false_without_a_gpu() -> None:
+    # The CPU extension never claims CUDA; a CUDA build (the wheel) answers
+    # from the driver, so on a machine without a GPU it must say False.
+    # tests/gpu requires True on a GPU machine.
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tests/gpu checks the probe")
+    assert kv_layout.cuda_runtime_available() is False

@@ -130,6 +130,33 @@ void BM_CudaLoad(benchmark::State& state) {
 }
 BENCHMARK(BM_CudaLoad)->UseManualTime();
 
+// What the first GPU store/retrieve costs: registering (pinning) a CPU tier
+// of 4 GiB with CUDA. A fresh engine per iteration, so the pages are new.
+void BM_RegisterCpuTier(benchmark::State& state) {
+  Setup& base = Get();
+  const size_t bytes = size_t{4} << 30;
+  for (auto _ : state) {
+    state.PauseTiming();
+    EngineOptions o;
+    o.hash_namespace.model = "bench-register";
+    o.chunk_tokens = 256;
+    o.cpu.capacity_bytes = bytes;
+    o.cpu.chunk_bytes = base.io->layout().ChunkBytes(256);
+    auto eng = Engine::Create(o);
+    CHECK_OK(eng);
+    std::shared_ptr<Engine> engine(std::move(*eng));
+    state.ResumeTiming();
+    auto io = CudaPagedIo::Create(engine, base.io->layout());
+    CHECK_OK(io);
+    state.PauseTiming();
+    io->reset();  // unregisters
+    engine.reset();
+    state.ResumeTiming();
+  }
+  state.counters["GiB"] = static_cast<double>(bytes >> 30);
+}
+BENCHMARK(BM_RegisterCpuTier)->Iterations(3)->Unit(benchmark::kMillisecond);
+
 // Baseline: one contiguous cudaMemcpyAsync of the same bytes, pinned host.
 void BM_PinnedMemcpy(benchmark::State& state) {
   Setup& s = Get();

@@ -1,6 +1,7 @@
 #include "cuda/kv_copy.h"
 
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 
 #include <string>
 #include <vector>
@@ -53,14 +54,15 @@ Status Copy(const CudaKvLayout& cl, std::span<const ChunkCopy> chunks, CudaStrea
   int align = cl.paged_alignment();
   for (size_t i = 0; i < chunks.size(); ++i) {
     const ChunkCopy& c = chunks[i];
-    const std::string where = std::string(op) + ": chunk " + std::to_string(i) + ": ";
-    if (c.num_tokens < 0) return InvalidArgument(where + "negative num_tokens");
+    // Built only for an error: no allocation per chunk on the hot path.
+    auto where = [&] { return std::string(op) + ": chunk " + std::to_string(i) + ": "; };
+    if (c.num_tokens < 0) return InvalidArgument(where() + "negative num_tokens");
     if (c.num_tokens == 0) continue;
-    if (c.slots == nullptr) return InvalidArgument(where + "null slot mapping");
-    if (c.chunk == nullptr) return InvalidArgument(where + "null chunk buffer");
+    if (c.slots == nullptr) return InvalidArgument(where() + "null slot mapping");
+    if (c.chunk == nullptr) return InvalidArgument(where() + "null chunk buffer");
     const size_t want = l.ChunkBytes(c.num_tokens);
     if (c.chunk_bytes != want) {
-      return InvalidArgument(where + "chunk buffer is " + std::to_string(c.chunk_bytes) +
+      return InvalidArgument(where() + "chunk buffer is " + std::to_string(c.chunk_bytes) +
                              " bytes but " + std::to_string(c.num_tokens) + " tokens need " +
                              std::to_string(want));
     }
@@ -91,6 +93,41 @@ Status Copy(const CudaKvLayout& cl, std::span<const ChunkCopy> chunks, CudaStrea
 }
 
 }  // namespace
+
+// Whether the calling thread has a current CUDA context, asked of the
+// driver (cuCtxGetCurrent) that cudart has already loaded. -1: unknown.
+static int ThreadHasContext() {
+  using GetCurrent = int (*)(void**);
+  static const GetCurrent get = [] {
+    void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    return h != nullptr ? reinterpret_cast<GetCurrent>(dlsym(h, "cuCtxGetCurrent")) : nullptr;
+  }();
+  if (get == nullptr) return -1;
+  void* ctx = nullptr;
+  if (get(&ctx) != 0) return -1;
+  return ctx != nullptr ? 1 : 0;
+}
+
+CudaDeviceGuard::CudaDeviceGuard(int device) : device_(device) {
+  // Restore only a device the thread was really using: on a thread with no
+  // context yet, cudaGetDevice says 0, and setting 0 back would create a
+  // context on GPU 0 (hundreds of MiB) for a layout on another GPU.
+  if (ThreadHasContext() == 1 && cudaGetDevice(&previous_) != cudaSuccess) {
+    previous_ = -1;
+    cudaGetLastError();
+  }
+  if (previous_ != device) {
+    const cudaError_t e = cudaSetDevice(device);
+    if (e != cudaSuccess) {
+      status_ = CudaError("cudaSetDevice", e);
+      cudaGetLastError();
+    }
+  }
+}
+
+CudaDeviceGuard::~CudaDeviceGuard() {
+  if (previous_ >= 0 && previous_ != device_) cudaSetDevice(previous_);
+}
 
 bool CudaRuntimeAvailable() {
   // Function-local static: initialised once, thread-safe by the language.
@@ -132,9 +169,9 @@ StatusOr<CudaKvLayout> CudaKvLayout::Create(const PagedKvLayout& layout) {
     fold(bases[static_cast<size_t>(i)]);
   }
   out.paged_alignment_ = align;
-  cudaError_t e = cudaSetDevice(layout.device_index());
-  if (e != cudaSuccess) return CudaError("cudaSetDevice", e);
-  e = cudaMalloc(reinterpret_cast<void**>(&out.device_bases_), bases.size() * sizeof(uintptr_t));
+  CudaDeviceGuard device(layout.device_index());
+  KVT_RETURN_IF_ERROR(device.status());
+  cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&out.device_bases_), bases.size() * sizeof(uintptr_t));
   if (e != cudaSuccess) return CudaError("cudaMalloc(layer table)", e);
   // Synchronous on purpose: registration time, once per KV cache.
   e = cudaMemcpy(out.device_bases_, bases.data(), bases.size() * sizeof(uintptr_t),

@@ -47,6 +47,26 @@ using CudaStream = CUstream_st*;
 // device). Cheap after the first call; never throws or aborts.
 bool CudaRuntimeAvailable();
 
+// Makes `device` the calling thread's current CUDA device for the guard's
+// lifetime, then restores the previous one: callers (torch, a server's own
+// threads) keep their own current device, and kvtier must not change it
+// under them. A thread that had no CUDA context keeps `device` (restoring
+// "device 0" there would create a context on GPU 0). status() is not OK
+// when the device could not be set.
+class CudaDeviceGuard {
+ public:
+  explicit CudaDeviceGuard(int device);
+  ~CudaDeviceGuard();
+  CudaDeviceGuard(const CudaDeviceGuard&) = delete;
+  CudaDeviceGuard& operator=(const CudaDeviceGuard&) = delete;
+  const Status& status() const { return status_; }
+
+ private:
+  int previous_ = -1;
+  int device_ = -1;
+  Status status_;
+};
+
 // A PagedKvLayout whose per-layer base table is uploaded to the device once
 // (at registration: cudaMalloc + a synchronous copy, off the hot path).
 class CudaKvLayout {

@@ -94,6 +94,107 @@ CudaLane::~CudaLane() {
 }
 
 // ---------------------------------------------------------------------------
+// CudaPagedIo::Shared: what the copy threads need, without the engine.
+
+struct CudaPagedIo::Shared {
+  explicit Shared(CudaKvLayout l) : cuda_layout(std::move(l)) {}
+  ~Shared() {
+    {
+      std::lock_guard<std::mutex> lock(lanes_mu);
+      lanes.clear();
+    }
+    if (registered) UnregisterRegion(region_host);
+  }
+
+  StatusOr<std::byte*> DevicePointer(const std::byte* host) const {
+    if (host < region_host || host >= region_host + region_bytes) {
+      return Internal("CudaPagedIo: buffer is outside the registered CPU tier region");
+    }
+    return region_device + (host - region_host);
+  }
+
+  StatusOr<std::unique_ptr<CudaLane>> TakeLane(size_t slots) {
+    std::unique_ptr<CudaLane> lane;
+    {
+      std::lock_guard<std::mutex> lock(lanes_mu);
+      if (!lanes.empty()) {
+        lane = std::move(lanes.back());
+        lanes.pop_back();
+      }
+    }
+    if (lane == nullptr) {
+      lane = std::make_unique<CudaLane>();
+      KVT_CUDA_RETURN("cudaStreamCreateWithFlags",
+                      cudaStreamCreateWithFlags(&lane->stream, cudaStreamNonBlocking));
+      KVT_CUDA_RETURN("cudaEventCreateWithFlags",
+                      cudaEventCreateWithFlags(&lane->event, cudaEventDisableTiming));
+    }
+    if (lane->capacity < slots) {
+      // Grows in powers of two (>= 4096 slots): after warm-up no allocation.
+      size_t cap = std::max<size_t>(4096, lane->capacity);
+      while (cap < slots) cap *= 2;
+      if (lane->host_slots != nullptr) cudaFreeHost(lane->host_slots);
+      if (lane->dev_slots != nullptr) cudaFree(lane->dev_slots);
+      lane->host_slots = nullptr;
+      lane->dev_slots = nullptr;
+      lane->capacity = 0;
+      KVT_CUDA_RETURN("cudaMallocHost(slots)",
+                      cudaMallocHost(&lane->host_slots, cap * sizeof(int64_t)));
+      KVT_CUDA_RETURN("cudaMalloc(slots)", cudaMalloc(&lane->dev_slots, cap * sizeof(int64_t)));
+      lane->capacity = cap;
+    }
+    return lane;
+  }
+
+  void ReturnLane(std::unique_ptr<CudaLane> lane) {
+    if (lane == nullptr) return;
+    std::lock_guard<std::mutex> lock(lanes_mu);
+    lanes.push_back(std::move(lane));
+  }
+
+  // Runs on an engine copy thread: waits (on its own stream) for the KV to
+  // be final, gathers one chunk into slab memory, and returns only when the
+  // bytes are there (the engine commits the chunk next).
+  Status GatherChunk(const ChunkHash& c, std::span<const int64_t> slots, std::span<std::byte> dst,
+                     CUevent_st* ready) {
+    if (std::any_of(slots.begin(), slots.end(), [](int64_t v) { return v < 0; })) {
+      return InvalidArgument("chunk at token " + std::to_string(c.begin) +
+                             " has padding slots (< 0); only computed tokens can be stored");
+    }
+    KVT_ASSIGN_OR_RETURN(std::byte * dev_dst, DevicePointer(dst.data()));
+    CudaDeviceGuard device(cuda_layout.layout().device_index());
+    KVT_RETURN_IF_ERROR(device.status());
+    KVT_ASSIGN_OR_RETURN(std::unique_ptr<CudaLane> lane, TakeLane(slots.size()));
+    std::memcpy(lane->host_slots, slots.data(), slots.size_bytes());
+    Status s = [&]() -> Status {
+      KVT_CUDA_RETURN("cudaStreamWaitEvent", cudaStreamWaitEvent(lane->stream, ready, 0));
+      KVT_CUDA_RETURN("cudaMemcpyAsync(slots)",
+                      cudaMemcpyAsync(lane->dev_slots, lane->host_slots, slots.size_bytes(),
+                                      cudaMemcpyHostToDevice, lane->stream));
+      const ChunkCopy copy{lane->dev_slots, static_cast<int64_t>(slots.size()), dev_dst, dst.size()};
+      KVT_RETURN_IF_ERROR(GatherCuda(cuda_layout, std::span<const ChunkCopy>(&copy, 1), lane->stream));
+      KVT_CUDA_RETURN("cudaStreamSynchronize", cudaStreamSynchronize(lane->stream));
+      return Status::Ok();
+    }();
+    if (!s.ok()) {
+      // Whatever was enqueued must finish before the lane's buffers are reused.
+      cudaStreamSynchronize(lane->stream);
+      cudaGetLastError();
+    }
+    ReturnLane(std::move(lane));
+    return s;
+  }
+
+  CudaKvLayout cuda_layout;
+  std::byte* region_host = nullptr;
+  size_t region_bytes = 0;
+  std::byte* region_device = nullptr;
+  bool registered = false;
+  std::mutex lanes_mu;
+  std::vector<std::unique_ptr<CudaLane>> lanes;  // idle lanes
+};
+
+// ---------------------------------------------------------------------------
 // CudaPagedIo
 
 StatusOr<std::shared_ptr<CudaPagedIo>> CudaPagedIo::Create(std::shared_ptr<Engine> engine,
@@ -111,97 +212,23 @@ StatusOr<std::shared_ptr<CudaPagedIo>> CudaPagedIo::Create(std::shared_ptr<Engin
                            std::to_string(tier->options().chunk_bytes));
   }
   KVT_ASSIGN_OR_RETURN(CudaKvLayout cl, CudaKvLayout::Create(layout));
-  std::shared_ptr<CudaPagedIo> io(new CudaPagedIo(std::move(engine), std::move(cl)));
+  auto shared = std::make_shared<Shared>(std::move(cl));
   std::span<std::byte> mem = tier->memory();
-  KVT_CUDA_RETURN("cudaSetDevice", cudaSetDevice(layout.device_index()));
-  KVT_ASSIGN_OR_RETURN(io->region_device_, RegisterRegion(mem.data(), mem.size()));
-  io->region_host_ = mem.data();
-  io->region_bytes_ = mem.size();
-  io->registered_ = true;
-  return io;
+  CudaDeviceGuard device(layout.device_index());
+  KVT_RETURN_IF_ERROR(device.status());
+  KVT_ASSIGN_OR_RETURN(shared->region_device, RegisterRegion(mem.data(), mem.size()));
+  shared->region_host = mem.data();
+  shared->region_bytes = mem.size();
+  shared->registered = true;
+  return std::shared_ptr<CudaPagedIo>(new CudaPagedIo(std::move(engine), std::move(shared)));
 }
 
-CudaPagedIo::~CudaPagedIo() {
-  {
-    std::lock_guard<std::mutex> lock(lanes_mu_);
-    lanes_.clear();
-  }
-  if (registered_) UnregisterRegion(region_host_);
-}
+CudaPagedIo::~CudaPagedIo() = default;
+
+const PagedKvLayout& CudaPagedIo::layout() const { return shared_->cuda_layout.layout(); }
 
 StatusOr<std::byte*> CudaPagedIo::DevicePointer(const std::byte* host) const {
-  if (host < region_host_ || host >= region_host_ + region_bytes_) {
-    return Internal("CudaPagedIo: buffer is outside the registered CPU tier region");
-  }
-  return region_device_ + (host - region_host_);
-}
-
-StatusOr<std::unique_ptr<CudaLane>> CudaPagedIo::TakeLane(size_t slots) {
-  std::unique_ptr<CudaLane> lane;
-  {
-    std::lock_guard<std::mutex> lock(lanes_mu_);
-    if (!lanes_.empty()) {
-      lane = std::move(lanes_.back());
-      lanes_.pop_back();
-    }
-  }
-  if (lane == nullptr) {
-    lane = std::make_unique<CudaLane>();
-    KVT_CUDA_RETURN("cudaStreamCreateWithFlags",
-                    cudaStreamCreateWithFlags(&lane->stream, cudaStreamNonBlocking));
-    KVT_CUDA_RETURN("cudaEventCreateWithFlags",
-                    cudaEventCreateWithFlags(&lane->event, cudaEventDisableTiming));
-  }
-  if (lane->capacity < slots) {
-    // Grows in powers of two (>= 4096 slots): after warm-up no allocation.
-    size_t cap = std::max<size_t>(4096, lane->capacity);
-    while (cap < slots) cap *= 2;
-    if (lane->host_slots != nullptr) cudaFreeHost(lane->host_slots);
-    if (lane->dev_slots != nullptr) cudaFree(lane->dev_slots);
-    lane->host_slots = nullptr;
-    lane->dev_slots = nullptr;
-    lane->capacity = 0;
-    KVT_CUDA_RETURN("cudaMallocHost(slots)", cudaMallocHost(&lane->host_slots, cap * sizeof(int64_t)));
-    KVT_CUDA_RETURN("cudaMalloc(slots)", cudaMalloc(&lane->dev_slots, cap * sizeof(int64_t)));
-    lane->capacity = cap;
-  }
-  return lane;
-}
-
-void CudaPagedIo::ReturnLane(std::unique_ptr<CudaLane> lane) {
-  if (lane == nullptr) return;
-  std::lock_guard<std::mutex> lock(lanes_mu_);
-  lanes_.push_back(std::move(lane));
-}
-
-Status CudaPagedIo::GatherChunk(const ChunkHash& c, std::span<const int64_t> slots,
-                                std::span<std::byte> dst, CUevent_st* ready) {
-  if (std::any_of(slots.begin(), slots.end(), [](int64_t v) { return v < 0; })) {
-    return InvalidArgument("chunk at token " + std::to_string(c.begin) +
-                           " has padding slots (< 0); only computed tokens can be stored");
-  }
-  KVT_ASSIGN_OR_RETURN(std::byte * dev_dst, DevicePointer(dst.data()));
-  KVT_CUDA_RETURN("cudaSetDevice", cudaSetDevice(layout().device_index()));
-  KVT_ASSIGN_OR_RETURN(std::unique_ptr<CudaLane> lane, TakeLane(slots.size()));
-  std::memcpy(lane->host_slots, slots.data(), slots.size_bytes());
-  Status s = [&]() -> Status {
-    KVT_CUDA_RETURN("cudaStreamWaitEvent", cudaStreamWaitEvent(lane->stream, ready, 0));
-    KVT_CUDA_RETURN("cudaMemcpyAsync(slots)",
-                    cudaMemcpyAsync(lane->dev_slots, lane->host_slots, slots.size_bytes(),
-                                    cudaMemcpyHostToDevice, lane->stream));
-    const ChunkCopy copy{lane->dev_slots, static_cast<int64_t>(slots.size()), dev_dst, dst.size()};
-    KVT_RETURN_IF_ERROR(GatherCuda(cuda_layout_, std::span<const ChunkCopy>(&copy, 1), lane->stream));
-    // The engine commits the chunk when this returns: the bytes must be there.
-    KVT_CUDA_RETURN("cudaStreamSynchronize", cudaStreamSynchronize(lane->stream));
-    return Status::Ok();
-  }();
-  if (!s.ok()) {
-    // Whatever was enqueued must finish before the lane's buffers are reused.
-    cudaStreamSynchronize(lane->stream);
-    cudaGetLastError();
-  }
-  ReturnLane(std::move(lane));
-  return s;
+  return shared_->DevicePointer(host);
 }
 
 StatusOr<std::shared_ptr<StoreHandle>> CudaPagedIo::Store(std::span<const int32_t> tokens,
@@ -209,18 +236,19 @@ StatusOr<std::shared_ptr<StoreHandle>> CudaPagedIo::Store(std::span<const int32_
                                                           size_t skip_tokens, CudaStream stream) {
   const PagedKvLayout& lay = layout();
   KVT_RETURN_IF_ERROR(CheckTokensAndSlots(lay, tokens, slots));
-  KVT_CUDA_RETURN("cudaSetDevice", cudaSetDevice(lay.device_index()));
+  CudaDeviceGuard device(lay.device_index());
+  KVT_RETURN_IF_ERROR(device.status());
   // The KV is final once the caller's stream reaches this point.
   cudaEvent_t ready = nullptr;
   KVT_CUDA_RETURN("cudaEventCreateWithFlags", cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
   std::shared_ptr<CUevent_st> ready_ref(ready, [](CUevent_st* e) { cudaEventDestroy(e); });
   KVT_CUDA_RETURN("cudaEventRecord", cudaEventRecord(ready, stream));
   auto slot_copy = std::make_shared<std::vector<int64_t>>(slots.begin(), slots.end());
-  auto self = shared_from_this();
   auto chunk_bytes = [lay](uint32_t n) { return lay.ChunkBytes(n); };
-  auto fill = [self, slot_copy, ready_ref](const ChunkHash& c, std::span<std::byte> dst) -> Status {
+  // Holds Shared, not this object: see Shared's comment.
+  auto fill = [shared = shared_, slot_copy, ready_ref](const ChunkHash& c, std::span<std::byte> dst) -> Status {
     std::span<const int64_t> s(slot_copy->data() + c.begin, c.num_tokens);
-    return self->GatherChunk(c, s, dst, ready_ref.get());
+    return shared->GatherChunk(c, s, dst, ready_ref.get());
   };
   return engine_->Store(tokens, skip_tokens, lay.layout_id(), chunk_bytes, std::move(fill));
 }
@@ -237,8 +265,9 @@ StatusOr<std::unique_ptr<CudaLoad>> CudaPagedIo::Retrieve(std::span<const int32_
   load->chunks_ = load->prefix_.chunks.size();
   if (load->chunks_ == 0) return load;  // nothing to copy, nothing in flight
 
-  KVT_CUDA_RETURN("cudaSetDevice", cudaSetDevice(lay.device_index()));
-  KVT_ASSIGN_OR_RETURN(load->lane_, TakeLane(slots.size()));
+  CudaDeviceGuard device(lay.device_index());
+  KVT_RETURN_IF_ERROR(device.status());
+  KVT_ASSIGN_OR_RETURN(load->lane_, shared_->TakeLane(slots.size()));
   CudaLane& lane = *load->lane_;
   // Tokens the destination already holds are never written.
   const size_t skip = std::min(skip_tokens, slots.size());
@@ -250,14 +279,14 @@ StatusOr<std::unique_ptr<CudaLoad>> CudaPagedIo::Retrieve(std::span<const int32_
   for (size_t i = 0; i < load->chunks_; ++i) {
     const ChunkHash& c = load->prefix_.chunks[i];
     std::span<const std::byte> src = load->prefix_.leases[i].data();
-    KVT_ASSIGN_OR_RETURN(std::byte * dev_src, DevicePointer(src.data()));
+    KVT_ASSIGN_OR_RETURN(std::byte * dev_src, shared_->DevicePointer(src.data()));
     copies.push_back(ChunkCopy{lane.dev_slots + c.begin, c.num_tokens, dev_src, src.size()});
   }
   Status s = [&]() -> Status {
     KVT_CUDA_RETURN("cudaMemcpyAsync(slots)",
                     cudaMemcpyAsync(lane.dev_slots, lane.host_slots, slots.size_bytes(),
                                     cudaMemcpyHostToDevice, stream));
-    KVT_RETURN_IF_ERROR(ScatterCuda(cuda_layout_, copies, stream));
+    KVT_RETURN_IF_ERROR(ScatterCuda(shared_->cuda_layout, copies, stream));
     KVT_CUDA_RETURN("cudaEventRecord", cudaEventRecord(lane.event, stream));
     return Status::Ok();
   }();
@@ -265,9 +294,10 @@ StatusOr<std::unique_ptr<CudaLoad>> CudaPagedIo::Retrieve(std::span<const int32_
     // Error path only: let whatever was enqueued drain before the leases go.
     cudaStreamSynchronize(stream);
     cudaGetLastError();
-    ReturnLane(std::move(load->lane_));
+    shared_->ReturnLane(std::move(load->lane_));
     return s;
   }
+  load->event_ = lane.event;
   load->finished_ = false;
   return load;
 }
@@ -275,17 +305,23 @@ StatusOr<std::unique_ptr<CudaLoad>> CudaPagedIo::Retrieve(std::span<const int32_
 // ---------------------------------------------------------------------------
 // CudaLoad
 
-CUevent_st* CudaLoad::event() const { return lane_ != nullptr ? lane_->event : nullptr; }
-
 Status CudaLoad::Finish(bool block) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (finished_) return status_;
-  cudaError_t e = block ? cudaEventSynchronize(lane_->event) : cudaEventQuery(lane_->event);
+  CUevent_st* event = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finished_) return status_;
+    event = lane_->event;
+  }
+  // The CUDA call runs unlocked: a done() poll never waits behind another
+  // thread's Wait().
+  const cudaError_t e = block ? cudaEventSynchronize(event) : cudaEventQuery(event);
   if (e == cudaErrorNotReady) return Unavailable("load still in flight");
+  std::lock_guard<std::mutex> lock(mu_);
+  if (finished_) return status_;  // another thread finished it meanwhile
   if (e != cudaSuccess) status_ = CudaError(block ? "cudaEventSynchronize" : "cudaEventQuery", e);
   finished_ = true;
   prefix_.leases.clear();  // the kernels are done with the chunks
-  io_->ReturnLane(std::move(lane_));
+  io_->shared_->ReturnLane(std::move(lane_));
   return status_;
 }
 
@@ -293,8 +329,6 @@ bool CudaLoad::done() { return Finish(/*block=*/false).code() != StatusCode::kUn
 
 Status CudaLoad::Wait() { return Finish(/*block=*/true); }
 
-CudaLoad::~CudaLoad() {
-  if (!finished_) (void)Wait();
-}
+CudaLoad::~CudaLoad() { (void)Wait(); }
 
 }  // namespace kvtier

@@ -40,6 +40,8 @@
 //   not on a CUDA device or the engine has no CPU tier yet; kInvalidArgument
 //   for token/slot mismatches and bad slots; kIoError for CUDA runtime
 //   failures (the message names the call and the CUDA error).
+// - The calling thread's current CUDA device is the same on return (the
+//   layout's device is made current only inside the calls).
 // - Registration is reference counted per region (several layouts of one
 //   engine share it) and undone when the last CudaPagedIo goes.
 // - Thread safety: Store and Retrieve may be called from any thread, also
@@ -73,10 +75,13 @@ struct CudaLane {
   int64_t* host_slots = nullptr;
   int64_t* dev_slots = nullptr;
   size_t capacity = 0;  // slots
+  CudaLane() = default;
+  CudaLane(const CudaLane&) = delete;
+  CudaLane& operator=(const CudaLane&) = delete;
   ~CudaLane();
 };
 
-// One retrieve in flight. Movable-only; destruction waits for completion.
+// One retrieve in flight. Destruction waits for completion.
 class CudaLoad {
  public:
   ~CudaLoad();
@@ -86,10 +91,12 @@ class CudaLoad {
   // Leading tokens valid at the destination once the copy is complete.
   size_t valid_tokens() const { return valid_tokens_; }
   size_t chunks() const { return chunks_; }
-  // The event recorded after the last copy (nullptr when nothing was
-  // enqueued): another stream may cudaStreamWaitEvent on it.
-  CUevent_st* event() const;
-  // True once the copy has completed (the leases are then released).
+  // The event recorded after the last copy, for cudaStreamWaitEvent on
+  // another stream; nullptr when nothing was enqueued. Valid only until
+  // done() or Wait() has returned (the event is then reused).
+  CUevent_st* event() const { return event_; }
+  // True once the copy has completed (the leases are then released). A
+  // failed copy is done too: Wait() says how it ended.
   bool done();
   // Blocks until the copy has completed; kIoError if CUDA reports a failure.
   Status Wait();
@@ -99,14 +106,15 @@ class CudaLoad {
   CudaLoad() = default;
   Status Finish(bool block);
 
-  std::shared_ptr<CudaPagedIo> io_;
+  std::shared_ptr<CudaPagedIo> io_;  // keeps the engine (and its CPU tier) alive for the leases
   std::unique_ptr<CudaLane> lane_;
+  CUevent_st* event_ = nullptr;
   Engine::PrefixLeases prefix_;
   size_t valid_tokens_ = 0;
   size_t chunks_ = 0;
-  bool finished_ = true;
-  Status status_;
   std::mutex mu_;
+  bool finished_ = true;  // guarded by mu_
+  Status status_;         // guarded by mu_
 };
 
 class CudaPagedIo : public std::enable_shared_from_this<CudaPagedIo> {
@@ -117,7 +125,7 @@ class CudaPagedIo : public std::enable_shared_from_this<CudaPagedIo> {
   CudaPagedIo(const CudaPagedIo&) = delete;
   CudaPagedIo& operator=(const CudaPagedIo&) = delete;
 
-  const PagedKvLayout& layout() const { return cuda_layout_.layout(); }
+  const PagedKvLayout& layout() const;
 
   // Files the uncached chunks of tokens (those ending after skip_tokens).
   // slots[i] is token i's slot in the paged KV; `stream` is where the KV
@@ -134,23 +142,19 @@ class CudaPagedIo : public std::enable_shared_from_this<CudaPagedIo> {
   // Device address of a byte inside the registered CPU tier region.
   StatusOr<std::byte*> DevicePointer(const std::byte* host) const;
 
+  // What the engine's copy threads use: the device layout, the registration
+  // and the staging lanes. Store's fill functions hold this, never the
+  // CudaPagedIo or the engine, so the last reference to an engine is never
+  // dropped on one of its own threads.
+  struct Shared;
+
  private:
   friend class CudaLoad;
-  CudaPagedIo(std::shared_ptr<Engine> engine, CudaKvLayout layout)
-      : engine_(std::move(engine)), cuda_layout_(std::move(layout)) {}
-  StatusOr<std::unique_ptr<CudaLane>> TakeLane(size_t slots);
-  void ReturnLane(std::unique_ptr<CudaLane> lane);
-  Status GatherChunk(const ChunkHash& c, std::span<const int64_t> slots, std::span<std::byte> dst,
-                     CUevent_st* ready);
+  CudaPagedIo(std::shared_ptr<Engine> engine, std::shared_ptr<Shared> shared)
+      : engine_(std::move(engine)), shared_(std::move(shared)) {}
 
   std::shared_ptr<Engine> engine_;
-  CudaKvLayout cuda_layout_;
-  std::byte* region_host_ = nullptr;
-  size_t region_bytes_ = 0;
-  std::byte* region_device_ = nullptr;
-  bool registered_ = false;
-  std::mutex lanes_mu_;
-  std::vector<std::unique_ptr<CudaLane>> lanes_;  // idle lanes
+  std::shared_ptr<Shared> shared_;
 };
 
 }  // namespace kvtier

@@ -258,6 +258,33 @@ TEST_F(CudaPagedIoTest, LoadInFlightSurvivesClear) {
   EXPECT_EQ(engine_->cpu_tier()->Stats().entries, 0u);
 }
 
+// The caller may drop the engine and the data path as soon as a store's
+// handle is done: the copy threads hold neither, so the engine is never
+// destroyed on one of its own threads (which would have to join itself).
+TEST_F(CudaPagedIoTest, DroppingEverythingRightAfterAStoreIsSafe) {
+  Build(Spec(KvLayoutKind::kFlashAttn, 2, 16));
+  auto tokens = Tokens(1024, 5);
+  auto slots = testing::MakeSlots(host_->spec(), 1024, 6);
+  for (int round = 0; round < 20; ++round) {
+    EngineOptions o;
+    o.hash_namespace.model = "drop-test";
+    o.chunk_tokens = kChunkTokens;
+    o.cpu.capacity_bytes = 64 << 20;
+    o.cpu.chunk_bytes = layout().ChunkBytes(kChunkTokens);
+    o.copy_threads = 4;
+    auto eng = Engine::Create(o);
+    ASSERT_TRUE(eng.ok());
+    std::shared_ptr<Engine> engine(std::move(*eng));
+    auto io = CudaPagedIo::Create(engine, layout());
+    ASSERT_TRUE(io.ok());
+    auto h = (*io)->Store(tokens, slots, 0, stream_);
+    ASSERT_TRUE(h.ok());
+    ASSERT_TRUE((*h)->Wait().ok());
+    io->reset();
+    engine.reset();  // the last reference, on this thread
+  }
+}
+
 // Many threads, each with its own stream, store and load their own prompts
 // (sharing a common prefix) at once.
 TEST_F(CudaPagedIoTest, ConcurrentStoresAndLoads) {

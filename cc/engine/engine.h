@@ -132,7 +132,9 @@ class StoreHandle {
 
 class Engine {
  public:
-  // Fills dst with the bytes of one chunk. Runs on a copy thread.
+  // Fills dst with the bytes of one chunk. Runs on a copy thread, and is
+  // destroyed on one: it must not hold the last reference to this Engine
+  // (an Engine cannot join its own threads).
   using FillFn = std::function<Status(const ChunkHash& chunk, std::span<std::byte> dst)>;
   // Consumes the bytes of one chunk (e.g. scatters them into paged KV).
   using ConsumeFn = std::function<Status(const ChunkHash& chunk, std::span<const std::byte> src)>;

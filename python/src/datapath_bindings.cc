@@ -238,6 +238,10 @@ void CudaCopy(PyLayout& pl, const pyb::handle& slots_obj, const pyb::handle& buf
   if (IsTorchLike(slots_obj)) {
     int index = 0;
     if (ValueOrThrow(DeviceOf(slots_obj, &index)) == DeviceType::kCuda) {
+      if (index != l.device_index()) {
+        ThrowStatus(InvalidArgument("slot_mapping is on cuda:" + std::to_string(index) + ", the layout on cuda:" +
+                                    std::to_string(l.device_index())));
+      }
       if (std::string(pyb::str(slots_obj.attr("dtype"))) != "torch.int64") {
         ThrowStatus(InvalidArgument("slot_mapping must be int64"));
       }
@@ -259,7 +263,8 @@ void CudaCopy(PyLayout& pl, const pyb::handle& slots_obj, const pyb::handle& buf
   {
     pyb::gil_scoped_release nogil;
     st = [&]() -> Status {
-      if (cudaError_t e = cudaSetDevice(l.device_index()); e != cudaSuccess) return CudaStatus("cudaSetDevice", e);
+      CudaDeviceGuard device(l.device_index());
+      KVT_RETURN_IF_ERROR(device.status());
       int64_t* upload = nullptr;
       int* bad = nullptr;
       auto cleanup = [&] {

@@ -9,9 +9,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cstring>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cc/engine/engine.h"
@@ -163,6 +165,33 @@ pyb::dict StatsDict(const EngineStats& s) {
 }
 
 }  // namespace
+
+void ShutdownEngine(PyEngine& e) {
+  std::shared_ptr<Engine> dying = std::move(e.engine);  // new calls now fail "closed"
+  if (dying == nullptr && e.cuda_io.empty()) return;
+  {
+    pyb::gil_scoped_release nogil;
+    // A call that took the engine before this may still submit copies.
+    while (e.calls.load() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    // Stores in flight read KV tensors that cuda_io keeps alive.
+    if (dying != nullptr) dying->Flush();
+  }
+  std::vector<std::shared_ptr<void>> paths;
+  std::vector<std::shared_ptr<PyLayout>> layouts;
+  for (auto& [layout, path] : e.cuda_io) {
+    layouts.push_back(std::move(layout));
+    paths.push_back(std::move(path));
+  }
+  e.cuda_io.clear();
+  {
+    pyb::gil_scoped_release nogil;
+    paths.clear();  // may unregister the whole CPU tier with CUDA: slow for a large one
+    dying.reset();  // the last owner drains copies and write-behind
+  }
+  layouts.clear();  // the KV tensors: Python objects, so with the GIL
+}
+
+PyEngine::~PyEngine() { ShutdownEngine(*this); }
 
 std::shared_ptr<Engine> EngineRef(PyEngine& e) {
   if (!e.engine) ThrowStatus(FailedPrecondition("engine is closed"));
@@ -333,20 +362,7 @@ void RegisterEngine(pyb::module_& m) {
            })
       .def("stats", [](PyEngine& e) {
             auto eng = EngineRef(e); return StatsDict(eng->Stats()); })
-      .def("close",
-           [](PyEngine& e) {
-             std::shared_ptr<Engine> dying = std::move(e.engine);
-             if (dying == nullptr) return;
-             {
-               // Stores in flight still read the KV tensors that the CUDA
-               // data paths keep alive: drain before dropping them.
-               pyb::gil_scoped_release nogil;
-               dying->Flush();
-             }
-             DropCudaIo(e);
-             pyb::gil_scoped_release nogil;
-             dying.reset();  // the last owner drains copies and write-behind
-           },
+      .def("close", [](PyEngine& e) { ShutdownEngine(e); },
            "Drain pending work and release the tiers. Idempotent.")
       .def_property_readonly("closed", [](PyEngine& e) {
             return e.engine == nullptr; });

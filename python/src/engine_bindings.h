@@ -2,6 +2,7 @@
 // _kvtier.Engine with store_paged / retrieve_paged.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -18,18 +19,34 @@ struct __attribute__((visibility("hidden"))) PyEngine {
   std::shared_ptr<Engine> engine;  // null once closed
   // CUDA data paths made for this engine, one per layout (a CudaPagedIo
   // behind void, so this header needs no CUDA). The PyLayout keeps the KV
-  // tensors alive for as long as the data path may copy them. GIL-guarded.
+  // tensors alive for as long as the data path may copy them (a layout
+  // registered again stays referenced until close). GIL-guarded.
   std::vector<std::pair<std::shared_ptr<PyLayout>, std::shared_ptr<void>>> cuda_io;
+  // Calls that took the engine and may still submit copies (ActiveCall);
+  // close() waits for them before draining.
+  std::atomic<int> calls{0};
 
-  // Collected without close(): finish the stores that read those tensors
-  // before the members (cuda_io first) are destroyed.
-  ~PyEngine() {
-    if (engine != nullptr && !cuda_io.empty()) engine->Flush();
-  }
+  // Collected without close(): the same orderly shutdown.
+  ~PyEngine();
 };
 
-// Drops the CUDA data paths (needs the GIL; the engine must be drained).
-void DropCudaIo(PyEngine& e);
+// Held by a call that submits copies of the engine's KV tensors.
+// Construct with the GIL held, after EngineRef.
+class __attribute__((visibility("hidden"))) ActiveCall {
+ public:
+  explicit ActiveCall(PyEngine& e) : e_(e) { e_.calls.fetch_add(1); }
+  ~ActiveCall() { e_.calls.fetch_sub(1); }
+  ActiveCall(const ActiveCall&) = delete;
+  ActiveCall& operator=(const ActiveCall&) = delete;
+
+ private:
+  PyEngine& e_;
+};
+
+// close(): waits for active calls and drains every copy (GIL released),
+// then drops the CUDA data paths and the engine without the GIL and the KV
+// tensors with it. Needs the GIL; idempotent.
+void ShutdownEngine(PyEngine& e);
 
 // Throws FailedPreconditionError when closed. Take the copy while holding
 // the GIL; use it after releasing.

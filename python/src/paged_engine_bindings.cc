@@ -74,13 +74,27 @@ std::shared_ptr<PagedArgs> CopyArgs(const TokenArray& tokens, const SlotArray& s
 int CopyThreads(int requested) { return requested > 0 ? requested : 1; }
 
 // One retrieve as Python sees it: the CPU path is finished when returned;
-// the CUDA path may still be in flight on its stream.
+// the CUDA path may still be in flight on its stream. Always created and
+// destroyed with the GIL held.
 struct __attribute__((visibility("hidden"))) PyLoad {
   size_t valid_tokens = 0;
   size_t chunks = 0;
+  // The destination tensors: alive until the copy into them is complete
+  // (declared first, so destroyed after `cuda` has waited).
+  std::shared_ptr<PyLayout> layout;
 #ifdef KVTIER_WITH_CUDA
   std::unique_ptr<CudaLoad> cuda;
 #endif
+  ~PyLoad() {
+#ifdef KVTIER_WITH_CUDA
+    if (cuda != nullptr) {
+      // Waits for the copy and may drop the last reference to a closed
+      // engine: neither with the GIL held.
+      pybind11::gil_scoped_release nogil;
+      cuda.reset();
+    }
+#endif
+  }
 };
 
 #ifdef KVTIER_WITH_CUDA
@@ -98,6 +112,12 @@ std::shared_ptr<CudaPagedIo> CudaIoFor(PyEngine& e, const std::shared_ptr<Engine
     io = CudaPagedIo::Create(eng, layout->layout);
   }
   std::shared_ptr<CudaPagedIo> out = ValueOrThrow(std::move(io));
+  if (e.engine == nullptr) {
+    // close() ran while the GIL was released: do not keep the engine alive.
+    pyb::gil_scoped_release nogil;
+    out.reset();
+    ThrowStatus(FailedPrecondition("engine is closed"));
+  }
   e.cuda_io.emplace_back(layout, out);
   return out;
 }
@@ -107,8 +127,6 @@ CudaStream StreamOf(uintptr_t s) { return reinterpret_cast<CudaStream>(s); }
 
 }  // namespace
 
-void DropCudaIo(PyEngine& e) { e.cuda_io.clear(); }
-
 void RegisterPagedEngine(pyb::module_& m) {
   auto cls = pyb::reinterpret_borrow<pyb::class_<PyEngine, std::shared_ptr<PyEngine>>>(m.attr("Engine"));
   cls.def(
@@ -116,6 +134,7 @@ void RegisterPagedEngine(pyb::module_& m) {
       [](PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
          const std::shared_ptr<PyLayout>& layout, uintptr_t stream) {
         auto eng = EngineRef(e);
+        ActiveCall active(e);
         if (skip_tokens < 0) ThrowStatus(InvalidArgument("skip_tokens must be >= 0"));
         std::shared_ptr<PagedArgs> args = CopyArgs(tokens, slots, *layout);
 #ifdef KVTIER_WITH_CUDA
@@ -160,9 +179,11 @@ void RegisterPagedEngine(pyb::module_& m) {
   auto retrieve = [](PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
                      const std::shared_ptr<PyLayout>& layout, int num_threads, uintptr_t stream) {
     auto eng = EngineRef(e);
+    ActiveCall active(e);
     if (skip_tokens < 0) ThrowStatus(InvalidArgument("skip_tokens must be >= 0"));
     std::shared_ptr<PagedArgs> args = CopyArgs(tokens, slots, *layout);
     auto load = std::make_unique<PyLoad>();
+    load->layout = layout;
 #ifdef KVTIER_WITH_CUDA
     if (OnCuda(*layout)) {
       std::shared_ptr<CudaPagedIo> io = CudaIoFor(e, eng, layout);

@@ -151,6 +151,26 @@ def test_store_waits_for_the_stream_and_load_is_ordered_on_it(tmp_path):
     eng.close()
 
 
+def test_close_with_a_load_in_flight(tmp_path):
+    eng = make_engine(tmp_path)
+    kind, block = "flash_attn", 16
+    src = make_kv(kind, torch.float16, block)
+    eng.register_kv_caches(src, kind=kind)
+    tokens, slots = np.arange(1024), np.arange(1024)
+    eng.store(tokens, slots).wait()
+    dst = make_kv(kind, torch.float16, block, zeros=True)
+    eng.register_kv_caches(dst, kind=kind)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # the scatter is still queued when close() runs
+        load = eng.retrieve_on_stream(tokens, slots)
+    eng.close()  # the load keeps its chunks, its engine and its tensors
+    assert eng.closed
+    assert load.wait() == 1024
+    assert same_blocks(src, dst, kind, range(1024 // block))
+    del load  # the last reference to the closed engine goes here
+
+
 def test_reload_from_disk_into_gpu(tmp_path):
     cfg = {"disk_path": str(tmp_path / "disk"), "disk_capacity": "1GiB"}
     kind, block = "flash_infer", 16

@@ -473,7 +473,7 @@ class KVTierConnector(KVConnectorBase_V1):
             self.engine.register_kv_caches(tensors)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        self._stream_loads = [h for h in self._stream_loads if not h.done()]
+        self._reap_stream_loads()
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVTierConnectorMetadata)
         for spec in meta.loads:
@@ -503,6 +503,20 @@ class KVTierConnector(KVConnectorBase_V1):
                 logger.exception("kvtier retrieve failed for %s", spec.req_id)
                 loaded = 0
             self._finish_load(spec, loaded, started)
+
+    def _reap_stream_loads(self) -> None:
+        """Drop finished GPU loads (releasing their chunks); log any that failed on the GPU."""
+        pending = []
+        for handle in self._stream_loads:
+            if not handle.done():
+                pending.append(handle)
+                continue
+            try:
+                handle.wait()  # returns at once; raises if the copy failed
+            except Exception:
+                logger.exception("kvtier: a GPU load failed after it was enqueued")
+                self._count(load_errors=1)
+        self._stream_loads = pending
 
     def _finish_load(self, spec: LoadSpec, loaded: int, started: float) -> None:
         loaded = max(loaded, spec.skip_tokens)

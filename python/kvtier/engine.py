@@ -143,7 +143,9 @@ class Engine:
         the returned handle is done. On a CUDA layout the copies start once
         ``stream`` (default: the current stream) has reached this call, so
         the KV its earlier kernels write is what gets stored; the calling
-        thread and the stream never wait.
+        thread and the stream never wait. (A slot mapping given as a CUDA
+        tensor is first copied to the host, which does wait: pass numpy or
+        CPU slots on a hot path, as the vLLM connector does.)
         """
         toks = _tokens(tokens)
         layout = self._require_layout()

@@ -3,6 +3,9 @@ the CPU and disk tiers, through the installed extension."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import kvtier
 import numpy as np
 import pytest
@@ -195,3 +198,44 @@ def test_gds_on_without_cufile_fails_at_start(tmp_path):
     with pytest.raises(_kvtier.NotImplementedByBuildError, match="gds=on"):
         engine(tmp_path, gds="on")
     engine(tmp_path, gds="off").close()  # the same directory opens fine without it
+
+
+def test_close_while_other_threads_store_and_retrieve(tmp_path):
+    # close() waits for calls already inside the engine, drains their copies
+    # and only then lets the tensors go; later calls fail "closed". Every
+    # call therefore either completes with correct data or raises that error.
+    eng = engine(tmp_path, disk_path="none", cpu_capacity="256MiB")
+    src = make_kv()
+    eng.register_kv_caches(src)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not done.is_set():
+            tokens = rng.integers(0, 50_000, size=96)
+            slots = rng.permutation(BLOCKS * BLOCK)[:96]
+            try:
+                eng.store(tokens, slots).wait()
+                eng.retrieve(tokens, slots)
+            except _kvtier.FailedPreconditionError as e:
+                if "closed" not in str(e):
+                    errors.append(e)
+                return
+            except BaseException as e:  # noqa: BLE001 - any other error is the defect under test
+                errors.append(e)
+                return
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    eng.close()
+    done.set()
+    for t in threads:
+        t.join(timeout=30)
+        assert not t.is_alive()
+    assert errors == []
+    assert eng.closed
+    with pytest.raises(_kvtier.FailedPreconditionError, match="closed"):
+        eng.store(np.arange(32), np.arange(32))

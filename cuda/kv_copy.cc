@@ -15,9 +15,6 @@ using cuda_internal::KernelBatch;
 using cuda_internal::KernelChunk;
 using cuda_internal::KernelLayout;
 
-Status CudaError(const char* op, cudaError_t e) {
-  return IoError(std::string(op) + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
-}
 
 int AlignmentOf(uint64_t v) {
   int a = 16;
@@ -76,7 +73,7 @@ Status Copy(const CudaKvLayout& cl, std::span<const ChunkCopy> chunks, CudaStrea
     const int e = cuda_internal::LaunchKvCopy(kl, batch, align, gather, bad_slot, stream);
     batch.count = 0;
     batch.max_rows = 0;
-    if (e != cudaSuccess) return CudaError(op, static_cast<cudaError_t>(e));
+    if (e != cudaSuccess) return CudaErrorStatus(op, e);
     return Status::Ok();
   };
   const int64_t rows_per_token = static_cast<int64_t>(kl.num_layers) * kl.planes;
@@ -119,7 +116,7 @@ CudaDeviceGuard::CudaDeviceGuard(int device) : device_(device) {
   if (previous_ != device) {
     const cudaError_t e = cudaSetDevice(device);
     if (e != cudaSuccess) {
-      status_ = CudaError("cudaSetDevice", e);
+      status_ = CudaErrorStatus("cudaSetDevice", e);
       cudaGetLastError();
     }
   }
@@ -127,6 +124,11 @@ CudaDeviceGuard::CudaDeviceGuard(int device) : device_(device) {
 
 CudaDeviceGuard::~CudaDeviceGuard() {
   if (previous_ >= 0 && previous_ != device_) cudaSetDevice(previous_);
+}
+
+Status CudaErrorStatus(const std::string& op, int error) {
+  const auto e = static_cast<cudaError_t>(error);
+  return IoError(op + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
 }
 
 bool CudaRuntimeAvailable() {
@@ -172,11 +174,11 @@ StatusOr<CudaKvLayout> CudaKvLayout::Create(const PagedKvLayout& layout) {
   CudaDeviceGuard device(layout.device_index());
   KVT_RETURN_IF_ERROR(device.status());
   cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&out.device_bases_), bases.size() * sizeof(uintptr_t));
-  if (e != cudaSuccess) return CudaError("cudaMalloc(layer table)", e);
+  if (e != cudaSuccess) return CudaErrorStatus("cudaMalloc(layer table)", e);
   // Synchronous on purpose: registration time, once per KV cache.
   e = cudaMemcpy(out.device_bases_, bases.data(), bases.size() * sizeof(uintptr_t),
                  cudaMemcpyHostToDevice);
-  if (e != cudaSuccess) return CudaError("cudaMemcpy(layer table)", e);
+  if (e != cudaSuccess) return CudaErrorStatus("cudaMemcpy(layer table)", e);
   return out;
 }
 

@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 
 #include "cc/common/status.h"
 #include "cc/datapath/kv_layout.h"
@@ -42,6 +43,10 @@ struct CUstream_st;
 namespace kvtier {
 
 using CudaStream = CUstream_st*;
+
+// kIoError naming the failed call and the CUDA error (`error` is a
+// cudaError_t). The one place kvtier turns CUDA runtime errors into Status.
+Status CudaErrorStatus(const std::string& op, int error);
 
 // True when this process can use a CUDA device (driver present, at least one
 // device). Cheap after the first call; never throws or aborts.

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cc/common/bench_main.h"
+#include "cuda/cuda_check.h"
 #include "cc/datapath/paged_test_util.h"
 #include "cuda/kv_copy.h"
 
@@ -22,15 +23,6 @@ namespace {
 
 constexpr int kChunks = 8;
 constexpr size_t kTokens = 256;
-
-#define CHECK_CUDA(x)                                                               \
-  do {                                                                              \
-    cudaError_t e_ = (x);                                                           \
-    if (e_ != cudaSuccess) {                                                        \
-      std::fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_));                 \
-      std::abort();                                                                 \
-    }                                                                               \
-  } while (0)
 
 struct Fixture {
   std::unique_ptr<CudaKvLayout> layout;
@@ -41,7 +33,7 @@ struct Fixture {
 cudaStream_t Stream() {
   static cudaStream_t s = [] {
     cudaStream_t st;
-    CHECK_CUDA(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    KVT_CHECK_CUDA(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     return st;
   }();
   return s;
@@ -57,8 +49,8 @@ Fixture& Get(KvLayoutKind kind) {
   s.blocks = 2 * kChunks * static_cast<int64_t>(kTokens) / s.block_size;
   testing::PagedKv host(s, 1);
   std::byte* dev = nullptr;
-  CHECK_CUDA(cudaMalloc(&dev, host.bytes()));
-  CHECK_CUDA(cudaMemcpy(dev, host.base(), host.bytes(), cudaMemcpyHostToDevice));
+  KVT_CHECK_CUDA(cudaMalloc(&dev, host.bytes()));
+  KVT_CHECK_CUDA(cudaMemcpy(dev, host.base(), host.bytes(), cudaMemcpyHostToDevice));
   auto lay = PagedKvLayout::Create(host.Descs(dev, DeviceType::kCuda), kind);
   if (!lay.ok()) std::abort();
   auto cl = CudaKvLayout::Create(*lay);
@@ -71,12 +63,12 @@ Fixture& Get(KvLayoutKind kind) {
   const auto all = testing::MakeSlots(s, kTokens * kChunks, 3);
   for (int c = 0; c < kChunks; ++c) {
     int64_t* ds = nullptr;
-    CHECK_CUDA(cudaMalloc(&ds, kTokens * 8));
-    CHECK_CUDA(cudaMemcpy(ds, all.data() + c * kTokens, kTokens * 8, cudaMemcpyHostToDevice));
+    KVT_CHECK_CUDA(cudaMalloc(&ds, kTokens * 8));
+    KVT_CHECK_CUDA(cudaMemcpy(ds, all.data() + c * kTokens, kTokens * 8, cudaMemcpyHostToDevice));
     std::byte *pinned = nullptr, *mapped = nullptr, *d = nullptr;
-    CHECK_CUDA(cudaHostAlloc(&pinned, f.chunk_bytes, cudaHostAllocMapped));
-    CHECK_CUDA(cudaHostGetDevicePointer(&mapped, pinned, 0));
-    CHECK_CUDA(cudaMalloc(&d, f.chunk_bytes));
+    KVT_CHECK_CUDA(cudaHostAlloc(&pinned, f.chunk_bytes, cudaHostAllocMapped));
+    KVT_CHECK_CUDA(cudaHostGetDevicePointer(&mapped, pinned, 0));
+    KVT_CHECK_CUDA(cudaMalloc(&d, f.chunk_bytes));
     f.to_pinned.push_back({ds, static_cast<int64_t>(kTokens), mapped, f.chunk_bytes});
     f.to_device.push_back({ds, static_cast<int64_t>(kTokens), d, f.chunk_bytes});
   }
@@ -86,17 +78,17 @@ Fixture& Get(KvLayoutKind kind) {
 template <typename Fn>
 void TimeWithEvents(benchmark::State& state, size_t bytes, Fn&& fn) {
   cudaEvent_t a, b;
-  CHECK_CUDA(cudaEventCreate(&a));
-  CHECK_CUDA(cudaEventCreate(&b));
+  KVT_CHECK_CUDA(cudaEventCreate(&a));
+  KVT_CHECK_CUDA(cudaEventCreate(&b));
   fn();  // warm-up
-  CHECK_CUDA(cudaStreamSynchronize(Stream()));
+  KVT_CHECK_CUDA(cudaStreamSynchronize(Stream()));
   for (auto _ : state) {
-    CHECK_CUDA(cudaEventRecord(a, Stream()));
+    KVT_CHECK_CUDA(cudaEventRecord(a, Stream()));
     fn();
-    CHECK_CUDA(cudaEventRecord(b, Stream()));
-    CHECK_CUDA(cudaEventSynchronize(b));  // measurement only
+    KVT_CHECK_CUDA(cudaEventRecord(b, Stream()));
+    KVT_CHECK_CUDA(cudaEventSynchronize(b));  // measurement only
     float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+    KVT_CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
     state.SetIterationTime(ms / 1e3);
   }
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * bytes));
@@ -131,11 +123,11 @@ void BM_Memcpy(benchmark::State& state) {
   if (dst == nullptr) {
     const bool dst_host = kind == cudaMemcpyDeviceToHost;
     const bool src_host = kind == cudaMemcpyHostToDevice;
-    CHECK_CUDA(dst_host ? cudaMallocHost(&dst, bytes) : cudaMalloc(&dst, bytes));
-    CHECK_CUDA(src_host ? cudaMallocHost(&src, bytes) : cudaMalloc(&src, bytes));
+    KVT_CHECK_CUDA(dst_host ? cudaMallocHost(&dst, bytes) : cudaMalloc(&dst, bytes));
+    KVT_CHECK_CUDA(src_host ? cudaMallocHost(&src, bytes) : cudaMalloc(&src, bytes));
   }
   TimeWithEvents(state, bytes,
-                 [&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, kind, Stream())); });
+                 [&] { KVT_CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, kind, Stream())); });
 }
 BENCHMARK(BM_Memcpy)
     ->ArgName("kind")

@@ -10,14 +10,11 @@
 namespace kvtier {
 namespace {
 
-Status CudaError(const std::string& op, cudaError_t e) {
-  return IoError(op + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
-}
 
 #define KVT_CUDA_RETURN(op, expr)                    \
   do {                                               \
     const cudaError_t kvt_e_ = (expr);               \
-    if (kvt_e_ != cudaSuccess) return CudaError(op, kvt_e_); \
+    if (kvt_e_ != cudaSuccess) return CudaErrorStatus(op, kvt_e_); \
   } while (0)
 
 // Process-wide registrations of host regions: several CudaPagedIo objects
@@ -47,14 +44,14 @@ StatusOr<std::byte*> RegisterRegion(std::byte* host, size_t bytes) {
     if (e != cudaSuccess) {
       Registry().erase(host);
       cudaGetLastError();
-      return CudaError("cudaHostRegister(CPU tier, " + std::to_string(bytes) + " bytes)", e);
+      return CudaErrorStatus("cudaHostRegister(CPU tier, " + std::to_string(bytes) + " bytes)", e);
     }
     void* dev = nullptr;
     e = cudaHostGetDevicePointer(&dev, host, 0);
     if (e != cudaSuccess) {
       cudaHostUnregister(host);
       Registry().erase(host);
-      return CudaError("cudaHostGetDevicePointer(CPU tier)", e);
+      return CudaErrorStatus("cudaHostGetDevicePointer(CPU tier)", e);
     }
     r.bytes = bytes;
     r.device = static_cast<std::byte*>(dev);
@@ -157,10 +154,7 @@ struct CudaPagedIo::Shared {
   // bytes are there (the engine commits the chunk next).
   Status GatherChunk(const ChunkHash& c, std::span<const int64_t> slots, std::span<std::byte> dst,
                      CUevent_st* ready) {
-    if (std::any_of(slots.begin(), slots.end(), [](int64_t v) { return v < 0; })) {
-      return InvalidArgument("chunk at token " + std::to_string(c.begin) +
-                             " has padding slots (< 0); only computed tokens can be stored");
-    }
+    KVT_RETURN_IF_ERROR(CheckNoPadding(slots, c.begin));
     KVT_ASSIGN_OR_RETURN(std::byte * dev_dst, DevicePointer(dst.data()));
     CudaDeviceGuard device(cuda_layout.layout().device_index());
     KVT_RETURN_IF_ERROR(device.status());
@@ -318,7 +312,7 @@ Status CudaLoad::Finish(bool block) {
   if (e == cudaErrorNotReady) return Unavailable("load still in flight");
   std::lock_guard<std::mutex> lock(mu_);
   if (finished_) return status_;  // another thread finished it meanwhile
-  if (e != cudaSuccess) status_ = CudaError(block ? "cudaEventSynchronize" : "cudaEventQuery", e);
+  if (e != cudaSuccess) status_ = CudaErrorStatus(block ? "cudaEventSynchronize" : "cudaEventQuery", e);
   finished_ = true;
   prefix_.leases.clear();  // the kernels are done with the chunks
   io_->shared_->ReturnLane(std::move(lane_));

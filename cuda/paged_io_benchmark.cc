@@ -14,6 +14,7 @@
 #include <numeric>
 
 #include "cc/common/bench_main.h"
+#include "cuda/cuda_check.h"
 #include "cc/datapath/paged_test_util.h"
 #include "cuda/paged_io.h"
 
@@ -21,24 +22,6 @@ namespace kvtier {
 namespace {
 
 constexpr size_t kTokens = 2048;
-
-#define CHECK_OK(x)                                                           \
-  do {                                                                        \
-    auto&& r_ = (x);                                                          \
-    if (!r_.ok()) {                                                           \
-      std::fprintf(stderr, "%s: %s\n", #x, r_.status().ToString().c_str());   \
-      std::abort();                                                           \
-    }                                                                         \
-  } while (0)
-
-#define CHECK_CUDA(x)                                               \
-  do {                                                              \
-    cudaError_t e_ = (x);                                           \
-    if (e_ != cudaSuccess) {                                        \
-      std::fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_)); \
-      std::abort();                                                 \
-    }                                                               \
-  } while (0)
 
 struct Setup {
   std::shared_ptr<Engine> engine;
@@ -63,10 +46,10 @@ Setup& Get(int copy_threads = 2) {
     spec.blocks = 2 * kTokens / spec.block_size;
     testing::PagedKv host(spec, 1);
     std::byte* dev = nullptr;
-    CHECK_CUDA(cudaMalloc(&dev, host.bytes()));
-    CHECK_CUDA(cudaMemcpy(dev, host.base(), host.bytes(), cudaMemcpyHostToDevice));
+    KVT_CHECK_CUDA(cudaMalloc(&dev, host.bytes()));
+    KVT_CHECK_CUDA(cudaMemcpy(dev, host.base(), host.bytes(), cudaMemcpyHostToDevice));
     auto lay = PagedKvLayout::Create(host.Descs(dev, DeviceType::kCuda), spec.kind);
-    CHECK_OK(lay);
+    KVT_CHECK_OK(lay);
     EngineOptions o;
     o.hash_namespace.model = "bench";
     o.chunk_tokens = 256;
@@ -74,16 +57,16 @@ Setup& Get(int copy_threads = 2) {
     o.cpu.chunk_bytes = lay->ChunkBytes(256);
     o.copy_threads = static_cast<size_t>(copy_threads);
     auto eng = Engine::Create(o);
-    CHECK_OK(eng);
+    KVT_CHECK_OK(eng);
     s.engine = std::shared_ptr<Engine>(std::move(*eng));
     auto io = CudaPagedIo::Create(s.engine, *lay);
-    CHECK_OK(io);
+    KVT_CHECK_OK(io);
     s.io = *io;
     s.tokens.resize(kTokens);
     std::iota(s.tokens.begin(), s.tokens.end(), 1);
     s.slots = testing::MakeSlots(spec, kTokens, 3);
     s.bytes = lay->ChunkBytes(kTokens);
-    CHECK_CUDA(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
+    KVT_CHECK_CUDA(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
   }
   return s;
 }
@@ -98,7 +81,7 @@ void BM_CudaStore(benchmark::State& state) {
     s.engine->Clear();
     const auto t0 = std::chrono::steady_clock::now();
     auto h = s.io->Store(s.tokens, s.slots, 0, s.stream);
-    CHECK_OK(h);
+    KVT_CHECK_OK(h);
     if (!(*h)->Wait().ok() || (*h)->chunks_stored() != kTokens / 256) {
       state.SkipWithError("store failed");
       break;
@@ -113,13 +96,13 @@ void BM_CudaLoad(benchmark::State& state) {
   Setup& s = Get();
   if (s.engine->Lookup(s.tokens) != kTokens) {
     auto h = s.io->Store(s.tokens, s.slots, 0, s.stream);
-    CHECK_OK(h);
+    KVT_CHECK_OK(h);
     (void)(*h)->Wait();
   }
   for (auto _ : state) {
     const auto t0 = std::chrono::steady_clock::now();
     auto load = s.io->Retrieve(s.tokens, s.slots, 0, s.stream);
-    CHECK_OK(load);
+    KVT_CHECK_OK(load);
     if (!(*load)->Wait().ok() || (*load)->valid_tokens() != kTokens) {
       state.SkipWithError("load failed");
       break;
@@ -143,11 +126,11 @@ void BM_RegisterCpuTier(benchmark::State& state) {
     o.cpu.capacity_bytes = bytes;
     o.cpu.chunk_bytes = base.io->layout().ChunkBytes(256);
     auto eng = Engine::Create(o);
-    CHECK_OK(eng);
+    KVT_CHECK_OK(eng);
     std::shared_ptr<Engine> engine(std::move(*eng));
     state.ResumeTiming();
     auto io = CudaPagedIo::Create(engine, base.io->layout());
-    CHECK_OK(io);
+    KVT_CHECK_OK(io);
     state.PauseTiming();
     io->reset();  // unregisters
     engine.reset();
@@ -163,14 +146,14 @@ void BM_PinnedMemcpy(benchmark::State& state) {
   const bool to_host = state.range(0) == 0;
   static void *host = nullptr, *dev = nullptr;
   if (host == nullptr) {
-    CHECK_CUDA(cudaMallocHost(&host, s.bytes));
-    CHECK_CUDA(cudaMalloc(&dev, s.bytes));
+    KVT_CHECK_CUDA(cudaMallocHost(&host, s.bytes));
+    KVT_CHECK_CUDA(cudaMalloc(&dev, s.bytes));
   }
   for (auto _ : state) {
     const auto t0 = std::chrono::steady_clock::now();
-    CHECK_CUDA(to_host ? cudaMemcpyAsync(host, dev, s.bytes, cudaMemcpyDeviceToHost, s.stream)
+    KVT_CHECK_CUDA(to_host ? cudaMemcpyAsync(host, dev, s.bytes, cudaMemcpyDeviceToHost, s.stream)
                        : cudaMemcpyAsync(dev, host, s.bytes, cudaMemcpyHostToDevice, s.stream));
-    CHECK_CUDA(cudaStreamSynchronize(s.stream));
+    KVT_CHECK_CUDA(cudaStreamSynchronize(s.stream));
     state.SetIterationTime(Seconds(t0));
   }
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * s.bytes));

@@ -320,6 +320,16 @@ std::string PagedKvLayout::DebugString() const {
   return o.str();
 }
 
+Status CheckNoPadding(std::span<const int64_t> chunk_slots, size_t chunk_begin) {
+  for (int64_t s : chunk_slots) {
+    if (s < 0) {
+      return InvalidArgument("chunk at token " + std::to_string(chunk_begin) +
+                             " has padding slots (< 0); only computed tokens can be stored");
+    }
+  }
+  return Status::Ok();
+}
+
 Status CheckSlots(const PagedKvLayout& layout, std::span<const int64_t> slots) {
   const int64_t limit = layout.num_slots();
   for (size_t i = 0; i < slots.size(); ++i) {

@@ -199,6 +199,11 @@ class PagedKvLayout {
 // kInvalidArgument naming the first bad index and value otherwise.
 Status CheckSlots(const PagedKvLayout& layout, std::span<const int64_t> slots);
 
+// A chunk to store (tokens chunk_begin.. of a request) may hold only
+// computed tokens: kInvalidArgument naming the chunk when a slot is padding
+// (< 0). Shared by the CPU and CUDA store paths.
+Status CheckNoPadding(std::span<const int64_t> chunk_slots, size_t chunk_begin);
+
 // kOk when a chunk stored with `chunk_layout_id` may be scattered into
 // `layout`; kInvalidArgument naming both ids and this layout otherwise.
 Status CheckCompatible(const PagedKvLayout& layout, uint64_t chunk_layout_id);

@@ -229,6 +229,15 @@ TEST(KvLayout, CheckSlotsNamesTheBadSlot) {
   EXPECT_TRUE(CheckSlots(*r, slots).ok());
 }
 
+TEST(KvLayout, CheckNoPaddingNamesTheChunk) {
+  std::vector<int64_t> slots = {4, 5, -1, 7};
+  Status s = CheckNoPadding(slots, 512);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("chunk at token 512 has padding slots"), std::string_view::npos) << s.ToString();
+  slots[2] = 6;
+  EXPECT_TRUE(CheckNoPadding(slots, 512).ok());
+}
+
 TEST(KvLayout, ParsesNames) {
   EXPECT_EQ(*ParseKvLayoutKind("vllm_cpu"), KvLayoutKind::kVllmCpu);
   EXPECT_EQ(ParseKvLayoutKind("nhd").status().code(), StatusCode::kInvalidArgument);

@@ -183,9 +183,6 @@ std::string IdHex(uint64_t id) {
 }
 
 #ifdef KVTIER_WITH_CUDA
-Status CudaStatus(const std::string& op, cudaError_t e) {
-  return IoError(op + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
-}
 
 // A device address for a tensor's bytes: CUDA memory on the layout's device,
 // or pinned host memory (torch's pin_memory()). Needs the GIL.
@@ -205,7 +202,7 @@ StatusOr<std::byte*> DeviceAddress(const pyb::handle& o, const PagedKvLayout& l,
   const cudaError_t e = cudaPointerGetAttributes(&attr, ptr);
   if (e != cudaSuccess) {
     cudaGetLastError();
-    return CudaStatus(std::string(what) + ": cudaPointerGetAttributes", e);
+    return CudaErrorStatus(std::string(what) + ": cudaPointerGetAttributes", e);
   }
   if (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged) {
     if (attr.device != l.device_index()) {
@@ -283,7 +280,7 @@ void CudaCopy(PyLayout& pl, const pyb::handle& slots_obj, const pyb::handle& buf
       }
       if (e != cudaSuccess) {
         cleanup();
-        return CudaStatus("staging the slot mapping", e);
+        return CudaErrorStatus("staging the slot mapping", e);
       }
       const ChunkCopy copy{dev_slots, static_cast<int64_t>(n), chunk, l.ChunkBytes(static_cast<int64_t>(n))};
       Status s = gather ? GatherCuda(cl, std::span<const ChunkCopy>(&copy, 1), stream, bad)
@@ -292,7 +289,7 @@ void CudaCopy(PyLayout& pl, const pyb::handle& slots_obj, const pyb::handle& buf
       if (s.ok()) {
         e = cudaMemcpyAsync(&bad_host, bad, sizeof(int), cudaMemcpyDeviceToHost, stream);
         if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
-        if (e != cudaSuccess) s = CudaStatus(gather ? "gather" : "scatter", e);
+        if (e != cudaSuccess) s = CudaErrorStatus(gather ? "gather" : "scatter", e);
       }
       cleanup();
       if (s.ok() && bad_host != 0) {

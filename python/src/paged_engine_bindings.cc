@@ -45,9 +45,14 @@ using SlotArray = pyb::array_t<int64_t, pyb::array::c_style | pyb::array::forcec
 struct PagedArgs {
   std::vector<int32_t> tokens;
   std::vector<int64_t> slots;
+  size_t skip = 0;
 };
 
-std::shared_ptr<PagedArgs> CopyArgs(const TokenArray& tokens, const SlotArray& slots, const PyLayout& layout) {
+// Copies and checks the arguments of a paged call (needs the GIL). Slot
+// ranges are checked here for CPU layouts; CudaPagedIo checks its own.
+std::shared_ptr<PagedArgs> CopyArgs(const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
+                                    const PyLayout& layout) {
+  if (skip_tokens < 0) ThrowStatus(InvalidArgument("skip_tokens must be >= 0"));
   if (tokens.ndim() != 1) ThrowStatus(InvalidArgument("tokens must be 1-D"));
   if (slots.ndim() != 1) ThrowStatus(InvalidArgument("slot_mapping must be 1-D"));
   if (slots.shape(0) != tokens.shape(0)) {
@@ -63,9 +68,21 @@ std::shared_ptr<PagedArgs> CopyArgs(const TokenArray& tokens, const SlotArray& s
   auto args = std::make_shared<PagedArgs>();
   args->tokens.assign(tokens.data(), tokens.data() + tokens.shape(0));
   args->slots.assign(slots.data(), slots.data() + slots.shape(0));
-  ThrowIfError(CheckSlots(layout.layout, args->slots));
+  args->skip = static_cast<size_t>(skip_tokens);
+  if (layout.layout.device() == DeviceType::kCpu) ThrowIfError(CheckSlots(layout.layout, args->slots));
   return args;
 }
+
+// How every paged call starts (GIL held): the engine, or "closed"; the call
+// counted as active, so close() waits for it; the arguments, checked.
+struct PagedCall {
+  PagedCall(PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
+            const PyLayout& layout)
+      : eng(EngineRef(e)), active(e), args(CopyArgs(tokens, slots, skip_tokens, layout)) {}
+  std::shared_ptr<Engine> eng;
+  ActiveCall active;
+  std::shared_ptr<PagedArgs> args;
+};
 
 // 0 (auto) scatters on the calling thread alone: inside an inference engine
 // the cores belong to its compute threads (vLLM CPU pins OpenMP threads that
@@ -133,17 +150,15 @@ void RegisterPagedEngine(pyb::module_& m) {
       "store_paged",
       [](PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
          const std::shared_ptr<PyLayout>& layout, uintptr_t stream) {
-        auto eng = EngineRef(e);
-        ActiveCall active(e);
-        if (skip_tokens < 0) ThrowStatus(InvalidArgument("skip_tokens must be >= 0"));
-        std::shared_ptr<PagedArgs> args = CopyArgs(tokens, slots, *layout);
+        PagedCall call(e, tokens, slots, skip_tokens, *layout);
+        const std::shared_ptr<PagedArgs>& args = call.args;
 #ifdef KVTIER_WITH_CUDA
         if (OnCuda(*layout)) {
-          std::shared_ptr<CudaPagedIo> io = CudaIoFor(e, eng, layout);
+          std::shared_ptr<CudaPagedIo> io = CudaIoFor(e, call.eng, layout);
           StatusOr<std::shared_ptr<StoreHandle>> h = Status();
           {
             pyb::gil_scoped_release nogil;
-            h = io->Store(args->tokens, args->slots, static_cast<size_t>(skip_tokens), StreamOf(stream));
+            h = io->Store(args->tokens, args->slots, args->skip, StreamOf(stream));
           }
           return ValueOrThrow(std::move(h));
         }
@@ -154,17 +169,13 @@ void RegisterPagedEngine(pyb::module_& m) {
         auto chunk_bytes = [lay](uint32_t n) { return lay.ChunkBytes(n); };
         auto fill = [lay, args](const ChunkHash& c, std::span<std::byte> dst) -> Status {
           std::span<const int64_t> s(args->slots.data() + c.begin, c.num_tokens);
-          if (std::any_of(s.begin(), s.end(), [](int64_t v) { return v < 0; })) {
-            return InvalidArgument("chunk at token " + std::to_string(c.begin) +
-                                   " has padding slots (< 0); only computed tokens can be stored");
-          }
+          KVT_RETURN_IF_ERROR(CheckNoPadding(s, c.begin));
           return GatherCpu(lay, s, dst, 1);  // chunks already run in parallel
         };
         StatusOr<std::shared_ptr<StoreHandle>> h = Status();
         {
           pyb::gil_scoped_release nogil;
-          h = eng->Store(args->tokens, static_cast<size_t>(skip_tokens), lay.layout_id(), chunk_bytes,
-                         std::move(fill));
+          h = call.eng->Store(args->tokens, args->skip, lay.layout_id(), chunk_bytes, std::move(fill));
         }
         return ValueOrThrow(std::move(h));
       },
@@ -178,19 +189,17 @@ void RegisterPagedEngine(pyb::module_& m) {
   // layouts enqueue on `stream` and return a PyLoad still in flight.
   auto retrieve = [](PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
                      const std::shared_ptr<PyLayout>& layout, int num_threads, uintptr_t stream) {
-    auto eng = EngineRef(e);
-    ActiveCall active(e);
-    if (skip_tokens < 0) ThrowStatus(InvalidArgument("skip_tokens must be >= 0"));
-    std::shared_ptr<PagedArgs> args = CopyArgs(tokens, slots, *layout);
+    PagedCall call(e, tokens, slots, skip_tokens, *layout);
+    const std::shared_ptr<PagedArgs>& args = call.args;
     auto load = std::make_unique<PyLoad>();
     load->layout = layout;
 #ifdef KVTIER_WITH_CUDA
     if (OnCuda(*layout)) {
-      std::shared_ptr<CudaPagedIo> io = CudaIoFor(e, eng, layout);
+      std::shared_ptr<CudaPagedIo> io = CudaIoFor(e, call.eng, layout);
       StatusOr<std::unique_ptr<CudaLoad>> l = Status();
       {
         pyb::gil_scoped_release nogil;
-        l = io->Retrieve(args->tokens, args->slots, static_cast<size_t>(skip_tokens), StreamOf(stream));
+        l = io->Retrieve(args->tokens, args->slots, args->skip, StreamOf(stream));
       }
       load->cuda = ValueOrThrow(std::move(l));
       load->valid_tokens = load->cuda->valid_tokens();
@@ -201,7 +210,7 @@ void RegisterPagedEngine(pyb::module_& m) {
     (void)stream;
 #endif
     // Tokens the destination already holds are never written.
-    const size_t skip = std::min<size_t>(static_cast<size_t>(skip_tokens), args->slots.size());
+    const size_t skip = std::min(args->skip, args->slots.size());
     std::fill(args->slots.begin(), args->slots.begin() + skip, int64_t{-1});
     const PagedKvLayout& lay = layout->layout;  // the caller's reference keeps it alive
     const int threads = CopyThreads(num_threads);
@@ -209,7 +218,7 @@ void RegisterPagedEngine(pyb::module_& m) {
     size_t chunks = 0;
     {
       pyb::gil_scoped_release nogil;
-      n = eng->Retrieve(args->tokens, skip, lay.layout_id(),
+      n = call.eng->Retrieve(args->tokens, skip, lay.layout_id(),
                         [&](const ChunkHash& c, std::span<const std::byte> src) -> Status {
                           std::span<const int64_t> s(args->slots.data() + c.begin, c.num_tokens);
                           ++chunks;

@@ -227,9 +227,11 @@ StatusOr<std::byte*> CudaPagedIo::DevicePointer(const std::byte* host) const {
 
 StatusOr<std::shared_ptr<StoreHandle>> CudaPagedIo::Store(std::span<const int32_t> tokens,
                                                           std::span<const int64_t> slots,
-                                                          size_t skip_tokens, CudaStream stream) {
+                                                          size_t skip_tokens, CudaStream stream,
+                                                          const KeyExtras* extras) {
   const PagedKvLayout& lay = layout();
   KVT_RETURN_IF_ERROR(CheckTokensAndSlots(lay, tokens, slots));
+  KVT_RETURN_IF_ERROR(ValidateKeyExtras(extras));  // before an event is recorded
   CudaDeviceGuard device(lay.device_index());
   KVT_RETURN_IF_ERROR(device.status());
   // The KV is final once the caller's stream reaches this point.
@@ -244,17 +246,18 @@ StatusOr<std::shared_ptr<StoreHandle>> CudaPagedIo::Store(std::span<const int32_
     std::span<const int64_t> s(slot_copy->data() + c.begin, c.num_tokens);
     return shared->GatherChunk(c, s, dst, ready_ref.get());
   };
-  return engine_->Store(tokens, skip_tokens, lay.layout_id(), chunk_bytes, std::move(fill));
+  return engine_->Store(tokens, skip_tokens, lay.layout_id(), chunk_bytes, std::move(fill), extras);
 }
 
 StatusOr<std::unique_ptr<CudaLoad>> CudaPagedIo::Retrieve(std::span<const int32_t> tokens,
                                                           std::span<const int64_t> slots,
-                                                          size_t skip_tokens, CudaStream stream) {
+                                                          size_t skip_tokens, CudaStream stream,
+                                                          const KeyExtras* extras) {
   const PagedKvLayout& lay = layout();
   KVT_RETURN_IF_ERROR(CheckTokensAndSlots(lay, tokens, slots));
   std::unique_ptr<CudaLoad> load(new CudaLoad());
   load->io_ = shared_from_this();
-  KVT_ASSIGN_OR_RETURN(load->prefix_, engine_->AcquirePrefix(tokens, skip_tokens, lay.layout_id()));
+  KVT_ASSIGN_OR_RETURN(load->prefix_, engine_->AcquirePrefix(tokens, skip_tokens, lay.layout_id(), extras));
   load->valid_tokens_ = load->prefix_.valid_tokens;
   load->chunks_ = load->prefix_.chunks.size();
   if (load->chunks_ == 0) return load;  // nothing to copy, nothing in flight

@@ -129,15 +129,16 @@ class CudaPagedIo : public std::enable_shared_from_this<CudaPagedIo> {
 
   // Files the uncached chunks of tokens (those ending after skip_tokens).
   // slots[i] is token i's slot in the paged KV; `stream` is where the KV
-  // was produced (nullptr: the legacy default stream).
+  // was produced (nullptr: the legacy default stream). extras: the request's
+  // identity beyond token ids, as in Engine (nullptr: none).
   StatusOr<std::shared_ptr<StoreHandle>> Store(std::span<const int32_t> tokens,
                                                std::span<const int64_t> slots, size_t skip_tokens,
-                                               CudaStream stream);
+                                               CudaStream stream, const KeyExtras* extras = nullptr);
 
   // Enqueues the load of the cached prefix beyond skip_tokens on `stream`.
   StatusOr<std::unique_ptr<CudaLoad>> Retrieve(std::span<const int32_t> tokens,
                                                std::span<const int64_t> slots, size_t skip_tokens,
-                                               CudaStream stream);
+                                               CudaStream stream, const KeyExtras* extras = nullptr);
 
   // Device address of a byte inside the registered CPU tier region.
   StatusOr<std::byte*> DevicePointer(const std::byte* host) const;

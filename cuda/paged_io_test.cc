@@ -169,6 +169,35 @@ INSTANTIATE_TEST_SUITE_P(
                       std::make_tuple(KvLayoutKind::kMla, 2, int64_t{128}),
                       std::make_tuple(KvLayoutKind::kFlashAttn, 4, int64_t{128})));
 
+// Key extras reach the engine: a salted store is invisible without the salt
+// and under another salt, and a retrieve under another salt loads nothing.
+TEST_F(CudaPagedIoTest, KeyExtrasSeparateStoresAndLoads) {
+  Build(Spec(KvLayoutKind::kFlashAttn, 2, 16));
+  const size_t n = 512;
+  auto tokens = Tokens(n, 11);
+  auto slots = testing::MakeSlots(host_->spec(), n, 3);
+  KeyExtras a, b;
+  a.salt = IdentityKey("lora:a");
+  b.salt = IdentityKey("lora:b");
+  auto h = io_->Store(tokens, slots, 0, stream_, &a);
+  ASSERT_TRUE(h.ok()) << h.status().ToString();
+  ASSERT_TRUE((*h)->Wait().ok());
+  EXPECT_EQ(engine_->Lookup(tokens, &a), n);
+  EXPECT_EQ(engine_->Lookup(tokens), 0u);
+  EXPECT_EQ(engine_->Lookup(tokens, &b), 0u);
+  auto miss = io_->Retrieve(tokens, slots, 0, stream_, &b);
+  ASSERT_TRUE(miss.ok());
+  EXPECT_EQ((*miss)->valid_tokens(), 0u);
+  auto hit = io_->Retrieve(tokens, slots, 0, stream_, &a);
+  ASSERT_TRUE(hit.ok());
+  EXPECT_EQ((*hit)->valid_tokens(), n);
+  ASSERT_TRUE((*hit)->Wait().ok());
+  KeyExtras bad;
+  bad.spans = {{5, 5, IdentityKey("x")}};
+  EXPECT_EQ(io_->Store(tokens, slots, 0, stream_, &bad).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(io_->Retrieve(tokens, slots, 0, stream_, &bad).status().code(), StatusCode::kInvalidArgument);
+}
+
 TEST_F(CudaPagedIoTest, SkipTokensAreNotWrittenAndPaddingIsSkipped) {
   Build(Spec(KvLayoutKind::kFlashAttn, 2, 16));
   const size_t n = 512;

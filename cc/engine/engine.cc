@@ -166,10 +166,11 @@ void Engine::Reconcile(const ChunkKey& key) {
 // ---------------------------------------------------------------------------
 // Lookup
 
-size_t Engine::Lookup(std::span<const int32_t> tokens) {
+size_t Engine::Lookup(std::span<const int32_t> tokens, const KeyExtras* extras) {
   lookups_.fetch_add(1, std::memory_order_relaxed);
   lookup_query_tokens_.fetch_add(tokens.size(), std::memory_order_relaxed);
-  hasher_.Hash(tokens, &tl_chunks);
+  if (!ValidateKeyExtras(extras).ok()) return 0;  // nothing was stored under invalid extras
+  hasher_.Hash(tokens, &tl_chunks, extras);
   tl_keys.resize(tl_chunks.size());
   tl_fps.resize(tl_chunks.size());
   for (size_t i = 0; i < tl_chunks.size(); ++i) {
@@ -187,12 +188,13 @@ size_t Engine::Lookup(std::span<const int32_t> tokens) {
 
 StatusOr<std::shared_ptr<StoreHandle>> Engine::Store(std::span<const int32_t> tokens, size_t skip_tokens,
                                                      uint64_t layout_id, const ChunkBytesFn& chunk_bytes,
-                                                     FillFn fill) {
+                                                     FillFn fill, const KeyExtras* extras) {
   CpuTier* tier = cpu();
   if (tier == nullptr) return FailedPrecondition("Store before the chunk size is known (SetChunkBytes)");
+  KVT_RETURN_IF_ERROR(ValidateKeyExtras(extras));
   store_requests_.fetch_add(1, std::memory_order_relaxed);
   std::vector<ChunkHash> chunks;
-  hasher_.Hash(tokens, &chunks);
+  hasher_.Hash(tokens, &chunks, extras);
 
   auto handle = std::make_shared<StoreHandle>();
   auto shared_fill = std::make_shared<FillFn>(std::move(fill));
@@ -244,9 +246,11 @@ StatusOr<std::shared_ptr<StoreHandle>> Engine::Store(std::span<const int32_t> to
 }
 
 StatusOr<std::shared_ptr<StoreHandle>> Engine::StoreBuffers(std::span<const int32_t> tokens, uint64_t layout_id,
-                                                            std::vector<std::span<const std::byte>> chunks) {
+                                                            std::vector<std::span<const std::byte>> chunks,
+                                                            const KeyExtras* extras) {
+  KVT_RETURN_IF_ERROR(ValidateKeyExtras(extras));
   std::vector<ChunkHash> hashes;
-  hasher_.Hash(tokens, &hashes);
+  hasher_.Hash(tokens, &hashes, extras);
   if (hashes.size() != chunks.size()) {
     return InvalidArgument("tokens make " + std::to_string(hashes.size()) + " chunks but " +
                            std::to_string(chunks.size()) + " buffers were given");
@@ -270,7 +274,7 @@ StatusOr<std::shared_ptr<StoreHandle>> Engine::StoreBuffers(std::span<const int3
     std::memcpy(dst.data(), src.data(), dst.size());
     return Status();
   };
-  return Store(tokens, 0, layout_id, size_fn, std::move(fill));
+  return Store(tokens, 0, layout_id, size_fn, std::move(fill), extras);
 }
 
 void Engine::StoreOne(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, const FillFn& fill,
@@ -376,11 +380,12 @@ StatusOr<CpuTier::ReadLease> Engine::LoadOne(const ChunkHash& chunk, const Index
 }
 
 StatusOr<size_t> Engine::RetrieveLoop(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
-                                      const LeaseSink& sink) {
+                                      const KeyExtras* extras, const LeaseSink& sink) {
+  KVT_RETURN_IF_ERROR(ValidateKeyExtras(extras));
   const uint64_t start = NowUs();
   retrieve_requests_.fetch_add(1, std::memory_order_relaxed);
   std::vector<ChunkHash> chunks;
-  hasher_.Hash(tokens, &chunks);
+  hasher_.Hash(tokens, &chunks, extras);
   size_t valid = std::min(skip_tokens, tokens.size());
   for (const ChunkHash& c : chunks) {
     const size_t end = c.begin + c.num_tokens;
@@ -416,16 +421,16 @@ StatusOr<size_t> Engine::RetrieveLoop(std::span<const int32_t> tokens, size_t sk
 }
 
 StatusOr<size_t> Engine::Retrieve(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
-                                  const ConsumeFn& consume) {
+                                  const ConsumeFn& consume, const KeyExtras* extras) {
   // Each lease is released as soon as its chunk is consumed.
-  return RetrieveLoop(tokens, skip_tokens, layout_id,
+  return RetrieveLoop(tokens, skip_tokens, layout_id, extras,
                       [&](const ChunkHash& c, CpuTier::ReadLease&& lease) { return consume(c, lease.data()); });
 }
 
 StatusOr<Engine::PrefixLeases> Engine::AcquirePrefix(std::span<const int32_t> tokens, size_t skip_tokens,
-                                                     uint64_t layout_id) {
+                                                     uint64_t layout_id, const KeyExtras* extras) {
   PrefixLeases out;
-  auto valid = RetrieveLoop(tokens, skip_tokens, layout_id, [&](const ChunkHash& c, CpuTier::ReadLease&& lease) {
+  auto valid = RetrieveLoop(tokens, skip_tokens, layout_id, extras, [&](const ChunkHash& c, CpuTier::ReadLease&& lease) {
     out.chunks.push_back(c);
     out.leases.push_back(std::move(lease));
     return Status::Ok();
@@ -435,10 +440,10 @@ StatusOr<Engine::PrefixLeases> Engine::AcquirePrefix(std::span<const int32_t> to
   return out;
 }
 
-size_t Engine::Prefetch(std::span<const int32_t> tokens) {
-  if (disk_ == nullptr || cpu() == nullptr) return 0;
+size_t Engine::Prefetch(std::span<const int32_t> tokens, const KeyExtras* extras) {
+  if (disk_ == nullptr || cpu() == nullptr || !ValidateKeyExtras(extras).ok()) return 0;
   std::vector<ChunkHash> chunks;
-  hasher_.Hash(tokens, &chunks);
+  hasher_.Hash(tokens, &chunks, extras);
   size_t queued = 0;
   for (const ChunkHash& c : chunks) {
     auto entry = index_->Find(c.key);
@@ -455,9 +460,10 @@ size_t Engine::Prefetch(std::span<const int32_t> tokens) {
 // ---------------------------------------------------------------------------
 // Pin / Flush / Clear
 
-size_t Engine::Pin(std::span<const int32_t> tokens) {
+size_t Engine::Pin(std::span<const int32_t> tokens, const KeyExtras* extras) {
+  if (!ValidateKeyExtras(extras).ok()) return 0;
   std::vector<ChunkHash> chunks;
-  hasher_.Hash(tokens, &chunks);
+  hasher_.Hash(tokens, &chunks, extras);
   size_t pinned = 0;
   for (const ChunkHash& c : chunks) {
     if (!index_->Pin(c.key).ok()) break;
@@ -468,9 +474,10 @@ size_t Engine::Pin(std::span<const int32_t> tokens) {
   return pinned;
 }
 
-size_t Engine::Unpin(std::span<const int32_t> tokens) {
+size_t Engine::Unpin(std::span<const int32_t> tokens, const KeyExtras* extras) {
+  if (!ValidateKeyExtras(extras).ok()) return 0;
   std::vector<ChunkHash> chunks;
-  hasher_.Hash(tokens, &chunks);
+  hasher_.Hash(tokens, &chunks, extras);
   size_t unpinned = 0;
   for (const ChunkHash& c : chunks) {
     if (!index_->Unpin(c.key).ok()) break;

@@ -153,9 +153,15 @@ class Engine {
   // for the same value; kFailedPrecondition for a different one.
   Status SetChunkBytes(size_t max_chunk_bytes);
 
+  // Request identity beyond token ids (cc/hash "Key extras"): every method
+  // that takes tokens takes an optional `extras` (nullptr: none), and chunks
+  // stored under one identity are never served to another. Invalid extras
+  // (ValidateKeyExtras) make Lookup, Prefetch, Pin and Unpin return 0 and the
+  // other methods kInvalidArgument.
+
   // Tokens of `tokens` whose KV is cached, as a prefix: a multiple of
   // chunk_tokens, or tokens.size() when the partial tail is cached too.
-  size_t Lookup(std::span<const int32_t> tokens);
+  size_t Lookup(std::span<const int32_t> tokens, const KeyExtras* extras = nullptr);
 
   // Files the chunks of tokens that are not cached yet; chunks that end at
   // or before skip_tokens are not stored (the caller did not compute them).
@@ -163,20 +169,21 @@ class Engine {
   // chunk larger than the CPU tier's chunk size.
   StatusOr<std::shared_ptr<StoreHandle>> Store(std::span<const int32_t> tokens, size_t skip_tokens,
                                                uint64_t layout_id, const ChunkBytesFn& chunk_bytes,
-                                               FillFn fill);
+                                               FillFn fill, const KeyExtras* extras = nullptr);
 
   // Convenience for callers that hold finished chunk buffers: one span per
   // chunk, in order (the partial tail last). The spans must stay valid until
   // the handle is done.
   StatusOr<std::shared_ptr<StoreHandle>> StoreBuffers(std::span<const int32_t> tokens, uint64_t layout_id,
-                                                      std::vector<std::span<const std::byte>> chunks);
+                                                      std::vector<std::span<const std::byte>> chunks,
+                                                      const KeyExtras* extras = nullptr);
 
   // Loads the cached prefix beyond skip_tokens chunk by chunk through
   // consume. Returns the number of leading tokens whose KV is now valid at
   // the destination (>= skip_tokens unless nothing could be loaded and
   // skip_tokens is 0). Never returns data that failed a check.
   StatusOr<size_t> Retrieve(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
-                            const ConsumeFn& consume);
+                            const ConsumeFn& consume, const KeyExtras* extras = nullptr);
 
   // The cached prefix beyond skip_tokens, handed over as read leases instead
   // of through a callback: for data paths whose copies finish after the call
@@ -192,15 +199,16 @@ class Engine {
     std::vector<ChunkHash> chunks;
     std::vector<CpuTier::ReadLease> leases;
   };
-  StatusOr<PrefixLeases> AcquirePrefix(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id);
+  StatusOr<PrefixLeases> AcquirePrefix(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
+                                       const KeyExtras* extras = nullptr);
 
   // Promotes the cached prefix of tokens from disk to CPU in the background.
   // Returns the number of chunks queued.
-  size_t Prefetch(std::span<const int32_t> tokens);
+  size_t Prefetch(std::span<const int32_t> tokens, const KeyExtras* extras = nullptr);
 
   // Pins the cached prefix (every tier holding it keeps it). Returns chunks pinned.
-  size_t Pin(std::span<const int32_t> tokens);
-  size_t Unpin(std::span<const int32_t> tokens);
+  size_t Pin(std::span<const int32_t> tokens, const KeyExtras* extras = nullptr);
+  size_t Unpin(std::span<const int32_t> tokens, const KeyExtras* extras = nullptr);
 
   // Blocks until every queued store and write-behind is finished.
   void Flush();
@@ -229,7 +237,7 @@ class Engine {
   // failing sink ends the prefix like a failed load.
   using LeaseSink = std::function<Status(const ChunkHash& chunk, CpuTier::ReadLease&& lease)>;
   StatusOr<size_t> RetrieveLoop(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
-                                const LeaseSink& sink);
+                                const KeyExtras* extras, const LeaseSink& sink);
   StatusOr<CpuTier::ReadLease> PromoteFromDisk(const ChunkHash& chunk, const IndexEntry& entry);
   void CopyFinished();
   // Waits (<= 50 ms) for a write-behind batch to finish; false when nothing

@@ -187,6 +187,115 @@ TEST(EngineTest, LayoutMismatchIsAnErrorNotData) {
   EXPECT_EQ((*e)->Stats().load_errors, 1u);
 }
 
+// Request identity beyond tokens (issue 14 item 1): the same tokens under
+// two salts (LoRA adapters, cache_salt) or two span ids (two images behind
+// the same placeholder tokens) never share KV. Each identity's KV is a
+// different byte pattern; every retrieve checks the bytes of its own.
+TEST(EngineTest, KeyExtrasNeverShareKv) {
+  const std::string dir = TempDir("kvt-extras");
+  auto e = Engine::Create(Options(dir));
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  const auto tokens = Tokens(64, 4242);  // 4 chunks
+  // Same tokens, a different "model state": bytes shifted by `variant`.
+  auto fill_for = [&tokens](uint8_t variant) -> Engine::FillFn {
+    return [&tokens, variant](const ChunkHash& c, std::span<std::byte> dst) -> Status {
+      for (uint32_t i = 0; i < c.num_tokens; ++i) {
+        for (size_t b = 0; b < kBytesPerToken; ++b) {
+          dst[i * kBytesPerToken + b] = Pattern(tokens, c.begin + i, b) ^ static_cast<std::byte>(variant);
+        }
+      }
+      return Status();
+    };
+  };
+  struct Variant {
+    KeyExtras extras;
+    uint8_t pattern;
+  };
+  std::vector<Variant> variants(5);
+  variants[0].pattern = 0;  // no extras at all
+  variants[1].extras.salt = IdentityKey("lora:adapter-a");
+  variants[1].pattern = 1;
+  variants[2].extras.salt = IdentityKey("lora:adapter-b");
+  variants[2].pattern = 2;
+  variants[3].extras.spans = {{20, 40, IdentityKey("image-1")}};  // chunks 1 and 2
+  variants[3].pattern = 3;
+  variants[4].extras.spans = {{20, 40, IdentityKey("image-2")}};
+  variants[4].pattern = 4;
+  auto extras_of = [](const Variant& v) { return v.extras.empty() ? nullptr : &v.extras; };
+  // Tokens whose bytes are variant v's; a chunk before the first span is the
+  // same KV under every span id (and is shared, which is right).
+  auto retrieve_checked = [&](const Variant& v, size_t* bad) -> size_t {
+    const uint8_t expect_pattern = v.pattern;
+    auto n = (*e)->Retrieve(
+        tokens, 0, 7,
+        [&](const ChunkHash& c, std::span<const std::byte> src) -> Status {
+          // Chunk 0 ends before the image: span variants share it with the
+          // extras-free variant 0, which stored it first.
+          for (uint32_t i = 0; i < c.num_tokens; ++i) {
+            for (size_t b = 0; b < kBytesPerToken; ++b) {
+              const std::byte got = src[i * kBytesPerToken + b];
+              const std::byte want = Pattern(tokens, c.begin + i, b) ^ static_cast<std::byte>(expect_pattern);
+              const std::byte shared = Pattern(tokens, c.begin + i, b);
+              *bad += got != want && !(c.begin == 0 && v.pattern >= 3 && got == shared);
+            }
+          }
+          return Status();
+        },
+        extras_of(v));
+    EXPECT_TRUE(n.ok()) << n.status().ToString();
+    return n.ok() ? *n : 0;
+  };
+  for (size_t i = 0; i < variants.size(); ++i) {
+    const Variant& v = variants[i];
+    // Before this identity stored anything, nothing of it is promised beyond
+    // what is identical by construction: chunk 0, before the image.
+    const size_t expected_before = v.extras.spans.empty() ? 0 : kChunk;
+    EXPECT_EQ((*e)->Lookup(tokens, extras_of(v)), expected_before) << "variant " << i;
+    size_t bad = 0;
+    EXPECT_EQ(retrieve_checked(v, &bad), expected_before) << "variant " << i;
+    EXPECT_EQ(bad, 0u) << "variant " << i;
+    auto h = (*e)->Store(tokens, 0, 7, BytesFor, fill_for(v.pattern), extras_of(v));
+    ASSERT_TRUE(h.ok()) << h.status().ToString();
+    ASSERT_TRUE((*h)->Wait().ok());
+    EXPECT_EQ((*e)->Lookup(tokens, extras_of(v)), 64u);
+  }
+  // Every identity reads its own bytes, from CPU and, after a restart, from disk.
+  for (int round = 0; round < 2; ++round) {
+    if (round == 1) {
+      e->reset();  // releases the directory
+      e = Engine::Create(Options(dir));
+      ASSERT_TRUE(e.ok()) << e.status().ToString();
+    }
+    for (size_t i = 0; i < variants.size(); ++i) {
+      size_t bad = 0;
+      EXPECT_EQ(retrieve_checked(variants[i], &bad), 64u) << "round " << round << " variant " << i;
+      EXPECT_EQ(bad, 0u) << "round " << round << " variant " << i;
+    }
+  }
+  // Pin and Unpin address the identity's own chunks.
+  EXPECT_EQ((*e)->Pin(tokens, &variants[1].extras), 4u);
+  EXPECT_EQ((*e)->Unpin(tokens, &variants[1].extras), 4u);
+
+  // Invalid extras: nothing is promised, stored or loaded.
+  KeyExtras bad_extras;
+  bad_extras.spans = {{30, 20, IdentityKey("x")}};
+  EXPECT_EQ((*e)->Lookup(tokens, &bad_extras), 0u);
+  EXPECT_EQ((*e)->Store(tokens, 0, 7, BytesFor, fill_for(9), &bad_extras).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ((*e)->StoreBuffers(tokens, 7, {}, &bad_extras).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ((*e)->Retrieve(tokens, 0, 7, [](const ChunkHash&, std::span<const std::byte>) { return Status(); },
+                           &bad_extras)
+                .status()
+                .code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ((*e)->AcquirePrefix(tokens, 0, 7, &bad_extras).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ((*e)->Pin(tokens, &bad_extras), 0u);
+  EXPECT_EQ((*e)->Unpin(tokens, &bad_extras), 0u);
+  EXPECT_EQ((*e)->Prefetch(tokens, &bad_extras), 0u);
+  e->reset();  // close before removing the directory
+  std::filesystem::remove_all(dir);
+}
+
 TEST(EngineTest, BadInputGetsClearErrors) {
   EngineOptions bad = Options();
   bad.chunk_tokens = 0;

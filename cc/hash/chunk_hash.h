@@ -58,12 +58,43 @@
 // Partial tail: with kDrop a last chunk shorter than C produces no ChunkHash
 // (its KV is recomputed every time); with kKeep it produces one whose
 // num_tokens < C and whose key can never equal a full chunk's key.
+//
+// Key extras (same format version: keys hashed without extras, or with an
+// empty KeyExtras, are bit-identical to the above)
+// The KV of a token depends on more than token ids: a LoRA adapter, a
+// cache salt, the image behind a run of placeholder tokens. KeyExtras
+// carries that identity and folds it into the chain:
+//   H(bytes)      = XXH3-128(bytes, seed 0), null-remapped with
+//                   XXH3-64(bytes, kFingerprintSeed) (same rule as N).
+//   salt          When extras.salt is non-null the chain starts from
+//                   S = H("KVTSALT" || u64(N.lo) || u64(N.hi)
+//                         || u64(salt.lo) || u64(salt.hi))
+//                 instead of N, so a salt changes every key.
+//   spans         Chunk i (tokens [b, e)) is overlapped by span s when
+//                 s.begin < e and s.end > b. If any span overlaps chunk i,
+//                 prev is replaced, before input_i is built, by
+//                   H("KVTSPAN" || u64(prev.lo) || u64(prev.hi)
+//                     || for each overlapping span, in the given order:
+//                        u32(s.begin) || u32(s.end) || u64(s.id.lo) || u64(s.id.hi))
+//                 input_i is otherwise unchanged (so the full/partial length
+//                 argument above still holds). Keys chain, so the first
+//                 overlapped chunk and every chunk after it change; chunks
+//                 before it keep their extras-free keys (a shared text prefix
+//                 before an image stays shared).
+//   validity      Every span has begin < end, and spans are sorted by begin
+//                 (non-decreasing); they may overlap each other and chunk
+//                 boundaries, and may extend past the tokens (only the part
+//                 over hashed chunks matters, so hashing a prefix of a prompt
+//                 gives a prefix of the prompt's keys). ValidateKeyExtras
+//                 checks this; Hash() with invalid extras is deterministic
+//                 but meaningless, so callers validate first (Engine does).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "cc/common/chunk_key.h"
@@ -90,6 +121,30 @@ struct HashNamespace {
   uint32_t world_size = 1;
 };
 
+// Identity of some tokens beyond their ids: tokens [begin, end) of the
+// prompt stand for `id` (e.g. an image's content hash).
+struct KeySpan {
+  uint32_t begin = 0;
+  uint32_t end = 0;
+  ChunkKey id;
+};
+
+// Everything besides token ids that decides what KV a request's tokens have
+// (see "Key extras" above). Plain data; the caller owns it.
+struct KeyExtras {
+  ChunkKey salt;               // null: none. LoRA adapter, cache_salt, prompt-embeds digest...
+  std::vector<KeySpan> spans;  // sorted by begin; may overlap chunk boundaries
+  bool empty() const { return salt.IsNull() && spans.empty(); }
+};
+
+// XXH3-128 of arbitrary bytes, null-remapped: how strings become ids and
+// salts. Never returns the null key.
+ChunkKey IdentityKey(std::string_view bytes);
+
+// kInvalidArgument (naming the span) unless every span has begin < end and
+// the spans are sorted by begin. A null pointer or empty extras is valid.
+Status ValidateKeyExtras(const KeyExtras* extras);
+
 // What to do with a last chunk shorter than chunk_tokens.
 enum class PartialChunkPolicy : uint8_t { kDrop, kKeep };
 
@@ -114,12 +169,14 @@ class ChunkHasher {
 
   // Clears *out, then appends one ChunkHash per chunk (full chunks, plus the
   // partial tail iff kKeep). Only the first 2^32-1 tokens are considered
-  // (ChunkHash::begin is 32-bit); real prompts are far shorter.
-  void Hash(std::span<const int32_t> tokens, std::vector<ChunkHash>* out) const;
+  // (ChunkHash::begin is 32-bit); real prompts are far shorter. extras
+  // (nullptr or empty: none) must pass ValidateKeyExtras.
+  void Hash(std::span<const int32_t> tokens, std::vector<ChunkHash>* out,
+            const KeyExtras* extras = nullptr) const;
   // Same, but stops after max_chunks chunks. Chunk i's key does not depend on
   // tokens after chunk i, so this equals a prefix of Hash()'s output.
   void HashPrefix(std::span<const int32_t> tokens, size_t max_chunks,
-                  std::vector<ChunkHash>* out) const;
+                  std::vector<ChunkHash>* out, const KeyExtras* extras = nullptr) const;
 
  private:
   ChunkHasher(uint32_t chunk_tokens, PartialChunkPolicy partial, ChunkKey ns_key)
@@ -136,6 +193,8 @@ namespace hash_internal {
 ChunkKey RemapNullKey(ChunkKey key, uint64_t fingerprint);
 // ns_bytes of the format.
 std::string SerializeNamespace(const HashNamespace& ns, uint32_t chunk_tokens);
+// S of the format: the chain's start for a non-null salt.
+ChunkKey SaltedStart(const ChunkKey& namespace_key, const ChunkKey& salt);
 }  // namespace hash_internal
 
 }  // namespace kvtier

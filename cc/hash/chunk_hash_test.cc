@@ -298,6 +298,241 @@ TEST(ChunkHasherTest, NullKeyRemap) {
   EXPECT_NE(hash_internal::RemapNullKey(ChunkKey{}, 1), hash_internal::RemapNullKey(ChunkKey{}, 2));
 }
 
+// ---------------------------------------------------------------------------
+// Key extras
+
+KeyExtras Extras(ChunkKey salt, std::vector<KeySpan> spans) {
+  KeyExtras e;
+  e.salt = salt;
+  e.spans = std::move(spans);
+  return e;
+}
+
+// One-shot H of the format, independent of chunk_hash.cc's helpers.
+ChunkKey RefH(const std::vector<unsigned char>& in) {
+  XXH128_hash_t k = XXH3_128bits_withSeed(in.data(), in.size(), 0);
+  ChunkKey key{k.low64, k.high64};
+  if (key.IsNull()) key = ChunkKey{XXH3_64bits_withSeed(in.data(), in.size(), kFingerprintSeed), kNullKeyRemapHi};
+  return key;
+}
+
+void PutLe(std::vector<unsigned char>* in, uint64_t v, int bytes) {
+  for (int i = 0; i < bytes; ++i) in->push_back(static_cast<unsigned char>(v >> (8 * i)));
+}
+
+TEST(KeyExtrasTest, NoneOrEmptyExtrasKeepTheKeys) {
+  ChunkHasher h = MakeHasher(Ns(), 16, PartialChunkPolicy::kKeep);
+  const auto t = Tokens(16 * 4 + 3, 21);
+  const auto plain = HashAll(h, t);
+  std::vector<ChunkHash> out;
+  const KeyExtras empty;
+  EXPECT_TRUE(empty.empty());
+  h.Hash(t, &out, &empty);
+  ASSERT_EQ(out.size(), plain.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    EXPECT_EQ(out[i].key, plain[i].key);
+    EXPECT_EQ(out[i].fingerprint, plain[i].fingerprint);
+  }
+  // Spans entirely past the tokens overlap no chunk: keys unchanged too.
+  const KeyExtras far = Extras({}, {{1000, 1010, IdentityKey("img")}});
+  EXPECT_FALSE(far.empty());
+  h.Hash(t, &out, &far);
+  for (size_t i = 0; i < out.size(); ++i) EXPECT_EQ(out[i].key, plain[i].key);
+}
+
+TEST(KeyExtrasTest, SpanChangesKeysFromTheFirstOverlappedChunkOn) {
+  ChunkHasher h = MakeHasher(Ns(), 16, PartialChunkPolicy::kKeep);
+  const auto t = Tokens(16 * 6 + 5, 22);
+  const auto plain = HashAll(h, t);
+  ASSERT_EQ(plain.size(), 7u);
+  // [begin, end) -> first chunk whose key must change.
+  const std::vector<std::pair<std::pair<uint32_t, uint32_t>, size_t>> cases = {
+      {{0, 1}, 0},    {{15, 17}, 0},  {{16, 32}, 1}, {{31, 33}, 1},
+      {{40, 41}, 2},  {{47, 70}, 2},  {{96, 97}, 6}, {{100, 200}, 6},
+  };
+  for (const auto& [range, first] : cases) {
+    const KeyExtras a = Extras({}, {{range.first, range.second, IdentityKey("image-a")}});
+    const KeyExtras b = Extras({}, {{range.first, range.second, IdentityKey("image-b")}});
+    std::vector<ChunkHash> ka, kb, ka2;
+    h.Hash(t, &ka, &a);
+    h.Hash(t, &kb, &b);
+    h.Hash(t, &ka2, &a);
+    ASSERT_EQ(ka.size(), plain.size());
+    for (size_t i = 0; i < plain.size(); ++i) {
+      EXPECT_EQ(ka[i].key, ka2[i].key) << "deterministic";
+      if (i < first) {
+        EXPECT_EQ(ka[i].key, plain[i].key) << range.first << "," << range.second << " chunk " << i;
+        EXPECT_EQ(ka[i].fingerprint, plain[i].fingerprint);
+      } else {
+        EXPECT_NE(ka[i].key, plain[i].key) << range.first << "," << range.second << " chunk " << i;
+        EXPECT_NE(ka[i].key, kb[i].key) << "two images, same placeholder tokens: chunk " << i;
+        EXPECT_NE(ka[i].fingerprint, plain[i].fingerprint);
+      }
+    }
+  }
+  // The span's position is part of the identity, not only its id.
+  std::vector<ChunkHash> p1, p2;
+  const KeyExtras at1 = Extras({}, {{16, 20, IdentityKey("x")}});
+  const KeyExtras at2 = Extras({}, {{17, 21, IdentityKey("x")}});
+  h.Hash(t, &p1, &at1);
+  h.Hash(t, &p2, &at2);
+  EXPECT_NE(p1[1].key, p2[1].key);
+}
+
+TEST(KeyExtrasTest, SaltChangesEveryKey) {
+  ChunkHasher h = MakeHasher(Ns(), 16, PartialChunkPolicy::kKeep);
+  const auto t = Tokens(16 * 3 + 1, 23);
+  const auto plain = HashAll(h, t);
+  const KeyExtras s1 = Extras(IdentityKey("lora:adapter-1"), {});
+  const KeyExtras s2 = Extras(IdentityKey("lora:adapter-2"), {});
+  std::vector<ChunkHash> k1, k2, k1b;
+  h.Hash(t, &k1, &s1);
+  h.Hash(t, &k2, &s2);
+  h.Hash(t, &k1b, &s1);
+  ASSERT_EQ(k1.size(), plain.size());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    EXPECT_NE(k1[i].key, plain[i].key) << i;
+    EXPECT_NE(k1[i].key, k2[i].key) << i;
+    EXPECT_NE(k1[i].fingerprint, plain[i].fingerprint) << i;
+    EXPECT_EQ(k1[i].key, k1b[i].key) << i;
+    EXPECT_EQ(k1[i].fingerprint, k1b[i].fingerprint) << i;
+  }
+  // Salt and span compose: each one alone differs from both together.
+  const KeyExtras both = Extras(IdentityKey("lora:adapter-1"), {{0, 4, IdentityKey("img")}});
+  const KeyExtras span_only = Extras({}, {{0, 4, IdentityKey("img")}});
+  std::vector<ChunkHash> kb, ks;
+  h.Hash(t, &kb, &both);
+  h.Hash(t, &ks, &span_only);
+  EXPECT_NE(kb[0].key, k1[0].key);
+  EXPECT_NE(kb[0].key, ks[0].key);
+}
+
+TEST(KeyExtrasTest, MatchesDocumentedFormat) {
+  ChunkHasher h = MakeHasher(Ns(), 8, PartialChunkPolicy::kKeep);
+  const auto t = Tokens(8 * 4 + 3, 24);
+  const ChunkKey salt = IdentityKey("cache_salt:abc");
+  // Span 0 crosses the chunk 0/1 boundary; span 1 overlaps span 0 and
+  // chunk 1; span 2 is inside chunk 3; nothing touches chunk 2 or the tail.
+  const std::vector<KeySpan> spans = {
+      {6, 10, IdentityKey("a")}, {7, 9, IdentityKey("b")}, {25, 27, IdentityKey("c")}};
+  const KeyExtras extras = Extras(salt, spans);
+  std::vector<ChunkHash> out;
+  h.Hash(t, &out, &extras);
+  ASSERT_EQ(out.size(), 5u);
+
+  std::vector<unsigned char> in = {'K', 'V', 'T', 'S', 'A', 'L', 'T'};
+  PutLe(&in, h.namespace_key().lo, 8);
+  PutLe(&in, h.namespace_key().hi, 8);
+  PutLe(&in, salt.lo, 8);
+  PutLe(&in, salt.hi, 8);
+  ChunkKey prev = RefH(in);
+  EXPECT_EQ(prev, hash_internal::SaltedStart(h.namespace_key(), salt));
+  for (size_t i = 0; i < out.size(); ++i) {
+    const uint32_t b = out[i].begin, e = b + out[i].num_tokens;
+    std::vector<unsigned char> mix = {'K', 'V', 'T', 'S', 'P', 'A', 'N'};
+    PutLe(&mix, prev.lo, 8);
+    PutLe(&mix, prev.hi, 8);
+    bool any = false;
+    for (const KeySpan& s : spans) {
+      if (s.begin < e && s.end > b) {
+        any = true;
+        PutLe(&mix, s.begin, 4);
+        PutLe(&mix, s.end, 4);
+        PutLe(&mix, s.id.lo, 8);
+        PutLe(&mix, s.id.hi, 8);
+      }
+    }
+    EXPECT_EQ(any, i == 0 || i == 1 || i == 3) << i;
+    if (any) prev = RefH(mix);
+    RefChunk r = ReferenceChunk(prev, t.data() + b, out[i].num_tokens, out[i].num_tokens < 8);
+    EXPECT_EQ(out[i].key, r.key) << i;
+    EXPECT_EQ(out[i].fingerprint, r.fp) << i;
+    prev = out[i].key;
+  }
+  const std::string abc = "abc";
+  EXPECT_EQ(IdentityKey(abc), RefH(std::vector<unsigned char>(abc.begin(), abc.end())));
+}
+
+// Computed once; a change means keys with extras changed format.
+TEST(KeyExtrasTest, GoldenValues) {
+  HashNamespace ns{"kvtier-golden", "float16", "layout-a", 1, 2};
+  ChunkHasher h = MakeHasher(ns, 4, PartialChunkPolicy::kKeep);
+  const std::vector<int32_t> t = {1, 2, 3, 4, 5, 6, 7, 8, -1, 2147483647, -2147483647 - 1};
+  const KeyExtras extras = Extras(IdentityKey("salt"), {{3, 6, IdentityKey("image")}});
+  std::vector<ChunkHash> out;
+  h.Hash(t, &out, &extras);
+  ASSERT_EQ(out.size(), 3u);
+  EXPECT_EQ(IdentityKey("image").ToHex(), "e9c754bdc1a6ca9114ecfbe942ed47df");
+  EXPECT_EQ(out[0].key.ToHex(), "e8cc19fc1e25057fff70d9863c53b068");
+  EXPECT_EQ(out[2].key.ToHex(), "58d4e4fba97b0d7d60095ad7172adb52");
+}
+
+TEST(KeyExtrasTest, PrefixesAgree) {
+  // A prefix of the tokens (or HashPrefix) gives a prefix of the keys, also
+  // with spans reaching past the prefix: stores of a computed prefix and
+  // lookups of the whole prompt must meet.
+  ChunkHasher h = MakeHasher(Ns(), 16, PartialChunkPolicy::kKeep);
+  const auto t = Tokens(16 * 6, 25);
+  const KeyExtras extras = Extras(IdentityKey("s"), {{20, 40, IdentityKey("a")}, {60, 90, IdentityKey("b")}});
+  std::vector<ChunkHash> all, part;
+  h.Hash(t, &all, &extras);
+  for (size_t m : {size_t{1}, size_t{3}, size_t{4}, size_t{6}}) {
+    h.HashPrefix(t, m, &part, &extras);
+    ASSERT_EQ(part.size(), m);
+    for (size_t i = 0; i < m; ++i) EXPECT_EQ(part[i].key, all[i].key) << m << " " << i;
+    std::vector<int32_t> prefix(t.begin(), t.begin() + static_cast<ptrdiff_t>(m * 16));
+    h.Hash(prefix, &part, &extras);
+    ASSERT_EQ(part.size(), m);
+    for (size_t i = 0; i < m; ++i) EXPECT_EQ(part[i].key, all[i].key) << m << " " << i;
+  }
+}
+
+TEST(KeyExtrasTest, Validation) {
+  EXPECT_TRUE(ValidateKeyExtras(nullptr).ok());
+  KeyExtras e;
+  EXPECT_TRUE(ValidateKeyExtras(&e).ok());
+  const ChunkKey id = IdentityKey("x");
+  e.spans = {{0, 4, id}, {2, 8, id}, {2, 3, id}, {100, 101, id}};  // overlapping, ties: fine
+  EXPECT_TRUE(ValidateKeyExtras(&e).ok());
+  e.spans = {{4, 4, id}};
+  Status s = ValidateKeyExtras(&e);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("span 0"), std::string_view::npos) << s.ToString();
+  e.spans = {{0, 2, id}, {5, 4, id}};
+  s = ValidateKeyExtras(&e);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("span 1"), std::string_view::npos) << s.ToString();
+  e.spans = {{8, 10, id}, {4, 6, id}};
+  s = ValidateKeyExtras(&e);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("sorted"), std::string_view::npos) << s.ToString();
+}
+
+TEST(KeyExtrasTest, IdentityKeyIsNeverNullAndSeparates) {
+  std::set<ChunkKey> keys;
+  for (const char* s : {"", "a", "b", "ab", "lora:1", "lora:2"}) {
+    const ChunkKey k = IdentityKey(s);
+    EXPECT_FALSE(k.IsNull());
+    keys.insert(k);
+  }
+  EXPECT_EQ(keys.size(), 6u);
+  EXPECT_EQ(IdentityKey(std::string("a\0b", 3)), IdentityKey(std::string("a\0b", 3)));
+  EXPECT_NE(IdentityKey(std::string("a\0b", 3)), IdentityKey("a"));
+}
+
+TEST(KeyExtrasTest, NoHeapAllocationWithExtras) {
+  ChunkHasher h = MakeHasher(Ns(), 256, PartialChunkPolicy::kKeep);
+  const auto t = Tokens(32 * 1024, 26);
+  const KeyExtras extras = Extras(IdentityKey("s"), {{100, 700, IdentityKey("a")}, {5000, 9000, IdentityKey("b")}});
+  std::vector<ChunkHash> out;
+  out.reserve(200);
+  const long before = g_allocations.load(std::memory_order_relaxed);
+  h.Hash(t, &out, &extras);
+  const long after = g_allocations.load(std::memory_order_relaxed);
+  EXPECT_EQ(out.size(), 128u);
+  EXPECT_EQ(after - before, 0);
+}
+
 // Cross-process: the child is this same binary, exec'ed fresh (new address
 // space, new ASLR layout, new heap), printing its keys on stdout.
 constexpr char kChildEnv[] = "KVTIER_CHUNK_HASH_CHILD";

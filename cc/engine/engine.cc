@@ -310,10 +310,10 @@ void Engine::StoreOne(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, 
   // Set the tier bit before the chunk becomes visible so a concurrent
   // eviction's clear cannot be overwritten by a late set.
   (void)index_->UpdateTiers(chunk.key, kTierBitCpu, 0);
-  // A chunk bound for the disk commits already pinned: it must not be
+  // A chunk bound for the disk commits already held: it must not be
   // evicted before write-behind has filed it (I2, I3).
   const bool to_disk = disk_ != nullptr && options_.write_behind;
-  Status c = tier->Commit(std::move(lease).value(), /*pinned=*/to_disk);
+  Status c = tier->Commit(std::move(lease).value(), /*held=*/to_disk);
   if (!c.ok()) return fail(c.Annotate("CPU tier commit"));
   (void)index_->Publish(chunk.key);
   // An eviction between Commit and Publish could not remove a kWriting
@@ -465,10 +465,13 @@ size_t Engine::Pin(std::span<const int32_t> tokens, const KeyExtras* extras) {
   std::vector<ChunkHash> chunks;
   hasher_.Hash(tokens, &chunks, extras);
   size_t pinned = 0;
+  std::lock_guard<std::mutex> lock(pins_mu_);
   for (const ChunkHash& c : chunks) {
     if (!index_->Pin(c.key).ok()) break;
-    if (cpu()) (void)cpu()->Pin(c.key);
-    if (disk_) (void)disk_->Pin(c.key);
+    UserPins& taken = user_pins_[c.key];
+    if (cpu() && cpu()->Pin(c.key).ok()) ++taken.cpu;
+    if (disk_ && disk_->Pin(c.key).ok()) ++taken.disk;
+    if (taken.cpu == 0 && taken.disk == 0) user_pins_.erase(c.key);
     ++pinned;
   }
   return pinned;
@@ -479,10 +482,24 @@ size_t Engine::Unpin(std::span<const int32_t> tokens, const KeyExtras* extras) {
   std::vector<ChunkHash> chunks;
   hasher_.Hash(tokens, &chunks, extras);
   size_t unpinned = 0;
+  std::lock_guard<std::mutex> lock(pins_mu_);
   for (const ChunkHash& c : chunks) {
     if (!index_->Unpin(c.key).ok()) break;
-    if (cpu()) (void)cpu()->Unpin(c.key);
-    if (disk_) (void)disk_->Unpin(c.key);
+    auto it = user_pins_.find(c.key);
+    if (it == user_pins_.end()) {  // this pin found the chunk in no tier: nothing to release
+      ++unpinned;
+      continue;
+    }
+    UserPins& taken = it->second;
+    if (taken.cpu > 0) {
+      --taken.cpu;
+      (void)cpu()->Unpin(c.key);
+    }
+    if (taken.disk > 0) {
+      --taken.disk;
+      (void)disk_->Unpin(c.key);
+    }
+    if (taken.cpu == 0 && taken.disk == 0) user_pins_.erase(it);
     ++unpinned;
   }
   return unpinned;
@@ -523,7 +540,7 @@ bool Engine::WaitForWriteBehindProgress() {
 void Engine::EnqueueWriteBehind(const ChunkMeta& meta) {
   if (disk_ == nullptr || !options_.write_behind) return;
   CpuTier* tier = cpu();
-  // The chunk was committed pinned; the pin passes to the queue and keeps it
+  // The chunk was committed held; the hold passes to the queue and keeps it
   // in CPU until it is safely on disk (I2, I3).
   {
     std::lock_guard<std::mutex> lock(wb_mu_);
@@ -533,7 +550,7 @@ void Engine::EnqueueWriteBehind(const ChunkMeta& meta) {
       return;
     }
   }
-  (void)tier->Unpin(meta.key);
+  (void)tier->ReleaseHold(meta.key);
   wb_dropped_.fetch_add(1, std::memory_order_relaxed);
 }
 
@@ -561,7 +578,7 @@ void Engine::WriteBehindLoop() {
         if (!batch.empty()) break;
         if (wb_stop_) {
           // Shutting down: give up on items still backing off.
-          for (const WbItem& it : wb_queue_) (void)cpu()->Unpin(it.meta.key);
+          for (const WbItem& it : wb_queue_) (void)cpu()->ReleaseHold(it.meta.key);
           wb_queue_.clear();
           return;
         }
@@ -579,7 +596,7 @@ void Engine::WriteBehindLoop() {
     for (size_t i = 0; i < batch.size(); ++i) {
       auto lease = tier->Acquire(batch[i].meta.key, batch[i].meta.fingerprint);
       if (!lease.ok()) {  // removed by Clear meanwhile: nothing to file
-        (void)tier->Unpin(batch[i].meta.key);
+        (void)tier->ReleaseHold(batch[i].meta.key);
         continue;
       }
       metas.push_back(batch[i].meta);
@@ -595,14 +612,14 @@ void Engine::WriteBehindLoop() {
       const Status& s = results[j];
       if (s.ok() || s.code() == StatusCode::kAlreadyExists) {
         (void)index_->UpdateTiers(it.meta.key, kTierBitDisk, 0);
-        (void)tier->Unpin(it.meta.key);
+        (void)tier->ReleaseHold(it.meta.key);
         wb_written_.fetch_add(1, std::memory_order_relaxed);
       } else if (++it.attempts < options_.write_behind_retries) {
         it.not_before_ms = NowMs() + (static_cast<int64_t>(options_.write_behind_backoff_ms) << (it.attempts - 1));
         wb_retries_.fetch_add(1, std::memory_order_relaxed);
         retry.push_back(it);  // stays pinned in CPU while it waits
       } else {
-        (void)tier->Unpin(it.meta.key);  // stays CPU-only; evictable again
+        (void)tier->ReleaseHold(it.meta.key);  // stays CPU-only; evictable again
         wb_failed_.fetch_add(1, std::memory_order_relaxed);
       }
     }

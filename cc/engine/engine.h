@@ -36,7 +36,12 @@
 // Invariants
 //   I1 A key is kReady in the catalogue only while at least one tier holds a
 //      committed copy (tier listeners clear bits; an empty mask removes it).
-//   I2 Chunks pinned by a user or by write-behind are never evicted.
+//   I2 Chunks pinned by a user, leased by a reader or held for write-behind
+//      are never evicted. Each owner releases only its own pins (CpuTier
+//      keeps user pins, lease pins and holds apart), and Engine::Unpin
+//      releases exactly the tier pins its Pin took: a pin taken while a
+//      chunk was disk-only pinned nothing in CPU, and its Unpin releases
+//      nothing there, so no unpin can end a reader's lease.
 //   I3 Loss happens only by eviction policy, never by an I/O fault.
 //
 // Thread safety: every public method may be called from any thread.
@@ -52,6 +57,7 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "cc/common/status.h"
@@ -206,7 +212,10 @@ class Engine {
   // Returns the number of chunks queued.
   size_t Prefetch(std::span<const int32_t> tokens, const KeyExtras* extras = nullptr);
 
-  // Pins the cached prefix (every tier holding it keeps it). Returns chunks pinned.
+  // Pins the cached prefix: every tier holding a chunk when Pin runs keeps
+  // it (a copy made later, by promotion or write-behind, is not pinned).
+  // Pins nest. Returns chunks pinned. Unpin releases, per chunk, one pin and
+  // exactly the tier pins one Pin took; returns chunks unpinned.
   size_t Pin(std::span<const int32_t> tokens, const KeyExtras* extras = nullptr);
   size_t Unpin(std::span<const int32_t> tokens, const KeyExtras* extras = nullptr);
 
@@ -256,6 +265,16 @@ class Engine {
   std::unique_ptr<DiskTier> disk_;
   std::unique_ptr<ThreadPool> copy_pool_;
   size_t cpu_chunk_bytes_ = 0;  // set with cpu_ under cpu_init_mu_
+
+  // Tier pins taken by user Pins and not yet released, per key: Unpin
+  // releases what Pin took, never another owner's pin (I2). pins_mu_ is
+  // held across a whole Pin/Unpin; the tiers' locks nest inside it.
+  struct UserPins {
+    uint32_t cpu = 0;
+    uint32_t disk = 0;
+  };
+  std::mutex pins_mu_;
+  std::unordered_map<ChunkKey, UserPins, ChunkKeyHash> user_pins_;  // guarded by pins_mu_
 
   // Copy tasks submitted and not finished (Flush waits for zero).
   std::mutex copy_mu_;

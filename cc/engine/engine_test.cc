@@ -441,6 +441,53 @@ TEST(EngineTest, PrefetchPromotesAndClearEmpties) {
   std::filesystem::remove_all(dir);
 }
 
+// Issue 14 item 2: a user pin taken while the chunk was disk-only pinned
+// nothing in the CPU tier, so its Unpin must not release anything there. It
+// used to drop the pin of the reader's lease mid-scatter; eviction then
+// reused the slab under the reader.
+TEST(EngineTest, UnpinDuringScatterKeepsTheReadersLease) {
+  const std::string dir = TempDir("kvt-pin-lease");
+  const auto prefix = Tokens(2 * kChunk, 31337);
+  {
+    auto e = Engine::Create(Options(dir));
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    StoreAndWait(**e, prefix);
+  }  // on disk; the next engine starts with an empty CPU tier
+  auto e = Engine::Create(Options(dir, 4 * kChunkBytes));
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  ASSERT_EQ((*e)->cpu_tier()->Stats().entries, 0u);
+  ASSERT_EQ((*e)->Pin(prefix), 2u);  // disk-only: pins the disk copies
+
+  size_t bad = 0, consumed = 0;
+  int round = 0;
+  auto n = (*e)->Retrieve(prefix, 0, 7, [&](const ChunkHash& c, std::span<const std::byte> src) -> Status {
+    ++consumed;
+    if (c.begin == 0) {
+      // Mid-scatter: the user drops the pin, and stores push everything
+      // evictable out of the 4-chunk CPU tier.
+      EXPECT_EQ((*e)->Unpin(prefix), 2u);
+      for (int r = 0; r < 4; ++r) {
+        const auto other = Tokens(2 * kChunk, 900000 + 1000 * ++round);
+        auto h = (*e)->Store(other, 0, 7, BytesFor, Filler(other));
+        EXPECT_TRUE(h.ok());
+        if (h.ok()) EXPECT_TRUE((*h)->Wait().ok());
+        (*e)->Flush();
+      }
+    }
+    for (uint32_t i = 0; i < c.num_tokens; ++i) {
+      for (size_t b = 0; b < kBytesPerToken; ++b) bad += src[i * kBytesPerToken + b] != Pattern(prefix, c.begin + i, b);
+    }
+    return Status();
+  });
+  ASSERT_TRUE(n.ok()) << n.status().ToString();
+  EXPECT_GT((*e)->Stats().cpu.evictions, 0u) << "the test must force eviction";
+  EXPECT_EQ(consumed, 2u);
+  EXPECT_EQ(*n, 2 * kChunk);
+  EXPECT_EQ(bad, 0u) << "bytes changed under the reader";
+  e->reset();
+  std::filesystem::remove_all(dir);
+}
+
 TEST(EngineTest, ConcurrentStoresAndRetrievesOfSharedPrefixes) {
   const std::string dir = TempDir("kvt-engine");
   auto e = Engine::Create(Options(dir, 24 * kChunkBytes));

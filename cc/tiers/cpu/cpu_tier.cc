@@ -116,7 +116,7 @@ bool CpuTier::EvictOneLocked(std::vector<ChunkKey>* evicted) {
   // Only committed entries are in the policy, so pins are all that can block.
   auto victim = policy_->NextVictim([this](const ChunkKey& k) {
     auto it = map_.find(k);
-    return it != map_.end() && it->second.pins == 0;
+    return it != map_.end() && !it->second.pinned();
   });
   if (!victim) return false;
   DropLocked(map_.find(*victim), evicted);
@@ -127,7 +127,7 @@ void CpuTier::SweepExpiredLocked(Clock::time_point now, std::vector<ChunkKey>* e
   if (options_.ttl_ms == 0) return;
   for (auto it = map_.begin(); it != map_.end();) {
     auto next = std::next(it);
-    if (it->second.pins == 0 && Expired(it->second, now)) {
+    if (!it->second.pinned() && Expired(it->second, now)) {
       policy_->OnRemove(it->first);
       DropLocked(it, evicted);
     }
@@ -152,10 +152,10 @@ StatusOr<CpuTier::WriteLease> CpuTier::BeginPut(const ChunkMeta& meta, size_t by
   StatusOr<SlabAllocation> alloc = Internal("unset");
   {
     std::lock_guard<std::mutex> lock(mu_);
-    const auto now = Clock::now();
+    const auto now = Now();
     auto it = map_.find(meta.key);
     if (it != map_.end()) {
-      if (it->second.pins != 0 || !Expired(it->second, now)) {
+      if (it->second.pinned() || !Expired(it->second, now)) {
         return AlreadyExists("CpuTier::BeginPut: key " + meta.key.ToHex() + " is present");
       }
       policy_->OnRemove(it->first);  // an expired copy gives way to the new one
@@ -193,7 +193,7 @@ StatusOr<CpuTier::WriteLease> CpuTier::BeginPut(const ChunkMeta& meta, size_t by
   return WriteLease(this, meta, std::span<std::byte>(alloc->ptr, bytes));
 }
 
-Status CpuTier::CommitUncounted(WriteLease&& lease, bool pinned) {
+Status CpuTier::CommitUncounted(WriteLease&& lease, bool held) {
   if (lease.tier_ != this) return InvalidArgument("CpuTier::Commit: lease is empty or from another tier");
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -203,8 +203,8 @@ Status CpuTier::CommitUncounted(WriteLease&& lease, bool pinned) {
     }
     Entry& e = it->second;
     e.committed = true;
-    if (pinned) ++e.pins;  // in the same critical section: never evictable in between
-    e.expires = Clock::now() + std::chrono::milliseconds(options_.ttl_ms);
+    if (held) ++e.holds;  // in the same critical section: never evictable in between
+    e.expires = Now() + std::chrono::milliseconds(options_.ttl_ms);
     ++entries_;
     policy_->OnInsert(e.meta.key, e.alloc.capacity);
   }
@@ -221,11 +221,20 @@ void CpuTier::AbortPut(const ChunkMeta& meta, std::byte* ptr) {
   map_.erase(it);
 }
 
-Status CpuTier::Commit(WriteLease&& lease, bool pinned) {
+Status CpuTier::Commit(WriteLease&& lease, bool held) {
   const uint64_t bytes = lease.data().size();
-  Status s = CommitUncounted(std::move(lease), pinned);
+  Status s = CommitUncounted(std::move(lease), held);
   if (s.ok()) CountPut(bytes);
   return s;
+}
+
+Status CpuTier::ReleaseHold(const ChunkKey& key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = map_.find(key);
+  if (it == map_.end() || !it->second.committed) return NotFound("CpuTier: " + key.ToHex() + " absent");
+  if (it->second.holds == 0) return FailedPrecondition("CpuTier: " + key.ToHex() + " is not held");
+  --it->second.holds;
+  return Status::Ok();
 }
 
 StatusOr<CpuTier::ReadLease> CpuTier::Acquire(const ChunkKey& key, uint64_t fingerprint) {
@@ -250,15 +259,15 @@ StatusOr<CpuTier::ReadLease> CpuTier::AcquireUncounted(const ChunkKey& key, uint
     if (it == map_.end()) return NotFound("CpuTier: " + key.ToHex() + " absent");
     Entry& e = it->second;
     if (!e.committed) return FailedPrecondition("CpuTier: " + key.ToHex() + " is still being written");
-    if (Expired(e, Clock::now())) {
-      if (e.pins == 0) {
+    if (Expired(e, Now())) {
+      if (!e.pinned()) {
         policy_->OnRemove(key);
         DropLocked(it, &evicted);
       }
     } else if (e.meta.fingerprint != fingerprint) {
       return NotFound("CpuTier: " + key.ToHex() + " fingerprint mismatch");
     } else {
-      ++e.pins;
+      ++e.lease_pins;
       policy_->OnAccess(key);
       return ReadLease(this, e.meta, std::span<const std::byte>(e.alloc.ptr, e.bytes));
     }
@@ -270,7 +279,7 @@ StatusOr<CpuTier::ReadLease> CpuTier::AcquireUncounted(const ChunkKey& key, uint
 void CpuTier::ReleaseReadPin(const ChunkKey& key) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = map_.find(key);
-  if (it != map_.end() && it->second.pins > 0) --it->second.pins;
+  if (it != map_.end() && it->second.lease_pins > 0) --it->second.lease_pins;
 }
 
 Status CpuTier::GetImpl(const ChunkKey& key, uint64_t fingerprint, std::span<std::byte> dst) {
@@ -288,7 +297,7 @@ Status CpuTier::GetImpl(const ChunkKey& key, uint64_t fingerprint, std::span<std
 StatusOr<size_t> CpuTier::SizeOfImpl(const ChunkKey& key) const {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = map_.find(key);
-  if (it == map_.end() || !it->second.committed || Expired(it->second, Clock::now())) {
+  if (it == map_.end() || !it->second.committed || Expired(it->second, Now())) {
     return NotFound("CpuTier: " + key.ToHex() + " absent");
   }
   return it->second.bytes;
@@ -298,7 +307,7 @@ Status CpuTier::RemoveImpl(const ChunkKey& key) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = map_.find(key);
   if (it == map_.end() || !it->second.committed) return NotFound("CpuTier: " + key.ToHex() + " absent");
-  if (it->second.pins != 0) return FailedPrecondition("CpuTier: " + key.ToHex() + " is pinned");
+  if (it->second.pinned()) return FailedPrecondition("CpuTier: " + key.ToHex() + " is pinned");
   policy_->OnRemove(key);
   allocator_->Free(it->second.alloc);
   used_bytes_ -= it->second.alloc.capacity;
@@ -310,10 +319,10 @@ Status CpuTier::RemoveImpl(const ChunkKey& key) {
 Status CpuTier::PinImpl(const ChunkKey& key) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = map_.find(key);
-  if (it == map_.end() || !it->second.committed || Expired(it->second, Clock::now())) {
+  if (it == map_.end() || !it->second.committed || Expired(it->second, Now())) {
     return NotFound("CpuTier: " + key.ToHex() + " absent");
   }
-  ++it->second.pins;
+  ++it->second.user_pins;
   return Status::Ok();
 }
 
@@ -321,8 +330,9 @@ Status CpuTier::UnpinImpl(const ChunkKey& key) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = map_.find(key);
   if (it == map_.end() || !it->second.committed) return NotFound("CpuTier: " + key.ToHex() + " absent");
-  if (it->second.pins == 0) return FailedPrecondition("CpuTier: " + key.ToHex() + " is not pinned");
-  --it->second.pins;
+  // Only user pins: a lease or a hold is released by its owner alone.
+  if (it->second.user_pins == 0) return FailedPrecondition("CpuTier: " + key.ToHex() + " is not pinned");
+  --it->second.user_pins;
   return Status::Ok();
 }
 
@@ -331,7 +341,7 @@ void CpuTier::ClearImpl() {
   for (auto it = map_.begin(); it != map_.end();) {
     auto next = std::next(it);
     Entry& e = it->second;
-    if (e.committed && e.pins == 0) {
+    if (e.committed && !e.pinned()) {
       policy_->OnRemove(it->first);
       allocator_->Free(e.alloc);
       used_bytes_ -= e.alloc.capacity;

@@ -22,8 +22,19 @@
 //   skipped; if nothing else is left the call returns kResourceExhausted.
 //   Each eviction and each TTL expiry is reported through NotifyEvicted,
 //   called after the tier's lock is released.
+// - Pins by owner. An entry is pinned (never evicted, removed, cleared or
+//   reused) while any of three independent counts is non-zero:
+//     user pins   Tier::Pin / Unpin (nest; Unpin of an entry without user
+//                 pins is kFailedPrecondition);
+//     lease pins  one per live ReadLease, released only by the lease;
+//     holds       Commit(lease, /*held=*/true) until ReleaseHold (the
+//                 engine's write-behind: on its way to a lower tier).
+//   No owner can release another owner's pin: an Unpin can never end a
+//   reader's lease, which is what keeps the bytes under a scatter in place.
 // - TTL (ttl_ms > 0): an entry older than ttl_ms (from Commit) is a miss; it
 //   is reclaimed when met (unless pinned) and swept before policy eviction.
+//   Time comes from options.now (steady_clock by default), so tests can move
+//   it without sleeping.
 // - used_bytes counts slab capacities (what the memory really holds, in-flight
 //   reservations included); entries counts committed entries. Both exact.
 //
@@ -36,6 +47,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -58,6 +70,10 @@ struct CpuTierOptions {
   double high_watermark = 0.90, low_watermark = 0.80;
   std::string eviction_policy = "s3fifo";
   uint64_t ttl_ms = 0;  // 0 = no TTL
+  // The TTL's clock; empty: std::chrono::steady_clock::now. For tests that
+  // move time instead of sleeping. Called under the tier's lock: it must be
+  // cheap and must not call back into the tier.
+  std::function<std::chrono::steady_clock::time_point()> now;
   int numa_node = -1;
   HugePages huge_pages = HugePages::kAuto;
   // Touch every page at creation: no page faults on the first puts, at the
@@ -112,9 +128,13 @@ class CpuTier final : public Tier {
   StatusOr<WriteLease> BeginPut(const ChunkMeta& meta, size_t bytes);
   // kOk, or kInvalidArgument for an empty (moved-from/committed) lease or one
   // from another tier.
-  // pinned: the entry becomes visible already holding one pin (released with
-  // Unpin), so it cannot be evicted between Commit and a separate Pin.
-  Status Commit(WriteLease&& lease, bool pinned = false);
+  // held: the entry becomes visible already holding one hold (released with
+  // ReleaseHold, never by Unpin), so it cannot be evicted between Commit and
+  // the moment its holder is done with it.
+  Status Commit(WriteLease&& lease, bool held = false);
+  // Releases one hold taken by Commit(..., true). kNotFound (absent),
+  // kFailedPrecondition (no hold).
+  Status ReleaseHold(const ChunkKey& key);
   // kOk, kNotFound (absent, fingerprint mismatch, expired),
   // kFailedPrecondition (in flight). Never kInvalidArgument.
   StatusOr<ReadLease> Acquire(const ChunkKey& key, uint64_t fingerprint);
@@ -129,8 +149,12 @@ class CpuTier final : public Tier {
     ChunkMeta meta;
     SlabAllocation alloc;
     size_t bytes = 0;
-    uint32_t pins = 0;  // Pin() calls plus live ReadLeases
+    // Pins by owner (see the contract); evictable only when all are zero.
+    uint32_t user_pins = 0;
+    uint32_t lease_pins = 0;
+    uint32_t holds = 0;
     bool committed = false;
+    bool pinned() const { return user_pins != 0 || lease_pins != 0 || holds != 0; }
     Clock::time_point expires;  // meaningful when ttl_ms > 0 and committed
   };
   using Map = std::unordered_map<ChunkKey, Entry, ChunkKeyHash>;
@@ -138,7 +162,7 @@ class CpuTier final : public Tier {
   explicit CpuTier(const CpuTierOptions& o) : Tier(TierKind::kCpu, "cpu"), options_(o) {}
 
   // Commit / Acquire without counting (Put and Get count through Tier).
-  Status CommitUncounted(WriteLease&& lease, bool pinned);
+  Status CommitUncounted(WriteLease&& lease, bool held);
   StatusOr<ReadLease> AcquireUncounted(const ChunkKey& key, uint64_t fingerprint);
   Status PutImpl(const ChunkMeta& meta, std::span<const std::byte> data) override;
   Status GetImpl(const ChunkKey& key, uint64_t fingerprint, std::span<std::byte> dst) override;
@@ -149,6 +173,7 @@ class CpuTier final : public Tier {
   void ClearImpl() override;
   void FillStatsImpl(TierStats* s) const override;
 
+  Clock::time_point Now() const { return options_.now ? options_.now() : Clock::now(); }
   // All *Locked helpers run under mu_.
   bool Expired(const Entry& e, Clock::time_point now) const {
     return options_.ttl_ms != 0 && e.committed && now >= e.expires;

@@ -4,6 +4,8 @@
 
 #include <atomic>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <set>
@@ -62,20 +64,56 @@ TEST(CpuTierTest, PutGetRoundTripAndStats) {
   EXPECT_EQ(lease->meta().num_tokens, 256u);
 }
 
-TEST(CpuTierTest, PinnedCommitIsNeverEvictedBeforeUnpin) {
+TEST(CpuTierTest, HeldCommitIsNeverEvictedBeforeReleaseHold) {
   auto t = std::move(CpuTier::Create(Small(4))).value();
   {
     auto lease = std::move(t->BeginPut(Meta(1), kChunk)).value();
     std::memset(lease.data().data(), 9, kChunk);
-    ASSERT_TRUE(t->Commit(std::move(lease), /*pinned=*/true).ok());
+    ASSERT_TRUE(t->Commit(std::move(lease), /*held=*/true).ok());
   }
   // Far more puts than the tier holds: everything else may go, chunk 1 stays.
   for (uint64_t i = 2; i < 40; ++i) ASSERT_TRUE(t->Put(Meta(i), Bytes(kChunk, 1)).ok());
   EXPECT_TRUE(t->Contains(Meta(1).key));
   EXPECT_GT(t->Stats().evictions, 0u);
-  ASSERT_TRUE(t->Unpin(Meta(1).key).ok());
+  // A hold is not a user pin: Unpin cannot release it.
+  EXPECT_EQ(t->Unpin(Meta(1).key).code(), StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(t->ReleaseHold(Meta(1).key).ok());
+  EXPECT_EQ(t->ReleaseHold(Meta(1).key).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(t->ReleaseHold(Meta(99).key).code(), StatusCode::kNotFound);
   for (uint64_t i = 40; i < 80; ++i) ASSERT_TRUE(t->Put(Meta(i), Bytes(kChunk, 1)).ok());
-  EXPECT_FALSE(t->Contains(Meta(1).key));  // evictable again once unpinned
+  EXPECT_FALSE(t->Contains(Meta(1).key));  // evictable again once released
+}
+
+// Issue 14 item 2: user pins, read leases and holds are counted apart, so
+// no owner can release another's pin. An Unpin used to drop a reader's
+// lease pin; eviction then reused the slab under the reader.
+TEST(CpuTierTest, PinsAreCountedByOwner) {
+  auto t = Make(Small(4));
+  const auto data = Bytes(kChunk, 42);
+  ASSERT_TRUE(t->Put(Meta(1), data).ok());
+  auto lease = t->Acquire(Meta(1).key, 7);
+  ASSERT_TRUE(lease.ok());
+  EXPECT_EQ(t->Unpin(Meta(1).key).code(), StatusCode::kFailedPrecondition) << "a lease is not a user pin";
+  // A user pin on top, released while the lease lives: the lease still pins.
+  ASSERT_TRUE(t->Pin(Meta(1).key).ok());
+  ASSERT_TRUE(t->Unpin(Meta(1).key).ok());
+  EXPECT_EQ(t->Unpin(Meta(1).key).code(), StatusCode::kFailedPrecondition);
+  for (uint64_t i = 2; i < 40; ++i) ASSERT_TRUE(t->Put(Meta(i), Bytes(kChunk, i)).ok());
+  EXPECT_GT(t->Stats().evictions, 0u);
+  EXPECT_TRUE(t->Contains(Meta(1).key));
+  EXPECT_EQ(t->Remove(Meta(1).key).code(), StatusCode::kFailedPrecondition);
+  t->Clear();
+  EXPECT_TRUE(t->Contains(Meta(1).key));
+  EXPECT_EQ(std::vector<std::byte>(lease->data().begin(), lease->data().end()), data);
+  // A user pin outlives the lease.
+  ASSERT_TRUE(t->Pin(Meta(1).key).ok());
+  *lease = std::move(t->Acquire(Meta(1).key, 7)).value();  // re-acquire, releasing the old lease
+  lease = Internal("dropped");                                 // and drop the new one
+  t->Clear();
+  EXPECT_TRUE(t->Contains(Meta(1).key));
+  ASSERT_TRUE(t->Unpin(Meta(1).key).ok());
+  t->Clear();
+  EXPECT_FALSE(t->Contains(Meta(1).key));
 }
 
 TEST(CpuTierTest, PartialChunksUseSmallerClasses) {
@@ -190,9 +228,20 @@ TEST(CpuTierTest, WatermarksAndListener) {
   for (uint64_t i : {1, 7, 8, 9, 10}) EXPECT_TRUE(t->Contains(Meta(i).key)) << i;
 }
 
+// A clock the test moves by hand: TTL tests need no sleeps.
+struct FakeClock {
+  std::shared_ptr<std::atomic<int64_t>> ms = std::make_shared<std::atomic<int64_t>>(1000);
+  std::function<std::chrono::steady_clock::time_point()> Fn() const {
+    return [ms = ms] { return std::chrono::steady_clock::time_point(std::chrono::milliseconds(ms->load())); };
+  }
+  void Advance(int64_t d) { ms->fetch_add(d); }
+};
+
 TEST(CpuTierTest, TtlExpiresEntries) {
+  FakeClock clock;
   CpuTierOptions o = Small(4);
-  o.ttl_ms = 300;  // generous: puts are slow under sanitizers
+  o.ttl_ms = 300;
+  o.now = clock.Fn();
   auto t = Make(o);
   std::vector<ChunkKey> evicted;
   t->SetEvictionListener([&](const ChunkKey& k) { evicted.push_back(k); });
@@ -200,8 +249,10 @@ TEST(CpuTierTest, TtlExpiresEntries) {
   ASSERT_TRUE(t->Put(Meta(2), Bytes(kChunk, 2)).ok());
   ASSERT_TRUE(t->Pin(Meta(2).key).ok());
   std::vector<std::byte> out(kChunk);
+  clock.Advance(299);  // one millisecond before expiry: still a hit
   EXPECT_TRUE(t->Get(Meta(1).key, 7, out).ok());
-  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  EXPECT_TRUE(t->Contains(Meta(1).key));
+  clock.Advance(1);  // exactly ttl_ms after Commit: expired
   EXPECT_EQ(t->Get(Meta(1).key, 7, out).code(), StatusCode::kNotFound);
   EXPECT_FALSE(t->Contains(Meta(1).key));
   ASSERT_EQ(evicted.size(), 1u);
@@ -210,11 +261,40 @@ TEST(CpuTierTest, TtlExpiresEntries) {
   EXPECT_EQ(t->Get(Meta(2).key, 7, out).code(), StatusCode::kNotFound);
   EXPECT_EQ(t->Stats().used_bytes, kChunk);
   ASSERT_TRUE(t->Unpin(Meta(2).key).ok());
-  // Re-putting an expired key replaces it.
+  // Re-putting an expired key replaces it, with a fresh TTL.
   ASSERT_TRUE(t->Put(Meta(2), Bytes(kChunk, 22)).ok());
   ASSERT_TRUE(t->Get(Meta(2).key, 7, out).ok());
   EXPECT_EQ(out, Bytes(kChunk, 22));
   EXPECT_EQ(t->Stats().entries, 1u);
+  clock.Advance(299);
+  EXPECT_TRUE(t->Get(Meta(2).key, 7, out).ok());
+}
+
+TEST(CpuTierTest, ExpiredEntriesAreSweptBeforePolicyEviction) {
+  FakeClock clock;
+  CpuTierOptions o = Small(4);
+  o.ttl_ms = 1000;
+  o.high_watermark = 1.0;
+  o.low_watermark = 1.0;
+  o.eviction_policy = "lru";
+  o.now = clock.Fn();
+  auto t = Make(o);
+  std::vector<ChunkKey> evicted;
+  t->SetEvictionListener([&](const ChunkKey& k) { evicted.push_back(k); });
+  ASSERT_TRUE(t->Put(Meta(1), Bytes(kChunk, 1)).ok());
+  ASSERT_TRUE(t->Put(Meta(2), Bytes(kChunk, 2)).ok());
+  clock.Advance(500);
+  ASSERT_TRUE(t->Put(Meta(3), Bytes(kChunk, 3)).ok());
+  ASSERT_TRUE(t->Put(Meta(4), Bytes(kChunk, 4)).ok());
+  clock.Advance(600);  // 1 and 2 expired, 3 and 4 not
+  // Full: the new put takes the expired entries' space, not LRU victims.
+  ASSERT_TRUE(t->Put(Meta(5), Bytes(kChunk, 5)).ok());
+  std::set<uint64_t> got;
+  for (auto& k : evicted) got.insert(k.lo);
+  EXPECT_EQ(got, (std::set<uint64_t>{1, 2}));
+  EXPECT_TRUE(t->Contains(Meta(3).key));
+  EXPECT_TRUE(t->Contains(Meta(4).key));
+  EXPECT_EQ(t->Stats().entries, 3u);
 }
 
 TEST(CpuTierTest, ClearDropsUnpinnedOnly) {

@@ -339,11 +339,26 @@ void Engine::CopyFinished() {
 // ---------------------------------------------------------------------------
 // Retrieve
 
-StatusOr<CpuTier::ReadLease> Engine::PromoteFromDisk(const ChunkHash& chunk, const IndexEntry& entry) {
+namespace {
+
+Status LayoutMismatch(const ChunkHash& chunk, uint64_t stored, uint64_t wanted) {
+  return InvalidArgument("chunk at token " + std::to_string(chunk.begin) + " was stored from KV layout " +
+                         std::to_string(stored) + ", the destination layout is " + std::to_string(wanted));
+}
+
+}  // namespace
+
+StatusOr<CpuTier::ReadLease> Engine::PromoteFromDisk(const ChunkHash& chunk, std::optional<uint64_t> layout_id,
+                                                     bool* stale_layout) {
   CpuTier* tier = cpu();
   if (disk_ == nullptr || tier == nullptr) return NotFound("no disk tier");
   auto meta = disk_->GetMeta(chunk.key);
   if (!meta.ok()) return meta.status();
+  // Checked before the read: a stale chunk is not worth a disk read or CPU space.
+  if (layout_id && meta->layout_id != *layout_id) {
+    *stale_layout = true;
+    return LayoutMismatch(chunk, meta->layout_id, *layout_id);
+  }
   auto size = disk_->SizeOf(chunk.key);
   if (!size.ok()) return size.status();
   auto lease = tier->BeginPut(*meta, *size);
@@ -359,24 +374,37 @@ StatusOr<CpuTier::ReadLease> Engine::PromoteFromDisk(const ChunkHash& chunk, con
   return tier->Acquire(chunk.key, chunk.fingerprint);
 }
 
-StatusOr<CpuTier::ReadLease> Engine::LoadOne(const ChunkHash& chunk, const IndexEntry& entry,
-                                             uint64_t layout_id, bool* from_disk) {
+StatusOr<CpuTier::ReadLease> Engine::LoadOne(const ChunkHash& chunk, const IndexEntry& entry, uint64_t layout_id,
+                                             bool* from_disk, bool* stale_layout) {
   CpuTier* tier = cpu();
   if (tier == nullptr) return FailedPrecondition("retrieve before the chunk size is known (SetChunkBytes)");
   *from_disk = false;
   auto lease = tier->Acquire(chunk.key, chunk.fingerprint);
   if (!lease.ok() && lease.status().code() == StatusCode::kNotFound) {
     if (entry.tier_mask & kTierBitCpu) (void)index_->UpdateTiers(chunk.key, 0, kTierBitCpu);  // stale bit
-    lease = PromoteFromDisk(chunk, entry);
+    lease = PromoteFromDisk(chunk, layout_id, stale_layout);
     *from_disk = lease.ok();
   }
   if (!lease.ok()) return lease.status();
   if (lease->meta().layout_id != layout_id) {
-    return InvalidArgument("chunk at token " + std::to_string(chunk.begin) + " was stored from KV layout " +
-                           std::to_string(lease->meta().layout_id) + ", the destination layout is " +
-                           std::to_string(layout_id));
+    *stale_layout = true;
+    return LayoutMismatch(chunk, lease->meta().layout_id, layout_id);
   }
   return lease;
+}
+
+size_t Engine::DropStaleLayout(const ChunkHash& chunk, uint64_t layout_id) {
+  size_t dropped = 0;
+  if (CpuTier* tier = cpu()) {
+    auto meta = tier->GetMeta(chunk.key);
+    if (meta.ok() && meta->layout_id != layout_id && tier->Remove(chunk.key).ok()) ++dropped;
+  }
+  if (disk_ != nullptr) {
+    auto meta = disk_->GetMeta(chunk.key);
+    if (meta.ok() && meta->layout_id != layout_id && disk_->Remove(chunk.key).ok()) ++dropped;
+  }
+  if (dropped != 0) Reconcile(chunk.key);
+  return dropped;
 }
 
 StatusOr<size_t> Engine::RetrieveLoop(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
@@ -395,8 +423,21 @@ StatusOr<size_t> Engine::RetrieveLoop(std::span<const int32_t> tokens, size_t sk
       retrieve_misses_.fetch_add(1, std::memory_order_relaxed);
       break;
     }
-    bool from_disk = false;
-    auto lease = LoadOne(c, *entry, layout_id, &from_disk);
+    bool from_disk = false, stale_layout = false;
+    auto lease = LoadOne(c, *entry, layout_id, &from_disk, &stale_layout);
+    if (stale_layout) {
+      // Stored from another layout: a miss, and the stale copies go, here and
+      // for the rest of this request's chunks, so that Lookup stops promising
+      // them and the caller's next Store files its own KV (one retrieve
+      // repairs the whole prompt, not one chunk per request).
+      load_errors_.fetch_add(1, std::memory_order_relaxed);
+      size_t dropped_chunks = 0;
+      for (size_t j = static_cast<size_t>(&c - chunks.data()); j < chunks.size(); ++j) {
+        if (DropStaleLayout(chunks[j], layout_id) != 0) ++dropped_chunks;
+      }
+      layout_mismatches_.fetch_add(dropped_chunks, std::memory_order_relaxed);
+      break;
+    }
     Status s = lease.ok() ? sink(c, std::move(lease).value()) : lease.status();
     if (!s.ok()) {
       // No room to promote (the CPU tier is full of pinned chunks, e.g. a
@@ -450,7 +491,10 @@ size_t Engine::Prefetch(std::span<const int32_t> tokens, const KeyExtras* extras
     if (!entry || entry->state != EntryState::kReady) break;
     if (cpu()->Contains(c.key)) continue;
     if (!(entry->tier_mask & kTierBitDisk)) break;
-    Status s = copy_pool_->Submit([this, c, e = *entry] { (void)PromoteFromDisk(c, e); });
+    Status s = copy_pool_->Submit([this, c] {
+      bool stale = false;
+      (void)PromoteFromDisk(c, std::nullopt, &stale);
+    });
     if (!s.ok()) break;
     ++queued;
   }
@@ -656,6 +700,7 @@ EngineStats Engine::Stats() const {
   s.chunks_loaded_disk = ld(chunks_loaded_disk_);
   s.retrieve_misses = ld(retrieve_misses_);
   s.load_errors = ld(load_errors_);
+  s.layout_mismatches = ld(layout_mismatches_);
   s.write_behind_written = ld(wb_written_);
   s.write_behind_retries = ld(wb_retries_);
   s.write_behind_failed = ld(wb_failed_);

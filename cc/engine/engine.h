@@ -32,6 +32,12 @@
 //   CPU miss, disk hit -> promote: BeginPut in CPU, disk read straight into
 //   it, Commit, then consume. The first miss, fingerprint/checksum failure or
 //   layout mismatch ends the prefix: wrong KV is never handed out.
+//   A chunk stored from another KV layout (the layout_id is not part of the
+//   key: e.g. a restart with another attention backend) is stale: it is a
+//   miss, and it and the rest of the request's chunks stored from another
+//   layout are removed from every tier and the catalogue (unless pinned), so
+//   Lookup stops promising them and the next Store files the new layout's
+//   KV. Counted in layout_mismatches (and load_errors, once per retrieve).
 //
 // Invariants
 //   I1 A key is kReady in the catalogue only while at least one tier holds a
@@ -54,6 +60,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <thread>
@@ -105,6 +112,7 @@ struct EngineStats {
   uint64_t retrieve_requests = 0, chunks_loaded = 0, tokens_loaded = 0, bytes_loaded = 0;
   uint64_t chunks_loaded_cpu = 0, chunks_loaded_disk = 0, retrieve_misses = 0;
   uint64_t load_errors = 0;  // checksum / fingerprint / layout failures on retrieve
+  uint64_t layout_mismatches = 0;  // chunks dropped as stored from another KV layout
   uint64_t write_behind_written = 0, write_behind_retries = 0, write_behind_failed = 0,
            write_behind_dropped = 0, write_behind_queue_depth = 0;
   uint64_t catalogue_entries = 0;
@@ -239,15 +247,23 @@ class Engine {
   void Reconcile(const ChunkKey& key);
   void StoreOne(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, const FillFn& fill,
                 const std::shared_ptr<StoreHandle>& handle);
-  // A read lease on one chunk (CPU, else disk promote), layout checked.
+  // A read lease on one chunk (CPU, else disk promote), layout checked:
+  // another layout is kInvalidArgument with *stale_layout set.
   StatusOr<CpuTier::ReadLease> LoadOne(const ChunkHash& chunk, const IndexEntry& entry, uint64_t layout_id,
-                                       bool* from_disk);
+                                       bool* from_disk, bool* stale_layout);
+  // Removes the copies of chunk stored from a layout other than layout_id
+  // (pinned copies stay) and makes the catalogue say what remains. Returns
+  // the number of copies removed.
+  size_t DropStaleLayout(const ChunkHash& chunk, uint64_t layout_id);
   // Retrieve's loop: hands each chunk of the prefix to sink in order; a
   // failing sink ends the prefix like a failed load.
   using LeaseSink = std::function<Status(const ChunkHash& chunk, CpuTier::ReadLease&& lease)>;
   StatusOr<size_t> RetrieveLoop(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
                                 const KeyExtras* extras, const LeaseSink& sink);
-  StatusOr<CpuTier::ReadLease> PromoteFromDisk(const ChunkHash& chunk, const IndexEntry& entry);
+  // layout_id: the caller's layout; a copy from another one is not read
+  // (kInvalidArgument, *stale_layout set). nullopt: any layout (Prefetch).
+  StatusOr<CpuTier::ReadLease> PromoteFromDisk(const ChunkHash& chunk, std::optional<uint64_t> layout_id,
+                                               bool* stale_layout);
   void CopyFinished();
   // Waits (<= 50 ms) for a write-behind batch to finish; false when nothing
   // is queued, i.e. waiting cannot free CPU space.
@@ -301,7 +317,7 @@ class Engine {
   std::atomic<uint64_t> store_requests_{0}, chunks_stored_{0}, chunks_skipped_present_{0}, store_errors_{0},
       tokens_stored_{0}, bytes_stored_{0};
   std::atomic<uint64_t> retrieve_requests_{0}, chunks_loaded_{0}, tokens_loaded_{0}, bytes_loaded_{0},
-      chunks_loaded_cpu_{0}, chunks_loaded_disk_{0}, retrieve_misses_{0}, load_errors_{0};
+      chunks_loaded_cpu_{0}, chunks_loaded_disk_{0}, retrieve_misses_{0}, load_errors_{0}, layout_mismatches_{0};
   std::atomic<uint64_t> wb_written_{0}, wb_retries_{0}, wb_failed_{0}, wb_dropped_{0};
   std::atomic<uint64_t> store_latency_us_{0}, retrieve_latency_us_{0};
 };

@@ -296,6 +296,53 @@ TEST(EngineTest, KeyExtrasNeverShareKv) {
   std::filesystem::remove_all(dir);
 }
 
+// Issue 14 item 4: after a restart with another KV layout (the layout is
+// not in the key), the old chunks used to stay catalogued: lookups promised
+// them, loads failed, and Store skipped them as present, forever. Now the
+// first retrieve drops every stale chunk of the prompt and the next store
+// files the new layout's KV.
+TEST(EngineTest, LayoutChangeIsAMissThatDropsTheStaleChunks) {
+  const std::string dir = TempDir("kvt-layout");
+  const auto tokens = Tokens(5 * kChunk, 606);
+  for (const bool restart : {true, false}) {
+    SCOPED_TRACE(restart ? "after a restart (disk)" : "same engine (CPU and disk)");
+    std::filesystem::remove_all(dir);
+    auto e = Engine::Create(Options(dir));
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    StoreAndWait(**e, tokens, 0, /*layout=*/7);
+    (*e)->Flush();
+    if (restart) {
+      e->reset();
+      e = Engine::Create(Options(dir));
+      ASSERT_TRUE(e.ok()) << e.status().ToString();
+    }
+    ASSERT_EQ((*e)->Lookup(tokens), tokens.size());
+    Checker miss{tokens};
+    auto n = (*e)->Retrieve(tokens, 0, /*layout=*/8, miss.Fn());
+    ASSERT_TRUE(n.ok()) << n.status().ToString();
+    EXPECT_EQ(*n, 0u);
+    EXPECT_FALSE(miss.seen[0]);
+    EngineStats s = (*e)->Stats();
+    EXPECT_EQ(s.layout_mismatches, 5u);
+    EXPECT_EQ(s.load_errors, 1u);
+    EXPECT_EQ((*e)->Lookup(tokens), 0u) << "stale chunks must not be promised";
+    EXPECT_EQ(s.catalogue_entries, 0u);
+    EXPECT_EQ(s.disk.entries, 0u);
+    EXPECT_EQ(s.cpu.entries, 0u);
+    // The new layout's KV is filed, not skipped as present.
+    StoreAndWait(**e, tokens, 0, /*layout=*/8);
+    s = (*e)->Stats();
+    EXPECT_EQ(s.chunks_stored, restart ? 5u : 10u);
+    EXPECT_EQ(s.chunks_skipped_present, 0u);
+    Checker hit{tokens};
+    n = (*e)->Retrieve(tokens, 0, /*layout=*/8, hit.Fn());
+    ASSERT_TRUE(n.ok());
+    EXPECT_EQ(*n, tokens.size());
+    EXPECT_EQ(hit.bad, 0u);
+  }
+  std::filesystem::remove_all(dir);
+}
+
 TEST(EngineTest, BadInputGetsClearErrors) {
   EngineOptions bad = Options();
   bad.chunk_tokens = 0;

@@ -303,6 +303,15 @@ StatusOr<size_t> CpuTier::SizeOfImpl(const ChunkKey& key) const {
   return it->second.bytes;
 }
 
+StatusOr<ChunkMeta> CpuTier::GetMeta(const ChunkKey& key) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = map_.find(key);
+  if (it == map_.end() || !it->second.committed || Expired(it->second, Now())) {
+    return NotFound("CpuTier: " + key.ToHex() + " absent");
+  }
+  return it->second.meta;
+}
+
 Status CpuTier::RemoveImpl(const ChunkKey& key) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = map_.find(key);

@@ -139,6 +139,10 @@ class CpuTier final : public Tier {
   // kFailedPrecondition (in flight). Never kInvalidArgument.
   StatusOr<ReadLease> Acquire(const ChunkKey& key, uint64_t fingerprint);
 
+  // The meta of a committed, unexpired entry; kNotFound otherwise. Counts
+  // no get (it reads no chunk bytes).
+  StatusOr<ChunkMeta> GetMeta(const ChunkKey& key) const;
+
   std::span<std::byte> memory() const { return {region_->data(), region_->size()}; }
   const CpuTierOptions& options() const { return options_; }
   bool huge_pages() const { return region_->huge_pages(); }

@@ -116,6 +116,22 @@ TEST(CpuTierTest, PinsAreCountedByOwner) {
   EXPECT_FALSE(t->Contains(Meta(1).key));
 }
 
+TEST(CpuTierTest, GetMetaSeesCommittedEntriesOnly) {
+  auto t = Make(Small(4));
+  ChunkMeta m = Meta(1);
+  m.layout_id = 99;
+  ASSERT_TRUE(t->Put(m, Bytes(kChunk, 1)).ok());
+  auto got = t->GetMeta(m.key);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(got->layout_id, 99u);
+  EXPECT_EQ(got->fingerprint, 7u);
+  auto w = t->BeginPut(Meta(2), kChunk);
+  ASSERT_TRUE(w.ok());
+  EXPECT_EQ(t->GetMeta(Meta(2).key).status().code(), StatusCode::kNotFound);  // in flight
+  EXPECT_EQ(t->GetMeta(Meta(3).key).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(t->Stats().gets, 0u);
+}
+
 TEST(CpuTierTest, PartialChunksUseSmallerClasses) {
   auto t = Make(Small(16, 256 * kKiB));  // classes: 64, 128, 256 KiB
   const auto data = Bytes(100 * kKiB, 2);

@@ -2,18 +2,27 @@
 
 #include <pthread.h>
 
+#include "cc/common/thread_guard.h"
+
 namespace kvtier {
 
-ThreadPool::ThreadPool(size_t num_threads, size_t max_queue, std::string name)
-    : max_queue_(max_queue), name_(std::move(name)) {
+StatusOr<std::unique_ptr<ThreadPool>> ThreadPool::Create(size_t num_threads, size_t max_queue, std::string name) {
   if (num_threads == 0) num_threads = 1;
-  workers_.reserve(num_threads);
+  std::unique_ptr<ThreadPool> pool(new ThreadPool(max_queue, std::move(name)));
+  pool->workers_.reserve(num_threads);
   for (size_t i = 0; i < num_threads; ++i) {
-    workers_.emplace_back([this] { WorkerLoop(); });
+    std::thread t;
+    Status s = StartThread(&t, [p = pool.get()] { p->WorkerLoop(); });
+    if (!s.ok()) {
+      pool->Shutdown();  // joins the workers already running
+      return s.Annotate(pool->name_ + ": worker " + std::to_string(i) + " of " + std::to_string(num_threads));
+    }
     // Thread names show up in top/perf; Linux caps them at 15 chars.
-    std::string tname = name_.substr(0, 12) + "-" + std::to_string(i);
-    pthread_setname_np(workers_.back().native_handle(), tname.substr(0, 15).c_str());
+    std::string tname = pool->name_.substr(0, 12) + "-" + std::to_string(i);
+    pthread_setname_np(t.native_handle(), tname.substr(0, 15).c_str());
+    pool->workers_.push_back(std::move(t));  // capacity reserved: cannot throw
   }
+  return pool;
 }
 
 ThreadPool::~ThreadPool() { Shutdown(); }
@@ -59,7 +68,13 @@ void ThreadPool::WorkerLoop() {
       task = std::move(tasks_.front());
       tasks_.pop_front();
     }
-    task();
+    // The thread boundary: nothing may escape a worker (std::terminate).
+    try {
+      task();
+    } catch (...) {
+      task_exceptions_.fetch_add(1, std::memory_order_relaxed);
+      (void)LogOnce(&exception_logged_, StatusFromCurrentException(name_ + ": task threw"));
+    }
   }
 }
 

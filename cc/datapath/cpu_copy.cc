@@ -1,10 +1,13 @@
 #include "cc/datapath/cpu_copy.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "cc/common/thread_guard.h"
 
 namespace kvtier {
 namespace {
@@ -12,6 +15,8 @@ namespace {
 // Below this many bytes per thread a second thread costs more (start + join,
 // ~20-50 us) than it saves.
 constexpr size_t kMinBytesPerThread = size_t{512} << 10;
+
+std::atomic<bool> g_thread_refusal_logged{false};
 
 // One piece of a copy between paged memory and the chunk buffer; the
 // direction is a template parameter so the inner loops carry no branch.
@@ -132,12 +137,24 @@ void Run(const PagedKvLayout& lay, std::span<const int64_t> slots, std::byte* ch
   }
   std::vector<std::thread> pool;
   pool.reserve(static_cast<size_t>(threads - 1));
+  // Parts [0, started) run on this thread; a part whose thread the system
+  // refused runs here too, so a refusal slows the copy down but never fails
+  // it, and no joinable std::thread is ever destroyed (std::terminate).
+  int started = threads;
   for (int t = 1; t < threads; ++t) {
-    pool.emplace_back([&, t] {
+    std::thread th;
+    Status s = StartThread(&th, [&, t] {
       CopyWork<kGather>(lay, slots, chunk, work * t / threads, work * (t + 1) / threads);
     });
+    if (!s.ok()) {
+      (void)LogOnce(&g_thread_refusal_logged, s.Annotate("cpu copy (continuing on fewer threads)"));
+      started = t;
+      break;
+    }
+    pool.push_back(std::move(th));  // capacity reserved: cannot throw
   }
   CopyWork<kGather>(lay, slots, chunk, 0, work / threads);
+  if (started < threads) CopyWork<kGather>(lay, slots, chunk, work * started / threads, work);
   for (auto& th : pool) th.join();  // join: the workers' writes happen-before our return
 }
 

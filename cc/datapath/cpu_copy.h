@@ -19,7 +19,9 @@
 //   (layer, token) space; fewer are used for small copies, where starting a
 //   thread costs more than it saves. The call returns after all of them
 //   joined, so the copy is complete and visible to the caller (thread join is
-//   the synchronisation; nothing here uses atomics).
+//   the synchronisation; nothing here uses atomics). A thread the system
+//   refuses is not an error: its share runs on the caller's thread (logged
+//   once to stderr).
 // - Scatter with the same slot twice is a caller error: which token's bytes
 //   land there is unspecified (and a data race when threads > 1).
 // - Copies are byte-exact for any element size; runs of consecutive slots

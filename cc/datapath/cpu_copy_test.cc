@@ -7,6 +7,7 @@
 #include <random>
 #include <thread>
 
+#include "cc/common/thread_guard.h"
 #include "cc/datapath/paged_test_util.h"
 
 namespace kvtier {
@@ -137,6 +138,36 @@ TEST(CpuCopy, LargeMultiThreadedRoundTrip) {
   kv.ReferenceGather(slots, zero_pad);
   EXPECT_EQ(back, zero_pad);
   EXPECT_EQ(back, many);
+}
+
+// Issue 14 item 7: a refused thread used to throw out of the copy with the
+// threads already started still joinable: std::terminate. Now the caller's
+// thread copies the refused share and the result is the same.
+TEST(CpuCopy, RefusedThreadsStillCopyEverything) {
+  PagedSpec s;
+  s.kind = KvLayoutKind::kVllmCpu;
+  s.layers = 4, s.block_size = 128, s.blocks = 7, s.heads = 4, s.head_size = 64;
+  s.elem_size = 2;
+  PagedKv kv(s, 6);
+  auto lay = PagedKvLayout::Create(kv.Descs());
+  ASSERT_TRUE(lay.ok());
+  const auto slots = MakeSlots(s, 600, 3, 17, 11);  // 4 threads of >= 512 KiB
+  std::vector<std::byte> want(lay->ChunkBytes(600));
+  ASSERT_TRUE(GatherCpu(*lay, slots, want, 1).ok());
+  for (int skip : {0, 1, 2}) {  // refuse the 1st, 2nd or 3rd extra thread and all after it
+    SCOPED_TRACE(skip);
+    thread_guard_internal::FailThreadStarts(skip, 100);
+    std::vector<std::byte> got(want.size());
+    ASSERT_TRUE(GatherCpu(*lay, slots, got, 4).ok());
+    EXPECT_EQ(got, want);
+    thread_guard_internal::FailThreadStarts(skip, 100);
+    kv.Randomize(90 + skip);
+    ASSERT_TRUE(ScatterCpu(*lay, slots, want, 4).ok());
+    thread_guard_internal::FailThreadStarts(0, 0);
+    std::vector<std::byte> back(want.size());
+    ASSERT_TRUE(GatherCpu(*lay, slots, back, 1).ok());
+    EXPECT_EQ(back, want);
+  }
 }
 
 TEST(CpuCopy, ConcurrentCallsOnOneLayout) {

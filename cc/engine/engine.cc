@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
+
+#include "cc/common/thread_guard.h"
 
 namespace kvtier {
 namespace {
@@ -29,6 +32,14 @@ ChunkMeta MetaOf(const ChunkHash& c, uint64_t layout_id) {
   m.layout_id = layout_id;
   m.num_tokens = c.num_tokens;
   return m;
+}
+
+// Disk errors worth retrying: the same write can succeed later (a full disk
+// reclaims, an I/O hiccup passes). Anything else (a chunk too large for a
+// segment, a bug) fails the same way every time.
+bool IsTransientDiskError(const Status& s) {
+  return s.code() == StatusCode::kIoError || s.code() == StatusCode::kResourceExhausted ||
+         s.code() == StatusCode::kUnavailable;
 }
 
 // Per-thread scratch for the hot lookup path: no allocation per call once warm.
@@ -113,9 +124,11 @@ Status Engine::Init() {
       (void)index_->Publish(m.key);
     });
     disk_->SetEvictionListener([this](const ChunkKey& k) { OnTierEvicted(kTierBitDisk, k); });
-    if (options_.write_behind) wb_thread_ = std::thread([this] { WriteBehindLoop(); });
+    if (options_.write_behind) {
+      KVT_RETURN_IF_ERROR(StartThread(&wb_thread_, [this] { WriteBehindLoop(); }).Annotate("write-behind"));
+    }
   }
-  copy_pool_ = std::make_unique<ThreadPool>(options_.copy_threads, options_.store_queue, "kvt-copy");
+  KVT_ASSIGN_OR_RETURN(copy_pool_, ThreadPool::Create(options_.copy_threads, options_.store_queue, "kvt-copy"));
   return Status();
 }
 
@@ -231,7 +244,7 @@ StatusOr<std::shared_ptr<StoreHandle>> Engine::Store(std::span<const int32_t> to
       ++copies_pending_;
     }
     Status sub = copy_pool_->Submit([this, c = c, bytes = bytes, layout_id, shared_fill, handle, start] {
-      StoreOne(c, layout_id, bytes, *shared_fill, handle);
+      StoreOneGuarded(c, layout_id, bytes, *shared_fill, handle);
       store_latency_us_.fetch_add(NowUs() - start, std::memory_order_relaxed);
       CopyFinished();
     });
@@ -277,14 +290,46 @@ StatusOr<std::shared_ptr<StoreHandle>> Engine::StoreBuffers(std::span<const int3
   return Store(tokens, 0, layout_id, size_fn, std::move(fill), extras);
 }
 
+void Engine::CountInternalError(const Status& s) {
+  internal_errors_.fetch_add(1, std::memory_order_relaxed);
+  (void)LogOnce(&internal_error_logged_, s);
+}
+
+void Engine::StoreOneGuarded(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, const FillFn& fill,
+                             const std::shared_ptr<StoreHandle>& handle) {
+  bool reported = false;
+  try {
+    StoreOne(chunk, layout_id, bytes, fill, handle, &reported);
+  } catch (...) {
+    // The thread boundary of a copy task. Unwinding has aborted any write
+    // lease; what is left is the catalogue entry and the caller's handle.
+    const Status s = StatusFromCurrentException("storing the chunk at token " + std::to_string(chunk.begin));
+    CountInternalError(s);
+    if (!reported) {
+      auto e = index_->Find(chunk.key);
+      if (e && e->state == EntryState::kWriting) {
+        (void)index_->Remove(chunk.key);
+      } else {
+        Reconcile(chunk.key);
+      }
+      store_errors_.fetch_add(1, std::memory_order_relaxed);
+      handle->ChunkDone(s, false);
+    }
+  }
+}
+
 void Engine::StoreOne(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, const FillFn& fill,
-                      const std::shared_ptr<StoreHandle>& handle) {
+                      const std::shared_ptr<StoreHandle>& handle, bool* reported) {
   CpuTier* tier = cpu();
   const ChunkMeta meta = MetaOf(chunk, layout_id);
+  auto done = [&](const Status& s, bool stored) {
+    *reported = true;
+    handle->ChunkDone(s, stored);
+  };
   auto fail = [&](const Status& s) {
     (void)index_->Remove(chunk.key);
     store_errors_.fetch_add(1, std::memory_order_relaxed);
-    handle->ChunkDone(s, false);
+    done(s, false);
   };
   auto lease = tier->BeginPut(meta, bytes);
   // Back-pressure: a CPU tier full of chunks pinned for write-behind frees
@@ -300,19 +345,28 @@ void Engine::StoreOne(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, 
       // after Clear raced a store): adopt it.
       (void)index_->UpdateTiers(chunk.key, kTierBitCpu, 0);
       (void)index_->Publish(chunk.key);
-      handle->ChunkDone(Status(), false);
+      done(Status(), false);
       return;
     }
     return fail(lease.status().Annotate("CPU tier"));
   }
-  Status f = fill(chunk, lease->data());
+  // The caller's code (a binding, a CUDA gather): the one place here that
+  // is expected to throw, if anything does.
+  Status f;
+  try {
+    f = fill(chunk, lease->data());
+  } catch (...) {
+    f = StatusFromCurrentException("FillFn");
+    CountInternalError(f);
+  }
   if (!f.ok()) return fail(f.Annotate("filling chunk at token " + std::to_string(chunk.begin)));
   // Set the tier bit before the chunk becomes visible so a concurrent
   // eviction's clear cannot be overwritten by a late set.
   (void)index_->UpdateTiers(chunk.key, kTierBitCpu, 0);
   // A chunk bound for the disk commits already held: it must not be
-  // evicted before write-behind has filed it (I2, I3).
-  const bool to_disk = disk_ != nullptr && options_.write_behind;
+  // evicted before write-behind (or write-through, below) has filed it (I2, I3).
+  const bool to_disk = disk_ != nullptr;
+  const std::span<const std::byte> data = lease->data();  // fixed in place while held
   Status c = tier->Commit(std::move(lease).value(), /*held=*/to_disk);
   if (!c.ok()) return fail(c.Annotate("CPU tier commit"));
   (void)index_->Publish(chunk.key);
@@ -323,8 +377,37 @@ void Engine::StoreOne(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, 
   chunks_stored_.fetch_add(1, std::memory_order_relaxed);
   tokens_stored_.fetch_add(chunk.num_tokens, std::memory_order_relaxed);
   bytes_stored_.fetch_add(bytes, std::memory_order_relaxed);
+  if (to_disk && !options_.write_behind) {
+    // Write-through: the handle completes once the disk has the chunk, or
+    // with the disk's error (the chunk then stays CPU-only).
+    return done(WriteThrough(meta, data), true);
+  }
   EnqueueWriteBehind(meta);
-  handle->ChunkDone(Status(), true);
+  done(Status(), true);
+}
+
+Status Engine::WriteThrough(const ChunkMeta& meta, std::span<const std::byte> data) {
+  Status s;
+  try {
+    std::vector<Status> results = disk_->PutBatch(std::span<const ChunkMeta>(&meta, 1),
+                                                  std::span<const std::span<const std::byte>>(&data, 1));
+    if (options_.test_disk_write_results) options_.test_disk_write_results(results);
+    s = results.at(0);
+  } catch (...) {
+    s = StatusFromCurrentException("write-through");
+    CountInternalError(s);
+  }
+  if (s.ok() || s.code() == StatusCode::kAlreadyExists) {
+    (void)index_->UpdateTiers(meta.key, kTierBitDisk, 0);
+    wb_written_.fetch_add(1, std::memory_order_relaxed);
+    s = Status::Ok();
+  } else {
+    if (!IsTransientDiskError(s)) LogPermanentDiskFailure(s, data.size());
+    wb_failed_.fetch_add(1, std::memory_order_relaxed);
+    s = s.Annotate("write-through to the disk tier (the chunk stays in the CPU tier)");
+  }
+  (void)cpu()->ReleaseHold(meta.key);  // filed or not: evictable like any other chunk now
+  return s;
 }
 
 void Engine::CopyFinished() {
@@ -598,10 +681,23 @@ void Engine::EnqueueWriteBehind(const ChunkMeta& meta) {
   wb_dropped_.fetch_add(1, std::memory_order_relaxed);
 }
 
+void Engine::LogPermanentDiskFailure(const Status& s, size_t chunk_bytes) {
+  // At most one line a minute: the same misconfiguration fails every chunk.
+  const int64_t now = NowMs();
+  int64_t last = last_disk_failure_log_ms_.load(std::memory_order_relaxed);
+  if (last != 0 && now - last < 60'000) return;
+  if (!last_disk_failure_log_ms_.compare_exchange_strong(last, now, std::memory_order_relaxed)) return;
+  std::fprintf(stderr,
+               "kvtier: a chunk of %zu bytes cannot be written to the disk tier (segments of %llu bytes): %s; "
+               "it stays in the CPU tier only and is not retried (logged at most once a minute)\n",
+               chunk_bytes, static_cast<unsigned long long>(disk_->segment_bytes()), s.ToString().c_str());
+}
+
 void Engine::WriteBehindLoop() {
   constexpr size_t kBatch = 16;
   std::vector<WbItem> batch;
   std::vector<WbItem> retry;
+  batch.reserve(kBatch);
   for (;;) {
     batch.clear();
     {
@@ -617,6 +713,7 @@ void Engine::WriteBehindLoop() {
         const int64_t now = NowMs();
         while (!wb_queue_.empty() && batch.size() < kBatch && wb_queue_.front().not_before_ms <= now) {
           batch.push_back(wb_queue_.front());
+          batch.back().settled = false;
           wb_queue_.pop_front();
         }
         if (!batch.empty()) break;
@@ -631,39 +728,19 @@ void Engine::WriteBehindLoop() {
       wb_in_flight_ += batch.size();
     }
 
-    CpuTier* tier = cpu();
-    std::vector<CpuTier::ReadLease> leases;
-    std::vector<ChunkMeta> metas;
-    std::vector<std::span<const std::byte>> datas;
-    std::vector<size_t> which;
-    leases.reserve(batch.size());
-    for (size_t i = 0; i < batch.size(); ++i) {
-      auto lease = tier->Acquire(batch[i].meta.key, batch[i].meta.fingerprint);
-      if (!lease.ok()) {  // removed by Clear meanwhile: nothing to file
-        (void)tier->ReleaseHold(batch[i].meta.key);
-        continue;
-      }
-      metas.push_back(batch[i].meta);
-      datas.push_back(lease->data());
-      leases.push_back(std::move(lease).value());
-      which.push_back(i);
-    }
-    std::vector<Status> results = disk_->PutBatch(metas, datas);
-    leases.clear();
     retry.clear();
-    for (size_t j = 0; j < which.size(); ++j) {
-      WbItem& it = batch[which[j]];
-      const Status& s = results[j];
-      if (s.ok() || s.code() == StatusCode::kAlreadyExists) {
-        (void)index_->UpdateTiers(it.meta.key, kTierBitDisk, 0);
-        (void)tier->ReleaseHold(it.meta.key);
-        wb_written_.fetch_add(1, std::memory_order_relaxed);
-      } else if (++it.attempts < options_.write_behind_retries) {
-        it.not_before_ms = NowMs() + (static_cast<int64_t>(options_.write_behind_backoff_ms) << (it.attempts - 1));
-        wb_retries_.fetch_add(1, std::memory_order_relaxed);
-        retry.push_back(it);  // stays pinned in CPU while it waits
-      } else {
-        (void)tier->ReleaseHold(it.meta.key);  // stays CPU-only; evictable again
+    try {
+      WriteBehindBatch(batch, &retry);
+    } catch (...) {
+      // The write-behind thread's boundary: the rest of the batch is given
+      // up (evictable again; the catalogue says what the tiers hold, which
+      // may include a disk copy written before the throw) and the thread
+      // goes on.
+      CountInternalError(StatusFromCurrentException("write-behind"));
+      for (WbItem& it : batch) {
+        if (it.settled) continue;
+        (void)cpu()->ReleaseHold(it.meta.key);
+        Reconcile(it.meta.key);
         wb_failed_.fetch_add(1, std::memory_order_relaxed);
       }
     }
@@ -674,6 +751,50 @@ void Engine::WriteBehindLoop() {
       ++wb_batches_done_;
     }
     wb_idle_cv_.notify_all();
+  }
+}
+
+void Engine::WriteBehindBatch(std::vector<WbItem>& batch, std::vector<WbItem>* retry) {
+  CpuTier* tier = cpu();
+  std::vector<CpuTier::ReadLease> leases;
+  std::vector<ChunkMeta> metas;
+  std::vector<std::span<const std::byte>> datas;
+  std::vector<size_t> which;
+  leases.reserve(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    auto lease = tier->Acquire(batch[i].meta.key, batch[i].meta.fingerprint);
+    if (!lease.ok()) {  // expired meanwhile: nothing to file
+      (void)tier->ReleaseHold(batch[i].meta.key);
+      batch[i].settled = true;
+      continue;
+    }
+    metas.push_back(batch[i].meta);
+    datas.push_back(lease->data());
+    leases.push_back(std::move(lease).value());
+    which.push_back(i);
+  }
+  std::vector<Status> results = disk_->PutBatch(metas, datas);
+  if (options_.test_disk_write_results) options_.test_disk_write_results(results);
+  leases.clear();
+  for (size_t j = 0; j < which.size(); ++j) {
+    WbItem& it = batch[which[j]];
+    const Status& s = results[j];
+    if (s.ok() || s.code() == StatusCode::kAlreadyExists) {
+      (void)index_->UpdateTiers(it.meta.key, kTierBitDisk, 0);
+      (void)tier->ReleaseHold(it.meta.key);
+      wb_written_.fetch_add(1, std::memory_order_relaxed);
+    } else if (IsTransientDiskError(s) && ++it.attempts < options_.write_behind_retries) {
+      it.not_before_ms = NowMs() + (static_cast<int64_t>(options_.write_behind_backoff_ms) << (it.attempts - 1));
+      wb_retries_.fetch_add(1, std::memory_order_relaxed);
+      retry->push_back(it);  // stays held in CPU while it waits
+    } else {
+      // Out of retries, or an error that retrying cannot fix: give up now
+      // rather than keep the chunk held through five backoffs.
+      if (!IsTransientDiskError(s)) LogPermanentDiskFailure(s, datas[j].size());
+      (void)tier->ReleaseHold(it.meta.key);  // stays CPU-only; evictable again
+      wb_failed_.fetch_add(1, std::memory_order_relaxed);
+    }
+    it.settled = true;
   }
 }
 
@@ -707,6 +828,8 @@ EngineStats Engine::Stats() const {
   s.write_behind_dropped = ld(wb_dropped_);
   s.store_latency_us_total = ld(store_latency_us_);
   s.retrieve_latency_us_total = ld(retrieve_latency_us_);
+  // Copy tasks catch their own; the pool counts what other tasks (prefetch) threw.
+  s.internal_errors = ld(internal_errors_) + (copy_pool_ ? copy_pool_->task_exceptions() : 0);
   {
     std::lock_guard<std::mutex> lock(wb_mu_);
     s.write_behind_queue_depth = wb_queue_.size() + wb_in_flight_;

@@ -19,10 +19,14 @@
 //   or being written by someone else is skipped (counted, not an error).
 //
 // Write-behind (CPU -> disk)
-//   A committed chunk is pinned in the CPU tier and queued (bounded); a
-//   writer thread files batches to the disk tier and unpins them. A failed
-//   disk write keeps the data in CPU and is retried with exponential backoff
-//   (max write_behind_retries attempts) before the chunk is left CPU-only.
+//   A committed chunk is held in the CPU tier and queued (bounded); a
+//   writer thread files batches to the disk tier and releases them. A disk
+//   write that failed transiently (kIoError, kResourceExhausted,
+//   kUnavailable) keeps the data in CPU and is retried with exponential
+//   backoff (max write_behind_retries attempts) before the chunk is left
+//   CPU-only; any other error (e.g. a chunk too large for a disk segment)
+//   cannot succeed on retry and leaves it CPU-only at once, with one stderr
+//   line (at most one a minute) naming the chunk and segment sizes.
 //   A full queue leaves the chunk CPU-only and counts write_behind_dropped.
 //   When the CPU tier is full of chunks pinned for write-behind, a store
 //   waits for the writer (back-pressure, bounded) instead of failing.
@@ -49,6 +53,12 @@
 //      chunk was disk-only pinned nothing in CPU, and its Unpin releases
 //      nothing there, so no unpin can end a reader's lease.
 //   I3 Loss happens only by eviction policy, never by an I/O fault.
+//
+// Thread boundaries: nothing thrown on the engine's threads (a FillFn that
+// throws, std::bad_alloc) reaches std::terminate. A copy task turns it into
+// kInternal in the store's handle and drops the chunk; the write-behind
+// thread gives up on its batch (the chunks stay CPU-only) and goes on. Each
+// is counted in internal_errors and the first one logged to stderr.
 //
 // Thread safety: every public method may be called from any thread.
 #pragma once
@@ -95,6 +105,10 @@ struct EngineOptions {
 
   // Disk tier; disabled when disk.path is empty.
   DiskTierOptions disk;
+  // true: stores return once chunks are in the CPU tier and a background
+  // thread files them to disk. false (write-through): a store's handle
+  // completes only once its chunks are on disk too (or with the disk's
+  // error; the chunk then stays CPU-only). Only matters with a disk tier.
   bool write_behind = true;
   size_t write_behind_queue = 1024;
   uint32_t write_behind_retries = 5;
@@ -103,6 +117,12 @@ struct EngineOptions {
   // Store copy tasks.
   size_t copy_threads = 2;
   size_t store_queue = 4096;
+
+  // Tests only: called with the disk tier's results of every write of
+  // chunks to disk (write-behind batch or write-through), on the thread that
+  // wrote them, before they are acted on. It may change them (fault
+  // injection) or throw (to test the thread boundary).
+  std::function<void(std::span<Status> results)> test_disk_write_results;
 };
 
 struct EngineStats {
@@ -116,6 +136,7 @@ struct EngineStats {
   uint64_t write_behind_written = 0, write_behind_retries = 0, write_behind_failed = 0,
            write_behind_dropped = 0, write_behind_queue_depth = 0;
   uint64_t catalogue_entries = 0;
+  uint64_t internal_errors = 0;  // exceptions caught at the engine's thread boundaries (bugs)
   uint64_t store_latency_us_total = 0, retrieve_latency_us_total = 0;
   bool has_cpu = false, has_disk = false;
   TierStats cpu, disk;
@@ -245,8 +266,20 @@ class Engine {
   void OnTierEvicted(uint32_t tier_bit, const ChunkKey& key);
   // Sets the key's tier mask from what the tiers hold; removes it when none.
   void Reconcile(const ChunkKey& key);
+  // One copy task: StoreOne behind the thread boundary. Reports the chunk
+  // to handle exactly once, whatever StoreOne throws.
+  void StoreOneGuarded(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, const FillFn& fill,
+                       const std::shared_ptr<StoreHandle>& handle);
+  // Sets *reported just before it reports the chunk to handle.
   void StoreOne(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, const FillFn& fill,
-                const std::shared_ptr<StoreHandle>& handle);
+                const std::shared_ptr<StoreHandle>& handle, bool* reported);
+  // Files one held chunk to disk on the calling thread and releases the
+  // hold; the disk's error, annotated, if it failed.
+  Status WriteThrough(const ChunkMeta& meta, std::span<const std::byte> data);
+  // One stderr line (at most one a minute) for a disk write that cannot succeed.
+  void LogPermanentDiskFailure(const Status& s, size_t chunk_bytes);
+  // Counts an exception caught at a thread boundary; logs the first.
+  void CountInternalError(const Status& s);
   // A read lease on one chunk (CPU, else disk promote), layout checked:
   // another layout is kInvalidArgument with *stale_layout set.
   StatusOr<CpuTier::ReadLease> LoadOne(const ChunkHash& chunk, const IndexEntry& entry, uint64_t layout_id,
@@ -270,6 +303,9 @@ class Engine {
   bool WaitForWriteBehindProgress();
   void EnqueueWriteBehind(const ChunkMeta& meta);
   void WriteBehindLoop();
+  struct WbItem;
+  // Files one batch; every item ends settled (hold released, or in *retry).
+  void WriteBehindBatch(std::vector<WbItem>& batch, std::vector<WbItem>* retry);
   CpuTier* cpu() const { return cpu_ready_.load(std::memory_order_acquire) ? cpu_.get() : nullptr; }
 
   const EngineOptions options_;
@@ -302,6 +338,7 @@ class Engine {
     ChunkMeta meta;
     uint32_t attempts = 0;
     int64_t not_before_ms = 0;
+    bool settled = false;  // within one batch: its hold released or queued for retry
   };
   mutable std::mutex wb_mu_;
   std::condition_variable wb_cv_;
@@ -320,6 +357,9 @@ class Engine {
       chunks_loaded_cpu_{0}, chunks_loaded_disk_{0}, retrieve_misses_{0}, load_errors_{0}, layout_mismatches_{0};
   std::atomic<uint64_t> wb_written_{0}, wb_retries_{0}, wb_failed_{0}, wb_dropped_{0};
   std::atomic<uint64_t> store_latency_us_{0}, retrieve_latency_us_{0};
+  std::atomic<uint64_t> internal_errors_{0};
+  std::atomic<bool> internal_error_logged_{false};
+  std::atomic<int64_t> last_disk_failure_log_ms_{0};  // LogPermanentDiskFailure's rate limit
 };
 
 }  // namespace kvtier

@@ -6,9 +6,12 @@
 #include <filesystem>
 #include <numeric>
 #include <random>
+#include <stdexcept>
 #include <thread>
 
 #include <gtest/gtest.h>
+
+#include "cc/common/thread_guard.h"
 
 namespace kvtier {
 namespace {
@@ -531,6 +534,193 @@ TEST(EngineTest, UnpinDuringScatterKeepsTheReadersLease) {
   EXPECT_EQ(consumed, 2u);
   EXPECT_EQ(*n, 2 * kChunk);
   EXPECT_EQ(bad, 0u) << "bytes changed under the reader";
+  e->reset();
+  std::filesystem::remove_all(dir);
+}
+
+// Issue 14 item 7: a FillFn that throws used to reach std::terminate on the
+// copy thread. Now the handle says kInternal and the engine keeps working.
+TEST(EngineTest, ThrowingFillIsAnInternalErrorNotACrash) {
+  auto e = Engine::Create(Options());
+  ASSERT_TRUE(e.ok());
+  const auto tokens = Tokens(3 * kChunk, 555);
+  auto good = Filler(tokens);
+  // Chunk 1 throws; chunks 0 and 2 are filled.
+  auto h = (*e)->Store(tokens, 0, 7, BytesFor, [&](const ChunkHash& c, std::span<std::byte> dst) -> Status {
+    if (c.begin == kChunk) throw std::runtime_error("binding blew up");
+    return good(c, dst);
+  });
+  ASSERT_TRUE(h.ok());
+  testing::internal::CaptureStderr();
+  const Status s = (*h)->Wait();
+  (*e)->Flush();
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(s.code(), StatusCode::kInternal) << s.ToString();
+  EXPECT_NE(s.message().find("binding blew up"), std::string_view::npos) << s.ToString();
+  EXPECT_EQ((*h)->chunks_stored(), 2u);
+  EngineStats st = (*e)->Stats();
+  EXPECT_EQ(st.internal_errors, 1u);
+  EXPECT_EQ(st.store_errors, 1u);
+  EXPECT_EQ(st.catalogue_entries, 2u);  // the failed chunk left no entry
+  EXPECT_EQ((*e)->Lookup(tokens), kChunk);
+  // The next store of the same tokens files the missing chunk; all is served.
+  StoreAndWait(**e, tokens);
+  EXPECT_EQ((*e)->Lookup(tokens), tokens.size());
+  Checker check{tokens};
+  auto n = (*e)->Retrieve(tokens, 0, 7, check.Fn());
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(*n, tokens.size());
+  EXPECT_EQ(check.bad, 0u);
+}
+
+// Issue 14 item 7: an exception on the write-behind thread used to end the
+// process. Now the batch is given up (CPU-only, not held) and the thread goes on.
+TEST(EngineTest, ThrowOnTheWriteBehindThreadIsCaught) {
+  const std::string dir = TempDir("kvt-wb-throw");
+  EngineOptions o = Options(dir, 8 * kChunkBytes);
+  auto throwing = std::make_shared<std::atomic<bool>>(true);
+  o.test_disk_write_results = [throwing](std::span<Status>) {
+    if (throwing->load()) throw std::bad_alloc();
+  };
+  auto e = Engine::Create(o);
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  const auto first = Tokens(3 * kChunk, 700);
+  testing::internal::CaptureStderr();
+  StoreAndWait(**e, first);
+  (*e)->Flush();  // returns: the thread survived its batches
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("write-behind"), std::string::npos) << err;
+  EngineStats st = (*e)->Stats();
+  EXPECT_GE(st.internal_errors, 1u);
+  EXPECT_EQ(st.write_behind_failed, 3u);
+  EXPECT_EQ(st.write_behind_written, 0u);
+  // Not held any more: other stores can push them out of the 8-chunk CPU tier.
+  throwing->store(false);
+  for (int r = 0; r < 4; ++r) {
+    StoreAndWait(**e, Tokens(4 * kChunk, 10000 * (r + 1)));
+    (*e)->Flush();
+  }
+  st = (*e)->Stats();
+  EXPECT_EQ(st.write_behind_written, 16u);
+  EXPECT_GT(st.cpu.evictions, 0u);
+  // Whatever is still promised is served byte-exact (the thrown batch had
+  // reached the disk; the catalogue says so).
+  Checker check{first};
+  const size_t promised = (*e)->Lookup(first);
+  auto n = (*e)->Retrieve(first, 0, 7, check.Fn());
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(*n, promised);
+  EXPECT_EQ(check.bad, 0u);
+  e->reset();
+  std::filesystem::remove_all(dir);
+}
+
+// Issue 14 item 7: the engine's threads start through StartThread, so a
+// refused thread is an error from Create, not std::terminate.
+TEST(EngineTest, RefusedThreadFailsCreate) {
+  EngineOptions o = Options();
+  o.copy_threads = 3;
+  thread_guard_internal::FailThreadStarts(/*skip=*/1, /*n=*/1);  // the second copy worker
+  auto e = Engine::Create(o);
+  EXPECT_EQ(e.status().code(), StatusCode::kResourceExhausted) << e.status().ToString();
+  const std::string dir = TempDir("kvt-thread");
+  thread_guard_internal::FailThreadStarts(/*skip=*/0, /*n=*/1);  // the write-behind thread
+  e = Engine::Create(Options(dir));
+  EXPECT_EQ(e.status().code(), StatusCode::kResourceExhausted) << e.status().ToString();
+  EXPECT_NE(e.status().message().find("write-behind"), std::string_view::npos) << e.status().ToString();
+  e = Engine::Create(Options(dir));  // nothing injected any more; the directory was released
+  EXPECT_TRUE(e.ok()) << e.status().ToString();
+  e->reset();
+  std::filesystem::remove_all(dir);
+}
+
+// Issue 14 item 8: a disk error that cannot succeed on retry (a chunk larger
+// than a segment is kInvalidArgument) used to be retried five times with
+// the chunk held in CPU, then dropped without a word. Now it fails at once,
+// releases the chunk and logs one line; transient errors are still retried.
+TEST(EngineTest, PermanentDiskErrorsAreNotRetried) {
+  const std::string dir = TempDir("kvt-wb-perm");
+  EngineOptions o = Options(dir);
+  o.write_behind_backoff_ms = 1;
+  auto code = std::make_shared<std::atomic<int>>(static_cast<int>(StatusCode::kInvalidArgument));
+  auto transient_left = std::make_shared<std::atomic<int>>(2);  // failing disk writes before EIO clears
+  o.test_disk_write_results = [code, transient_left](std::span<Status> results) {
+    const auto c = static_cast<StatusCode>(code->load());
+    if (c == StatusCode::kIoError && transient_left->fetch_sub(1) <= 0) return;
+    for (Status& r : results) r = Status(c, "injected");
+  };
+  auto e = Engine::Create(o);
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  testing::internal::CaptureStderr();
+  StoreAndWait(**e, Tokens(3 * kChunk, 900));
+  (*e)->Flush();
+  StoreAndWait(**e, Tokens(3 * kChunk, 901));
+  (*e)->Flush();
+  const std::string err = testing::internal::GetCapturedStderr();
+  EngineStats st = (*e)->Stats();
+  EXPECT_EQ(st.write_behind_retries, 0u);
+  EXPECT_EQ(st.write_behind_failed, 6u);
+  size_t lines = 0;
+  for (size_t pos = 0; (pos = err.find("cannot be written to the disk tier", pos)) != std::string::npos; ++pos) ++lines;
+  EXPECT_EQ(lines, 1u) << err;
+  EXPECT_NE(err.find(std::to_string(kChunkBytes) + " bytes"), std::string::npos) << err;
+  (*e)->Clear();  // released at once, not held through backoffs
+  EXPECT_EQ((*e)->cpu_tier()->Stats().entries, 0u);
+
+  // A transient error is retried until it passes (the first two disk
+  // writes fail with EIO, then the disk recovers).
+  code->store(static_cast<int>(StatusCode::kIoError));
+  const auto tokens = Tokens(2 * kChunk, 902);
+  StoreAndWait(**e, tokens);
+  (*e)->Flush();  // waits for the retries too: they stay queued
+  st = (*e)->Stats();
+  EXPECT_GE(st.write_behind_retries, 2u);
+  EXPECT_EQ(st.write_behind_written, 2u);
+  EXPECT_EQ(st.write_behind_failed, 6u);
+  e->reset();
+  std::filesystem::remove_all(dir);
+}
+
+// Issue 14 item 9: write_behind=false used to write nothing to disk. Now it
+// writes through: the handle completes once the disk has every chunk.
+TEST(EngineTest, WriteThroughFilesBeforeTheHandleCompletes) {
+  const std::string dir = TempDir("kvt-wt");
+  EngineOptions o = Options(dir);
+  o.write_behind = false;
+  auto fail = std::make_shared<std::atomic<bool>>(false);
+  o.test_disk_write_results = [fail](std::span<Status> results) {
+    if (fail->load()) for (Status& r : results) r = IoError("injected EIO");
+  };
+  auto e = Engine::Create(o);
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  const auto tokens = Tokens(5 * kChunk + 3, 1200);
+  StoreAndWait(**e, tokens);
+  // No Flush: the handle's completion is the guarantee.
+  std::vector<ChunkHash> chunks;
+  (*e)->hasher().Hash(tokens, &chunks);
+  ASSERT_EQ(chunks.size(), 6u);
+  for (const ChunkHash& c : chunks) EXPECT_TRUE((*e)->disk_tier()->Contains(c.key)) << c.begin;
+  EngineStats st = (*e)->Stats();
+  EXPECT_EQ(st.write_behind_written, 6u);
+  EXPECT_EQ(st.disk.entries, 6u);
+  (*e)->Clear();  // not held after the write: CPU copies go, disk ones too
+  EXPECT_EQ((*e)->cpu_tier()->Stats().entries, 0u);
+
+  // A failed disk write: reported in the handle, the chunk stays in CPU.
+  fail->store(true);
+  const auto other = Tokens(2 * kChunk, 1300);
+  auto h = (*e)->Store(other, 0, 7, BytesFor, Filler(other));
+  ASSERT_TRUE(h.ok());
+  const Status s = (*h)->Wait();
+  EXPECT_EQ(s.code(), StatusCode::kIoError) << s.ToString();
+  EXPECT_EQ((*h)->chunks_stored(), 2u);
+  EXPECT_EQ((*e)->Lookup(other), other.size());
+  EXPECT_EQ((*e)->Stats().write_behind_failed, 2u);
+  Checker check{other};
+  auto n = (*e)->Retrieve(other, 0, 7, check.Fn());
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(*n, other.size());
+  EXPECT_EQ(check.bad, 0u);
   e->reset();
   std::filesystem::remove_all(dir);
 }

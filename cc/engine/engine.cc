@@ -524,13 +524,16 @@ StatusOr<size_t> Engine::RetrieveLoop(std::span<const int32_t> tokens, size_t sk
     Status s = lease.ok() ? sink(c, std::move(lease).value()) : lease.status();
     if (!s.ok()) {
       // No room to promote (the CPU tier is full of pinned chunks, e.g. a
-      // long prefix leased at once) is a miss: the chunk itself is fine.
-      const bool miss = s.code() == StatusCode::kNotFound || s.code() == StatusCode::kResourceExhausted;
+      // long prefix leased at once), or another thread promoting the same
+      // chunk right now (its copy is in flight), is a miss: the chunk itself
+      // is fine, and the catalogue is right about it.
+      const bool busy = s.code() == StatusCode::kResourceExhausted || s.code() == StatusCode::kFailedPrecondition;
+      const bool miss = busy || s.code() == StatusCode::kNotFound;
       (miss ? retrieve_misses_ : load_errors_).fetch_add(1, std::memory_order_relaxed);
       // A tier may have dropped the chunk (gone, or failed its checksum):
       // make the catalogue say what the tiers hold, so Lookup stops
       // promising it and the next store can file it again (I1).
-      if (s.code() != StatusCode::kInvalidArgument && s.code() != StatusCode::kResourceExhausted) Reconcile(c.key);
+      if (s.code() != StatusCode::kInvalidArgument && !busy) Reconcile(c.key);
       break;
     }
     (from_disk ? chunks_loaded_disk_ : chunks_loaded_cpu_).fetch_add(1, std::memory_order_relaxed);

@@ -35,7 +35,15 @@
 //   For chunks in prefix order: CPU hit -> ReadLease (pins) -> consume(src);
 //   CPU miss, disk hit -> promote: BeginPut in CPU, disk read straight into
 //   it, Commit, then consume. The first miss, fingerprint/checksum failure or
-//   layout mismatch ends the prefix: wrong KV is never handed out.
+//   layout mismatch ends the prefix: wrong KV is never handed out. A chunk
+//   another thread is promoting at that moment, or that finds no room in a
+//   CPU tier full of pinned chunks, is a miss too (not a load error).
+//   Lookup is a snapshot of the catalogue: a retrieve may deliver less than
+//   it promised when chunks leave meanwhile, and even at rest (a TTL-expired
+//   CPU copy stays catalogued until something meets it; a retrieve's own
+//   promotions may evict a CPU-only chunk further along the prefix). A
+//   retrieve that stops short at a chunk no tier holds any more removes it
+//   from the catalogue.
 //   A chunk stored from another KV layout (the layout_id is not part of the
 //   key: e.g. a restart with another attention backend) is stale: it is a
 //   miss, and it and the rest of the request's chunks stored from another

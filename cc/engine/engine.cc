@@ -108,7 +108,13 @@ Status Engine::Init() {
     const uint64_t bytes = options_.cpu.capacity_bytes + (options_.disk.path.empty() ? 0 : options_.disk.capacity_bytes);
     capacity = static_cast<size_t>(std::clamp<uint64_t>(bytes / est, 1u << 16, 1u << 26));
   }
-  KVT_ASSIGN_OR_RETURN(index_, ChunkIndex::Create(capacity));
+  if (options_.catalogue_shm_name.empty()) {
+    KVT_ASSIGN_OR_RETURN(index_, ChunkIndex::Create(capacity));
+  } else {
+    auto shared = ChunkIndex::CreateShared(options_.catalogue_shm_name, capacity);
+    if (!shared.ok()) return shared.status().Annotate("shared catalogue");
+    index_ = std::move(shared).value();
+  }
 
   if (options_.cpu.chunk_bytes != 0) KVT_RETURN_IF_ERROR(SetChunkBytes(options_.cpu.chunk_bytes));
 

@@ -105,6 +105,10 @@ struct EngineOptions {
 
   // Catalogue: 0 -> derived from the tier capacities.
   size_t index_capacity = 0;
+  // Non-empty: the catalogue lives in this POSIX shm object ("/name", mode
+  // 0600, see ChunkIndex::CreateShared), so another process (the vLLM
+  // scheduler, through CatalogueView) can read it without a round trip.
+  std::string catalogue_shm_name;
 
   // CPU tier. chunk_bytes is the largest chunk (the slab's full class);
   // 0 defers creating the CPU tier until SetChunkBytes() (the KV layout is

@@ -21,8 +21,10 @@
 //
 // Validity (what makes a record visible, at Get and at rebuild)
 //   A record is valid iff its header has the magic, version 1, a correct
-//   header_crc, segment_gen equal to its segment header's gen (non-zero), and
-//   its payload's CRC32C equals payload_crc. header_crc covers every header
+//   header_crc, segment_gen equal to its segment header's gen (non-zero), a
+//   payload_bytes in [1, segment_bytes - 8192] that ends inside the segment
+//   (checked before any arithmetic: see PayloadBytesFit), and its payload's
+//   CRC32C equals payload_crc. header_crc covers every header
 //   field (itself taken as zero), including payload_crc, so one 32-bit check
 //   chains over header and payload. A torn write (kill -9, power cut between
 //   blocks) leaves a mismatch somewhere and the record is invalid: nothing is
@@ -91,8 +93,23 @@ static_assert(sizeof(RecordHeader) <= kBlock && sizeof(SegmentHeader) <= kBlock,
               "headers must fit their 4096-byte block");
 
 // Bytes a record with `payload_bytes` of payload occupies in a segment.
+// Wraps for payload_bytes >= 2^64 - 4095: call it on a value read from disk
+// only after PayloadBytesFit() said yes.
 inline constexpr uint64_t RecordBytes(uint64_t payload_bytes) {
   return kBlock + RoundUpToBlock(payload_bytes);
+}
+
+// Largest payload a record can carry in a segment of `segment_bytes` (>= 2
+// blocks): the segment header and the record header take a block each.
+inline constexpr uint64_t MaxPayloadBytes(uint64_t segment_bytes) { return segment_bytes - 2 * kBlock; }
+
+// Whether a payload_bytes read from disk can belong to a record of a segment
+// of `segment_bytes`. A header's checksum proves nothing here: a forged header
+// simply carries a recomputed one. So every payload_bytes taken from disk
+// passes this before any arithmetic on it; then RecordBytes() cannot wrap and
+// offset + RecordBytes() stays below 2 * segment_bytes.
+inline constexpr bool PayloadBytesFit(uint64_t payload_bytes, uint64_t segment_bytes) {
+  return segment_bytes >= 2 * kBlock && payload_bytes != 0 && payload_bytes <= MaxPayloadBytes(segment_bytes);
 }
 
 // Fill header_crc / crc from the other fields.

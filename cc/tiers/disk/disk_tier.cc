@@ -142,12 +142,15 @@ void ScanSegmentImage(const std::byte* img, uint64_t seg_bytes, uint32_t idx, Se
       pos += kBlock;
       continue;
     }
-    const uint64_t rec = RecordBytes(h.payload_bytes);
-    if (h.payload_bytes == 0 || pos + rec > seg_bytes) {
+    // Size first, arithmetic after: a forged payload_bytes near 2^64 would
+    // wrap RecordBytes() or pos + rec and pass a plain bounds check.
+    if (!disk::PayloadBytesFit(h.payload_bytes, seg_bytes) ||
+        RecordBytes(h.payload_bytes) > seg_bytes - pos) {
       ++out->corrupt;
       pos += kBlock;
       continue;
     }
+    const uint64_t rec = RecordBytes(h.payload_bytes);
     if ((h.flags & disk::kFlagDead) == 0) {
       const uint32_t crc = disk::Crc32c(std::span<const std::byte>(img + pos + kBlock, h.payload_bytes));
       if (crc != h.payload_crc) {
@@ -647,7 +650,7 @@ std::vector<Status> DiskTier::PutBatchImpl(std::span<const ChunkMeta> metas,
     for (Status& s : out) s = InvalidArgument("PutBatch: metas and datas differ in length");
     return out;
   }
-  const uint64_t max_payload = segment_bytes_ - 2 * kBlock;  // segment header + record header
+  const uint64_t max_payload = disk::MaxPayloadBytes(segment_bytes_);
   std::vector<bool> valid(n, false);
   for (size_t i = 0; i < n; ++i) {
     if (datas[i].empty()) {
@@ -912,6 +915,8 @@ std::vector<Status> DiskTier::GetBatchImpl(std::span<const ChunkKey> keys, std::
         const auto d = dsts[p.i];
         const auto h = disk::LoadHeader<RecordHeader>(p.hdr);
         const ChunkKey& key = keys[p.i];
+        // payload_bytes is compared, never used: the map's value was checked
+        // (PayloadBytesFit) when it entered the map.
         const bool header_ok = disk::RecordHeaderValid(h) && (h.flags & disk::kFlagDead) == 0 &&
                                h.segment_gen == p.e.gen && disk::KeyOf(h) == key &&
                                h.fingerprint == p.e.fingerprint && h.payload_bytes == p.e.payload_bytes &&

@@ -381,6 +381,68 @@ TEST(DiskTier, CorruptRecordIsDataLossOnGetAndSkippedOnRebuild) {
   for (uint64_t i : {1, 3, 4, 6}) EXPECT_TRUE(CheckN(*t, i, 10000).ok()) << i;
 }
 
+// Rewrites the record header of `key` with payload_bytes = `payload` (and
+// `flags`) and a recomputed header_crc, as a forger would: the checksum holds.
+void ForgeRecordHeader(DiskTier& t, const ChunkKey& key, uint64_t payload, uint16_t flags = 0) {
+  auto loc = t.LocationOf(key);
+  ASSERT_TRUE(loc.ok()) << loc.status().ToString();
+  const int fd = open(loc->file.c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  disk::RecordHeader h;
+  ASSERT_EQ(pread(fd, &h, sizeof(h), static_cast<off_t>(loc->offset)), static_cast<ssize_t>(sizeof(h)));
+  ASSERT_TRUE(disk::RecordHeaderValid(h));
+  h.payload_bytes = payload;
+  h.flags = flags;
+  disk::SealRecordHeader(&h);
+  ASSERT_TRUE(disk::RecordHeaderValid(h)) << "the forged header must pass the header checksum";
+  ASSERT_EQ(pwrite(fd, &h, sizeof(h), static_cast<off_t>(loc->offset)), static_cast<ssize_t>(sizeof(h)));
+  ASSERT_EQ(fsync(fd), 0);
+  close(fd);
+}
+
+// Issue 14 item 6: a crafted segment must not crash (or hang) every start.
+// Before the fix, payload_bytes >= 2^64 - 4095 wrapped RecordBytes(), and
+// pos + RecordBytes() wrapped near 2^64; the bounds check passed and the
+// payload CRC read about 2^64 bytes (SIGSEGV), or a dead record of "0 bytes"
+// stepped the scan by 0 (endless loop).
+TEST(DiskTier, ForgedPayloadSizesAreSkippedAtRebuildAndFailGet) {
+  const std::string dir = FreshDir("forged");
+  DiskTierOptions o = SmallOptions(dir);  // 256 KiB segments: 12 records of 16 KiB fit one
+  constexpr size_t kSize = 10000;
+  constexpr uint64_t kChunks = 10;
+  const uint64_t seg = o.segment_bytes;
+  {
+    auto t = OpenOrDie(o);
+    ASSERT_NE(t, nullptr);
+    for (uint64_t i = 1; i <= kChunks; ++i) ASSERT_TRUE(PutN(*t, i, kSize).ok());
+    ASSERT_EQ(t->LocationOf(KeyFor(1))->segment, t->LocationOf(KeyFor(kChunks))->segment);
+    const uint64_t pos7 = t->LocationOf(KeyFor(7))->offset;
+    const uint64_t pos8 = t->LocationOf(KeyFor(8))->offset;
+    ForgeRecordHeader(*t, KeyFor(2), 0);
+    ForgeRecordHeader(*t, KeyFor(3), ~0ull);                     // RoundUpToBlock wraps to 0
+    ForgeRecordHeader(*t, KeyFor(4), 0ull - 4096);               // RecordBytes wraps to 0
+    ForgeRecordHeader(*t, KeyFor(5), seg - 4096 + 1);            // plainly larger than the segment
+    ForgeRecordHeader(*t, KeyFor(6), 0ull - 4096, disk::kFlagDead);  // dead: stepped over by its size
+    ForgeRecordHeader(*t, KeyFor(7), 0ull - pos7 - 4096);        // pos + RecordBytes wraps to 0
+    ForgeRecordHeader(*t, KeyFor(8), 0ull - pos8);               // pos + RecordBytes wraps to 4096
+    if (HasFatalFailure()) return;
+    // Get trusts no header either: the forged one fails the record check.
+    for (uint64_t i = 2; i <= 8; ++i) EXPECT_EQ(CheckN(*t, i, kSize).code(), StatusCode::kDataLoss) << i;
+    EXPECT_TRUE(CheckN(*t, 1, kSize).ok());
+  }
+  // The Gets above dropped the records from that process's map only; on
+  // disk they are still forged. A restart must survive them.
+  auto t = OpenOrDie(o);
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(t->rebuild_stats().corrupt_records, 7u) << "records 2..8 are forged";
+  EXPECT_EQ(t->rebuild_stats().chunks, kChunks - 7);
+  for (uint64_t i = 2; i <= 8; ++i) EXPECT_FALSE(t->Contains(KeyFor(i))) << i;
+  for (uint64_t i : {1, 9, 10}) EXPECT_TRUE(CheckN(*t, i, kSize).ok()) << i;
+  // The tier keeps working over the forged segment.
+  EXPECT_TRUE(PutN(*t, 11, kSize).ok());
+  EXPECT_TRUE(CheckN(*t, 11, kSize).ok());
+}
+
 TEST(DiskTier, SecondOpenOfTheDirectoryIsRefused) {
   const std::string dir = FreshDir("lock");
   auto t = OpenOrDie(SmallOptions(dir));

@@ -216,6 +216,19 @@ StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& option
   std::unique_ptr<DiskTier> t(new DiskTier(options, seg, static_cast<uint32_t>(nseg)));
   KVT_RETURN_IF_ERROR(t->LockDirectory());
 
+  // Without io_uring every Put and Get would fail: say so here, once. The
+  // first ring then serves the first caller.
+  {
+    auto ring = t->AcquireRing();
+    if (!ring.ok()) {
+      return ring.status().Annotate(
+          "the disk tier needs io_uring, and this process cannot set up a ring (disabled by "
+          "sysctl kernel.io_uring_disabled, blocked by a container's seccomp profile, or a kernel "
+          "older than 5.6?)");
+    }
+    t->ReleaseRing(std::move(ring).value());
+  }
+
   if (options.use_gds) {
     Status g = disk::CuFile::OpenDriver();
     t->gds_available_ = g.ok();
@@ -584,6 +597,12 @@ StatusOr<std::unique_ptr<DiskTier::RingCtx>> DiskTier::AcquireRing() {
 }
 
 void DiskTier::ReleaseRing(std::unique_ptr<RingCtx> ctx) {
+  if (!ctx->ring->status().ok()) {
+    // Broken beyond repair (its rebuild failed): the next caller makes a new
+    // one, or gets the reason as its Status.
+    Log("dropping an io_uring ring: " + ctx->ring->status().ToString());
+    return;
+  }
   std::lock_guard<std::mutex> g(ring_mu_);
   free_rings_.push_back(std::move(ctx));
 }

@@ -99,7 +99,8 @@ struct DiskLocation {
 class DiskTier final : public Tier {
  public:
   // kInvalidArgument (bad options), kFailedPrecondition (directory locked by
-  // another DiskTier), kIoError.
+  // another DiskTier), kIoError (the file system, or no io_uring for this
+  // process: the message says which).
   static StatusOr<std::unique_ptr<DiskTier>> Open(const DiskTierOptions& options);
   ~DiskTier() override;
 

@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <deque>
+#include <string>
 
 namespace kvtier::disk {
 
@@ -15,9 +16,12 @@ StatusOr<std::unique_ptr<IoRing>> IoRing::Create(uint32_t entries) {
   return r;
 }
 
-IoRing::~IoRing() { io_uring_queue_exit(&ring_); }
+IoRing::~IoRing() {
+  if (broken_.ok()) io_uring_queue_exit(&ring_);
+}
 
 Status IoRing::RegisterRegion(std::span<std::byte> region) {
+  if (!broken_.ok()) return broken_;
   if (!fixed_.empty()) {
     io_uring_unregister_buffers(&ring_);
     fixed_.clear();
@@ -91,6 +95,14 @@ bool IoRing::Prep(IoOp& op, uint64_t user_data) {
 }
 
 void IoRing::Run(std::span<IoOp> ops, const OpCallback& prepare, const OpCallback& done) {
+  if (!broken_.ok()) {
+    for (size_t i = 0; i < ops.size(); ++i) {
+      ops[i].done = 0;
+      ops[i].result = -EBADFD;
+      if (done) done(i);
+    }
+    return;
+  }
   std::deque<size_t> todo;
   std::vector<bool> prepared(prepare ? ops.size() : 0, false);
   for (size_t i = 0; i < ops.size(); ++i) {
@@ -127,9 +139,19 @@ void IoRing::Run(std::span<IoOp> ops, const OpCallback& prepare, const OpCallbac
         // Tearing the ring down cancels and waits for what is in flight, so
         // no buffer is touched by the kernel after this.
         io_uring_queue_exit(&ring_);
-        io_uring_queue_init(entries_, &ring_, 0);
-        if (!fixed_.empty()) {
-          io_uring_register_buffers(&ring_, fixed_.data(), static_cast<unsigned>(fixed_.size()));
+        const int init = io_uring_queue_init(entries_, &ring_, 0);
+        if (init < 0) {
+          // ring_ now points at unmapped rings: never touch it again.
+          broken_ = ErrnoError("io_uring_queue_init (rebuilding the ring after io_uring_submit failed with errno " +
+                                   std::to_string(-rc) + ")",
+                               -init);
+          fixed_.clear();
+          region_ = {};
+        } else if (!fixed_.empty() &&
+                   io_uring_register_buffers(&ring_, fixed_.data(), static_cast<unsigned>(fixed_.size())) < 0) {
+          // Only the fixed-buffer fast path is lost: FixedIndexFor says -1 from now on.
+          fixed_.clear();
+          region_ = {};
         }
         for (size_t i = 0; i < ops.size(); ++i) {
           if (ops[i].result == 0 && ops[i].done < ops[i].Length()) {

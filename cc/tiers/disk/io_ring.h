@@ -13,6 +13,11 @@
 // - Buffers: each iovec must satisfy O_DIRECT alignment (the caller's job). An
 //   op with fixed_index >= 0 has one iovec inside that registered buffer and
 //   is issued with IORING_OP_{READ,WRITE}_FIXED (no per-I/O page pinning).
+// - A failed io_uring_submit fails every unfinished op of that Run with its
+//   -errno and rebuilds the ring (teardown waits out what was in flight). If
+//   the rebuild itself fails, the ring is broken for good: status() says why
+//   and every later Run fails each op with -EBADFD without a syscall. Owners
+//   check status() after Run and drop a broken ring.
 // - Not thread-safe: one thread uses a ring at a time.
 #pragma once
 
@@ -54,6 +59,9 @@ struct IoOp {
 
 class IoRing {
  public:
+  // kInvalidArgument for 0 entries; otherwise io_uring_queue_init's error
+  // (e.g. EPERM when a seccomp profile or kernel.io_uring_disabled forbids
+  // io_uring, EINVAL for a depth the kernel refuses) as kIoError.
   static StatusOr<std::unique_ptr<IoRing>> Create(uint32_t entries);
   ~IoRing();
   IoRing(const IoRing&) = delete;
@@ -73,6 +81,9 @@ class IoRing {
   int FixedIndexFor(const void* p, size_t len) const;
   const std::byte* region_base() const { return region_.data(); }
 
+  // OK, or why the ring is broken (see the contract).
+  const Status& status() const { return broken_; }
+
  private:
   explicit IoRing(uint32_t entries) : entries_(entries) {}
   bool Prep(IoOp& op, uint64_t user_data);
@@ -81,6 +92,7 @@ class IoRing {
   uint32_t entries_;
   std::span<std::byte> region_;
   std::vector<iovec> fixed_;
+  Status broken_;  // non-OK once a rebuild failed: ring_ is then torn down
 };
 
 }  // namespace kvtier::disk

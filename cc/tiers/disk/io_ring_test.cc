@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -9,6 +10,8 @@
 #include <cstring>
 #include <string>
 #include <vector>
+
+#include "cc/tiers/disk/disk_test_util.h"
 
 namespace kvtier::disk {
 namespace {
@@ -100,6 +103,60 @@ TEST(IoRing, FixedBufferLookup) {
   EXPECT_EQ((*ring)->FixedIndexFor(region.p + (1 << 20) - 4096, 8192), -1) << "runs past the region";
   int x;
   EXPECT_EQ((*ring)->FixedIndexFor(&x, 4), -1);
+}
+
+// Issue 14 item 7: when a submit fails, Run tears the ring down and builds
+// it again; a failed rebuild used to be ignored, and the next Run wrote SQEs
+// into unmapped rings (SIGSEGV). Now the ring says it is broken and every
+// later Run fails its ops without touching the rings.
+TEST(IoRing, AFailedRebuildBreaksTheRingForGood) {
+  const std::string path = TmpFile("ioring_broken");
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    auto ring = IoRing::Create(4);
+    const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_DIRECT, 0644);
+    if (!ring.ok() || fd < 0) _exit(2);
+    Aligned buf(4096);
+    std::memset(buf.p, 7, 4096);
+    std::vector<IoOp> ops = {IoOp{IoOp::Kind::kWrite, fd, 0, {{buf.p, 4096}}, 1}};
+    (*ring)->Run(ops);
+    if (ops[0].result != 0 || !(*ring)->status().ok()) _exit(3);
+    // From here io_uring_enter (submit) and io_uring_setup (the rebuild) fail.
+    if (!disk_test::ForbidSyscalls({__NR_io_uring_setup, __NR_io_uring_enter})) _exit(77);
+    (*ring)->Run(ops);
+    if (ops[0].result != -EPERM) _exit(4);
+    const Status& st = (*ring)->status();
+    if (st.code() != StatusCode::kIoError || st.message().find("io_uring_queue_init") == std::string_view::npos) _exit(5);
+    int done = 0;
+    (*ring)->Run(ops, nullptr, [&](size_t) { ++done; });
+    if (ops[0].result != -EBADFD || done != 1) _exit(6);
+    if ((*ring)->RegisterRegion({buf.p, 4096}).ok()) _exit(7);
+    ring = Status(StatusCode::kInternal, "destroyed");  // the destructor must not exit the ring twice
+    close(fd);
+    _exit(0);
+  }
+  const int rc = disk_test::WaitExit(pid);
+  unlink(path.c_str());
+  if (rc == 77) GTEST_SKIP() << "seccomp filters unavailable";
+  EXPECT_EQ(rc, 0) << "2: setup, 3: first run, 4: submit error not reported, 5: status, 6: broken ring reused, "
+                      "7: register on a broken ring; 139: SIGSEGV";
+}
+
+TEST(IoRing, CreateReportsAForbiddenIoUring) {
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    if (!disk_test::ForbidSyscalls({__NR_io_uring_setup})) _exit(77);
+    auto ring = IoRing::Create(4);
+    if (ring.ok()) _exit(2);
+    if (ring.status().code() != StatusCode::kIoError) _exit(3);
+    if (ring.status().message().find("Operation not permitted") == std::string_view::npos) _exit(4);
+    _exit(0);
+  }
+  const int rc = disk_test::WaitExit(pid);
+  if (rc == 77) GTEST_SKIP() << "seccomp filters unavailable";
+  EXPECT_EQ(rc, 0);
 }
 
 }  // namespace

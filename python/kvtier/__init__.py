@@ -13,15 +13,15 @@ from kvtier._version import __version__
 from kvtier.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
-    from kvtier.engine import Engine, Namespace
+    from kvtier.engine import Engine, KeyExtras, Namespace
 
-__all__ = ["Config", "ConfigError", "Engine", "Namespace", "__version__", "load_config"]
+__all__ = ["Config", "ConfigError", "Engine", "KeyExtras", "Namespace", "__version__", "load_config"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy so that `import kvtier` works without the extension (and before
     # kvtier.engine exists); the import error surfaces where Engine is used.
-    if name in ("Engine", "Namespace"):
+    if name in ("Engine", "KeyExtras", "Namespace"):
         from kvtier import engine
 
         return getattr(engine, name)

@@ -25,7 +25,7 @@ from kvtier.kv_layout import stream_handle
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Engine", "Namespace", "StoreHandle"]
+__all__ = ["Engine", "KeyExtras", "Namespace", "StoreHandle"]
 
 StoreHandle = _kvtier.StoreHandle
 
@@ -39,6 +39,59 @@ class Namespace:
     layout: str = ""
     rank: int = 0
     world_size: int = 1
+
+
+_U32 = 1 << 32
+
+
+@dataclass(frozen=True, init=False)
+class KeyExtras:
+    """What decides a request's KV besides its token ids (part of its chunk keys).
+
+    ``salt`` (a LoRA adapter, a cache salt, a prompt-embeddings digest, ...)
+    changes every key of the request. ``spans`` are ``(begin, end, id)``:
+    tokens ``[begin, end)`` stand for ``id`` (e.g. an image's content hash);
+    they change the keys from the first chunk they overlap on, so a shared
+    prefix before them stays shared. Spans must be sorted by ``begin`` with
+    ``0 <= begin < end < 2**32``; anything else raises InvalidArgumentError
+    (a ValueError). A ``str`` counts as its UTF-8 bytes
+    (``"a"`` and ``b"a"`` are the same identity); an empty salt is a salt,
+    unlike None. ``KeyExtras()`` is the same as no extras.
+    """
+
+    salt: str | bytes | None
+    spans: tuple[tuple[int, int, str | bytes], ...]
+
+    def __init__(self, salt: str | bytes | None = None, spans: Sequence[tuple[int, int, str | bytes]] = ()) -> None:
+        if salt is not None and not isinstance(salt, str | bytes):
+            raise _kvtier.InvalidArgumentError(f"KeyExtras salt must be str, bytes or None, got {type(salt).__name__}")
+        if isinstance(spans, str | bytes) or not isinstance(spans, Sequence):
+            raise _kvtier.InvalidArgumentError(f"KeyExtras spans must be a sequence of (begin, end, id), got {type(spans).__name__}")
+        norm: list[tuple[int, int, str | bytes]] = []
+        for i, span in enumerate(spans):
+            if not isinstance(span, tuple | list) or len(span) != 3:
+                raise _kvtier.InvalidArgumentError(f"KeyExtras span {i} must be a (begin, end, id) tuple, got {span!r}")
+            begin, end, ident = span
+            for what, v in (("begin", begin), ("end", end)):
+                if not isinstance(v, int | np.integer) or isinstance(v, bool):
+                    raise _kvtier.InvalidArgumentError(f"KeyExtras span {i} {what} must be an int, got {type(v).__name__}")
+                if not 0 <= int(v) < _U32:
+                    raise _kvtier.InvalidArgumentError(f"KeyExtras span {i} {what} must be in [0, 2**32), got {v}")
+            if int(begin) >= int(end):
+                raise _kvtier.InvalidArgumentError(f"KeyExtras span {i} is empty: begin {begin} >= end {end}")
+            if not isinstance(ident, str | bytes):
+                raise _kvtier.InvalidArgumentError(f"KeyExtras span {i} id must be str or bytes, got {type(ident).__name__}")
+            if norm and int(begin) < norm[-1][0]:
+                raise _kvtier.InvalidArgumentError(f"KeyExtras spans must be sorted by begin: span {i} begins at {begin}, before {norm[-1][0]}")
+            norm.append((int(begin), int(end), bytes(ident) if isinstance(ident, bytes) else ident))
+        object.__setattr__(self, "salt", bytes(salt) if isinstance(salt, bytes) else salt)
+        object.__setattr__(self, "spans", tuple(norm))
+
+
+def _extras(extras: KeyExtras | None) -> KeyExtras | None:
+    if extras is not None and not isinstance(extras, KeyExtras):
+        raise _kvtier.InvalidArgumentError(f"extras must be a kvtier.KeyExtras or None, got {type(extras).__name__}")
+    return extras
 
 
 def _tokens(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -99,21 +152,38 @@ class Engine:
         """The registered paged-KV layout (None before register_kv_caches)."""
         return self._layout
 
-    def lookup(self, tokens: Sequence[int] | np.ndarray) -> int:
+    def lookup(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
         """Leading tokens whose KV is cached (ready) in any tier."""
-        return int(self._native.lookup(_tokens(tokens)))
+        return int(self._native.lookup(_tokens(tokens), extras=_extras(extras)))
 
-    def chunk_keys(self, tokens: Sequence[int] | np.ndarray) -> list[tuple[str, int, int]]:
-        return list(self._native.chunk_keys(_tokens(tokens)))
+    def chunk_keys(
+        self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None
+    ) -> list[tuple[str, int, int]]:
+        return list(self._native.chunk_keys(_tokens(tokens), extras=_extras(extras)))
 
     # -- raw chunk buffers (no paged layout) ----------------------------
-    def store_buffers(self, tokens: Sequence[int] | np.ndarray, buffers: Sequence[Any], layout_id: int = 0) -> int:
-        """Store finished chunk buffers, one per chunk; returns chunks stored."""
-        h = self._native.store_buffers(_tokens(tokens), list(buffers), layout_id)
+    def store_buffers(
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        buffers: Sequence[Any],
+        layout_id: int = 0,
+        *,
+        extras: KeyExtras | None = None,
+    ) -> int:
+        """Store finished chunk buffers (C-contiguous), one per chunk; returns chunks stored."""
+        h = self._native.store_buffers(_tokens(tokens), list(buffers), layout_id, extras=_extras(extras))
         return int(h.wait())
 
-    def retrieve_buffers(self, tokens: Sequence[int] | np.ndarray, buffers: Sequence[Any], layout_id: int = 0) -> int:
-        return int(self._native.retrieve_buffers(_tokens(tokens), list(buffers), layout_id))
+    def retrieve_buffers(
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        buffers: Sequence[Any],
+        layout_id: int = 0,
+        *,
+        extras: KeyExtras | None = None,
+    ) -> int:
+        """Load cached chunks into writable C-contiguous buffers, one per chunk; returns tokens loaded."""
+        return int(self._native.retrieve_buffers(_tokens(tokens), list(buffers), layout_id, extras=_extras(extras)))
 
     def set_chunk_bytes(self, max_chunk_bytes: int) -> None:
         self._native.set_chunk_bytes(int(max_chunk_bytes))
@@ -135,7 +205,13 @@ class Engine:
         return self._layout
 
     def store(
-        self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0, stream: Any = None
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        slot_mapping: Any,
+        skip_tokens: int = 0,
+        stream: Any = None,
+        *,
+        extras: KeyExtras | None = None,
     ) -> StoreHandle:
         """Gather the KV of uncached chunks into kvtier, asynchronously.
 
@@ -150,11 +226,22 @@ class Engine:
         toks = _tokens(tokens)
         layout = self._require_layout()
         return self._native.store_paged(
-            toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), layout, stream_handle(layout, stream)
+            toks,
+            _slots(slot_mapping, toks.shape[0]),
+            int(skip_tokens),
+            layout,
+            stream_handle(layout, stream),
+            extras=_extras(extras),
         )
 
     def retrieve(
-        self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0, stream: Any = None
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        slot_mapping: Any,
+        skip_tokens: int = 0,
+        stream: Any = None,
+        *,
+        extras: KeyExtras | None = None,
     ) -> int:
         """Scatter the cached prefix into the paged KV; returns tokens now valid.
 
@@ -171,11 +258,18 @@ class Engine:
                 layout,
                 self._threads,
                 stream_handle(layout, stream),
+                extras=_extras(extras),
             )
         )
 
     def retrieve_on_stream(
-        self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0, stream: Any = None
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        slot_mapping: Any,
+        skip_tokens: int = 0,
+        stream: Any = None,
+        *,
+        extras: KeyExtras | None = None,
     ) -> Any:
         """Enqueue the load of the cached prefix on a CUDA stream; returns a LoadHandle at once.
 
@@ -187,12 +281,25 @@ class Engine:
         toks = _tokens(tokens)
         layout = self._require_layout()
         return self._native.retrieve_paged_on_stream(
-            toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), layout, stream_handle(layout, stream)
+            toks,
+            _slots(slot_mapping, toks.shape[0]),
+            int(skip_tokens),
+            layout,
+            stream_handle(layout, stream),
+            extras=_extras(extras),
         )
 
-    def retrieve_async(self, tokens: Sequence[int] | np.ndarray, slot_mapping: Any, skip_tokens: int = 0) -> Future[int]:
+    def retrieve_async(
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        slot_mapping: Any,
+        skip_tokens: int = 0,
+        *,
+        extras: KeyExtras | None = None,
+    ) -> Future[int]:
         """retrieve() on a loader thread (the native call releases the GIL)."""
         toks = _tokens(tokens)
+        key_extras = _extras(extras)
         slots = _slots(slot_mapping, toks.shape[0])
         layout = self._require_layout()
         stream = stream_handle(layout, None)
@@ -201,19 +308,23 @@ class Engine:
                 self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
             loader = self._loader
         return loader.submit(
-            lambda: int(self._native.retrieve_paged(toks, slots, int(skip_tokens), layout, self._threads, stream))
+            lambda: int(
+                self._native.retrieve_paged(
+                    toks, slots, int(skip_tokens), layout, self._threads, stream, extras=key_extras
+                )
+            )
         )
 
     # -- management ------------------------------------------------------
-    def prefetch(self, tokens: Sequence[int] | np.ndarray) -> int:
+    def prefetch(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
         """Promote the cached prefix from disk to CPU in the background."""
-        return int(self._native.prefetch(_tokens(tokens)))
+        return int(self._native.prefetch(_tokens(tokens), extras=_extras(extras)))
 
-    def pin(self, tokens: Sequence[int] | np.ndarray) -> int:
-        return int(self._native.pin(_tokens(tokens)))
+    def pin(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
+        return int(self._native.pin(_tokens(tokens), extras=_extras(extras)))
 
-    def unpin(self, tokens: Sequence[int] | np.ndarray) -> int:
-        return int(self._native.unpin(_tokens(tokens)))
+    def unpin(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
+        return int(self._native.unpin(_tokens(tokens), extras=_extras(extras)))
 
     def flush(self) -> None:
         """Wait until every queued store and disk write is finished."""

@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <limits>
 #include <set>
 #include <string>
 #include <thread>
@@ -34,6 +35,67 @@ std::vector<int32_t> CopyTokens(const TokenArray& tokens) {
   }
   return std::vector<int32_t>(tokens.data(), tokens.data() + tokens.shape(0));
 }
+
+std::string TypeName(const pyb::handle& o) { return pyb::str(pyb::type::handle_of(o).attr("__name__")); }
+
+// An identity (salt or span id) as a key: str as UTF-8, bytes as they are.
+ChunkKey IdentityOf(const pyb::handle& v, const std::string& what) {
+  if (PyUnicode_Check(v.ptr())) {
+    Py_ssize_t n = 0;
+    const char* s = PyUnicode_AsUTF8AndSize(v.ptr(), &n);  // UnicodeEncodeError is a ValueError
+    if (s == nullptr) throw pyb::error_already_set();
+    return IdentityKey(std::string_view(s, static_cast<size_t>(n)));
+  }
+  if (PyBytes_Check(v.ptr())) {
+    return IdentityKey(std::string_view(PyBytes_AS_STRING(v.ptr()), static_cast<size_t>(PyBytes_GET_SIZE(v.ptr()))));
+  }
+  ThrowStatus(InvalidArgument(what + " must be str or bytes, got " + TypeName(v)));
+}
+
+uint32_t SpanBound(const pyb::handle& v, const std::string& what) {
+  if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr())) {
+    ThrowStatus(InvalidArgument(what + " must be an int, got " + TypeName(v)));
+  }
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (overflow != 0 || x < 0 || x > static_cast<long long>(std::numeric_limits<uint32_t>::max())) {
+    ThrowStatus(InvalidArgument(what + " must be in [0, 2**32), got " + std::string(pyb::str(v))));
+  }
+  return static_cast<uint32_t>(x);
+}
+
+}  // namespace
+
+std::optional<KeyExtras> ExtrasOf(const pyb::handle& extras) {
+  if (extras.is_none()) return std::nullopt;
+  if (!pyb::hasattr(extras, "salt") || !pyb::hasattr(extras, "spans")) {
+    ThrowStatus(InvalidArgument("extras must be a kvtier.KeyExtras or None, got " + TypeName(extras)));
+  }
+  KeyExtras out;
+  pyb::object salt = extras.attr("salt");
+  if (!salt.is_none()) out.salt = IdentityOf(salt, "KeyExtras.salt");
+  pyb::object spans = extras.attr("spans");
+  if (!pyb::isinstance<pyb::sequence>(spans) || PyUnicode_Check(spans.ptr()) || PyBytes_Check(spans.ptr())) {
+    ThrowStatus(InvalidArgument("KeyExtras.spans must be a sequence of (begin, end, id), got " + TypeName(spans)));
+  }
+  for (size_t i = 0; i < pyb::len(spans); ++i) {
+    pyb::object span = pyb::reinterpret_borrow<pyb::sequence>(spans)[i];
+    const std::string where = "KeyExtras span " + std::to_string(i);
+    if (!PyTuple_Check(span.ptr()) || PyTuple_GET_SIZE(span.ptr()) != 3) {
+      ThrowStatus(InvalidArgument(where + " must be a (begin, end, id) tuple, got " + std::string(pyb::repr(span))));
+    }
+    pyb::tuple t = pyb::reinterpret_borrow<pyb::tuple>(span);
+    KeySpan ks;
+    ks.begin = SpanBound(t[0], where + " begin");
+    ks.end = SpanBound(t[1], where + " end");
+    ks.id = IdentityOf(t[2], where + " id");
+    out.spans.push_back(ks);
+  }
+  ThrowIfError(ValidateKeyExtras(&out));  // begin < end, sorted by begin
+  return out;
+}
+
+namespace {
 
 template <typename T>
 T Get(const pyb::dict& d, const char* key, T fallback) {
@@ -148,6 +210,8 @@ pyb::dict StatsDict(const EngineStats& s) {
   KVT_STAT(chunks_loaded_disk);
   KVT_STAT(retrieve_misses);
   KVT_STAT(load_errors);
+  KVT_STAT(layout_mismatches);
+  KVT_STAT(internal_errors);
   KVT_STAT(write_behind_written);
   KVT_STAT(write_behind_retries);
   KVT_STAT(write_behind_failed);
@@ -246,30 +310,34 @@ void RegisterEngine(pyb::module_& m) {
             auto eng = EngineRef(e); ThrowIfError(eng->SetChunkBytes(n)); }, pyb::arg("max_chunk_bytes"))
       .def(
           "chunk_keys",
-          [](PyEngine& e, const TokenArray& tokens) {
+          [](PyEngine& e, const TokenArray& tokens, const pyb::object& extras) {
             auto eng = EngineRef(e);
             std::vector<int32_t> t = CopyTokens(tokens);
+            const std::optional<KeyExtras> x = ExtrasOf(extras);
             std::vector<ChunkHash> chunks;
-            eng->hasher().Hash(t, &chunks);
+            eng->hasher().Hash(t, &chunks, ExtrasPtr(x));
             pyb::list out;
             for (const ChunkHash& c : chunks) out.append(pyb::make_tuple(c.key.ToHex(), c.begin, c.num_tokens));
             return out;
           },
-          pyb::arg("tokens"), "(hex key, first token, tokens) per chunk; for tools and tests.")
+          pyb::arg("tokens"), pyb::kw_only(), pyb::arg("extras") = pyb::none(), "(hex key, first token, tokens) per chunk; for tools and tests.")
       .def(
           "lookup",
-          [](PyEngine& e, const TokenArray& tokens) {
+          [](PyEngine& e, const TokenArray& tokens, const pyb::object& extras) {
             auto eng = EngineRef(e);
             std::vector<int32_t> t = CopyTokens(tokens);
+            const std::optional<KeyExtras> x = ExtrasOf(extras);
             pyb::gil_scoped_release nogil;
-            return eng->Lookup(t);
+            return eng->Lookup(t, ExtrasPtr(x));
           },
-          pyb::arg("tokens"), "Number of leading tokens whose KV is cached.")
+          pyb::arg("tokens"), pyb::kw_only(), pyb::arg("extras") = pyb::none(), "Number of leading tokens whose KV is cached.")
       .def(
           "store_buffers",
-          [](PyEngine& e, const TokenArray& tokens, const pyb::list& buffers, uint64_t layout_id) {
+          [](PyEngine& e, const TokenArray& tokens, const pyb::list& buffers, uint64_t layout_id,
+             const pyb::object& extras) {
             auto eng = EngineRef(e);
             std::vector<int32_t> t = CopyTokens(tokens);
+            const std::optional<KeyExtras> x = ExtrasOf(extras);
             // The handle keeps copies: Python buffers may be freed right after.
             auto owned = std::make_shared<std::vector<std::vector<std::byte>>>();
             for (pyb::handle b : buffers) {
@@ -282,18 +350,20 @@ void RegisterEngine(pyb::module_& m) {
             StatusOr<std::shared_ptr<StoreHandle>> h = Status();
             {
               pyb::gil_scoped_release nogil;
-              h = eng->StoreBuffers(t, layout_id, std::move(spans));
+              h = eng->StoreBuffers(t, layout_id, std::move(spans), ExtrasPtr(x));
               if (h.ok()) (void)(*h)->Wait();  // owned buffers die with this call
             }
             return ValueOrThrow(std::move(h));
           },
-          pyb::arg("tokens"), pyb::arg("buffers"), pyb::arg("layout_id") = 0,
+          pyb::arg("tokens"), pyb::arg("buffers"), pyb::arg("layout_id") = 0, pyb::kw_only(), pyb::arg("extras") = pyb::none(),
           "Store finished chunk buffers (bytes-like, one per chunk). Synchronous; returns the handle.")
       .def(
           "retrieve_buffers",
-          [](PyEngine& e, const TokenArray& tokens, const pyb::list& buffers, uint64_t layout_id) {
+          [](PyEngine& e, const TokenArray& tokens, const pyb::list& buffers, uint64_t layout_id,
+             const pyb::object& extras) {
             auto eng = EngineRef(e);
             std::vector<int32_t> t = CopyTokens(tokens);
+            const std::optional<KeyExtras> x = ExtrasOf(extras);
             std::vector<std::span<std::byte>> dsts;
             for (pyb::handle b : buffers) {
               pyb::buffer_info info = pyb::reinterpret_borrow<pyb::buffer>(b).request(true);
@@ -315,39 +385,43 @@ void RegisterEngine(pyb::module_& m) {
                                           }
                                           std::memcpy(dsts[i].data(), src.data(), src.size());
                                           return Status();
-                                        });
+                                        },
+                                        ExtrasPtr(x));
             }
             return ValueOrThrow(std::move(n));
           },
-          pyb::arg("tokens"), pyb::arg("buffers"), pyb::arg("layout_id") = 0,
+          pyb::arg("tokens"), pyb::arg("buffers"), pyb::arg("layout_id") = 0, pyb::kw_only(), pyb::arg("extras") = pyb::none(),
           "Load cached chunks into writable buffers (one per chunk); returns tokens loaded.")
       .def(
           "prefetch",
-          [](PyEngine& e, const TokenArray& tokens) {
+          [](PyEngine& e, const TokenArray& tokens, const pyb::object& extras) {
             auto eng = EngineRef(e);
             std::vector<int32_t> t = CopyTokens(tokens);
+            const std::optional<KeyExtras> x = ExtrasOf(extras);
             pyb::gil_scoped_release nogil;
-            return eng->Prefetch(t);
+            return eng->Prefetch(t, ExtrasPtr(x));
           },
-          pyb::arg("tokens"))
+          pyb::arg("tokens"), pyb::kw_only(), pyb::arg("extras") = pyb::none())
       .def(
           "pin",
-          [](PyEngine& e, const TokenArray& tokens) {
+          [](PyEngine& e, const TokenArray& tokens, const pyb::object& extras) {
             auto eng = EngineRef(e);
             std::vector<int32_t> t = CopyTokens(tokens);
+            const std::optional<KeyExtras> x = ExtrasOf(extras);
             pyb::gil_scoped_release nogil;
-            return eng->Pin(t);
+            return eng->Pin(t, ExtrasPtr(x));
           },
-          pyb::arg("tokens"))
+          pyb::arg("tokens"), pyb::kw_only(), pyb::arg("extras") = pyb::none())
       .def(
           "unpin",
-          [](PyEngine& e, const TokenArray& tokens) {
+          [](PyEngine& e, const TokenArray& tokens, const pyb::object& extras) {
             auto eng = EngineRef(e);
             std::vector<int32_t> t = CopyTokens(tokens);
+            const std::optional<KeyExtras> x = ExtrasOf(extras);
             pyb::gil_scoped_release nogil;
-            return eng->Unpin(t);
+            return eng->Unpin(t, ExtrasPtr(x));
           },
-          pyb::arg("tokens"))
+          pyb::arg("tokens"), pyb::kw_only(), pyb::arg("extras") = pyb::none())
       .def("flush",
            [](PyEngine& e) {
             auto eng = EngineRef(e);

@@ -4,12 +4,14 @@
 
 #include <atomic>
 #include <memory>
+#include <optional>
 #include <utility>
 #include <vector>
 
 #include <pybind11/pybind11.h>
 
 #include "cc/engine/engine.h"
+#include "cc/hash/chunk_hash.h"
 
 namespace kvtier::py {
 
@@ -51,6 +53,16 @@ void ShutdownEngine(PyEngine& e);
 // Throws FailedPreconditionError when closed. Take the copy while holding
 // the GIL; use it after releasing.
 std::shared_ptr<Engine> EngineRef(PyEngine& e);
+
+// A kvtier.KeyExtras (read by its .salt and .spans attributes) as the
+// engine's KeyExtras; None gives nullopt. str ids are UTF-8 encoded, then
+// str and bytes alike go through IdentityKey. Throws InvalidArgumentError (a
+// ValueError) for wrong types, a span outside [0, 2^32), begin >= end or
+// unsorted spans, so the engine never sees invalid extras. Needs the GIL.
+std::optional<KeyExtras> ExtrasOf(const pybind11::handle& extras);
+
+// The pointer to hand the engine: null for no extras.
+inline const KeyExtras* ExtrasPtr(const std::optional<KeyExtras>& e) { return e ? &*e : nullptr; }
 
 // Adds the paged-KV methods to the already registered _kvtier.Engine.
 void RegisterPagedEngine(pybind11::module_& m);

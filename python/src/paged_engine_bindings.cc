@@ -77,11 +77,15 @@ std::shared_ptr<PagedArgs> CopyArgs(const TokenArray& tokens, const SlotArray& s
 // counted as active, so close() waits for it; the arguments, checked.
 struct PagedCall {
   PagedCall(PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
-            const PyLayout& layout)
-      : eng(EngineRef(e)), active(e), args(CopyArgs(tokens, slots, skip_tokens, layout)) {}
+            const PyLayout& layout, const pyb::handle& key_extras)
+      : eng(EngineRef(e)),
+        active(e),
+        args(CopyArgs(tokens, slots, skip_tokens, layout)),
+        extras(ExtrasOf(key_extras)) {}
   std::shared_ptr<Engine> eng;
   ActiveCall active;
   std::shared_ptr<PagedArgs> args;
+  std::optional<KeyExtras> extras;
 };
 
 // 0 (auto) scatters on the calling thread alone: inside an inference engine
@@ -149,8 +153,8 @@ void RegisterPagedEngine(pyb::module_& m) {
   cls.def(
       "store_paged",
       [](PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
-         const std::shared_ptr<PyLayout>& layout, uintptr_t stream) {
-        PagedCall call(e, tokens, slots, skip_tokens, *layout);
+         const std::shared_ptr<PyLayout>& layout, uintptr_t stream, const pyb::object& extras) {
+        PagedCall call(e, tokens, slots, skip_tokens, *layout, extras);
         const std::shared_ptr<PagedArgs>& args = call.args;
 #ifdef KVTIER_WITH_CUDA
         if (OnCuda(*layout)) {
@@ -158,7 +162,7 @@ void RegisterPagedEngine(pyb::module_& m) {
           StatusOr<std::shared_ptr<StoreHandle>> h = Status();
           {
             pyb::gil_scoped_release nogil;
-            h = io->Store(args->tokens, args->slots, args->skip, StreamOf(stream));
+            h = io->Store(args->tokens, args->slots, args->skip, StreamOf(stream), ExtrasPtr(call.extras));
           }
           return ValueOrThrow(std::move(h));
         }
@@ -175,12 +179,13 @@ void RegisterPagedEngine(pyb::module_& m) {
         StatusOr<std::shared_ptr<StoreHandle>> h = Status();
         {
           pyb::gil_scoped_release nogil;
-          h = call.eng->Store(args->tokens, args->skip, lay.layout_id(), chunk_bytes, std::move(fill));
+          h = call.eng->Store(args->tokens, args->skip, lay.layout_id(), chunk_bytes, std::move(fill),
+                             ExtrasPtr(call.extras));
         }
         return ValueOrThrow(std::move(h));
       },
       pyb::arg("tokens"), pyb::arg("slot_mapping"), pyb::arg("skip_tokens"), pyb::arg("layout"),
-      pyb::arg("stream") = 0,
+      pyb::arg("stream") = 0, pyb::kw_only(), pyb::arg("extras") = pyb::none(),
       "Gather the paged KV of uncached chunks (starting at or after skip_tokens) into kvtier, "
       "asynchronously. The KV must stay untouched until the handle is done. CUDA layouts: the "
       "copies start once `stream` (a cudaStream_t as int) has reached this point.");
@@ -188,8 +193,9 @@ void RegisterPagedEngine(pyb::module_& m) {
   // Both retrieve entry points: CPU layouts scatter synchronously; CUDA
   // layouts enqueue on `stream` and return a PyLoad still in flight.
   auto retrieve = [](PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
-                     const std::shared_ptr<PyLayout>& layout, int num_threads, uintptr_t stream) {
-    PagedCall call(e, tokens, slots, skip_tokens, *layout);
+                     const std::shared_ptr<PyLayout>& layout, int num_threads, uintptr_t stream,
+                     const pyb::object& extras) {
+    PagedCall call(e, tokens, slots, skip_tokens, *layout, extras);
     const std::shared_ptr<PagedArgs>& args = call.args;
     auto load = std::make_unique<PyLoad>();
     load->layout = layout;
@@ -199,7 +205,7 @@ void RegisterPagedEngine(pyb::module_& m) {
       StatusOr<std::unique_ptr<CudaLoad>> l = Status();
       {
         pyb::gil_scoped_release nogil;
-        l = io->Retrieve(args->tokens, args->slots, args->skip, StreamOf(stream));
+        l = io->Retrieve(args->tokens, args->slots, args->skip, StreamOf(stream), ExtrasPtr(call.extras));
       }
       load->cuda = ValueOrThrow(std::move(l));
       load->valid_tokens = load->cuda->valid_tokens();
@@ -223,7 +229,8 @@ void RegisterPagedEngine(pyb::module_& m) {
                           std::span<const int64_t> s(args->slots.data() + c.begin, c.num_tokens);
                           ++chunks;
                           return ScatterCpu(lay, s, src, threads);
-                        });
+                        },
+                        ExtrasPtr(call.extras));
     }
     load->valid_tokens = ValueOrThrow(std::move(n));
     load->chunks = chunks;
@@ -267,8 +274,9 @@ layout the copy is already complete.
   cls.def(
       "retrieve_paged",
       [retrieve](PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
-                 const std::shared_ptr<PyLayout>& layout, int num_threads, uintptr_t stream) {
-        std::unique_ptr<PyLoad> load = retrieve(e, tokens, slots, skip_tokens, layout, num_threads, stream);
+                 const std::shared_ptr<PyLayout>& layout, int num_threads, uintptr_t stream,
+                 const pyb::object& extras) {
+        std::unique_ptr<PyLoad> load = retrieve(e, tokens, slots, skip_tokens, layout, num_threads, stream, extras);
 #ifdef KVTIER_WITH_CUDA
         if (load->cuda) {
           Status s;
@@ -282,18 +290,18 @@ layout the copy is already complete.
         return load->valid_tokens;
       },
       pyb::arg("tokens"), pyb::arg("slot_mapping"), pyb::arg("skip_tokens"), pyb::arg("layout"),
-      pyb::arg("num_threads") = 0, pyb::arg("stream") = 0,
+      pyb::arg("num_threads") = 0, pyb::arg("stream") = 0, pyb::kw_only(), pyb::arg("extras") = pyb::none(),
       "Scatter the cached prefix (beyond skip_tokens) into the paged KV and wait for it; returns "
       "the number of leading tokens now valid there.");
 
   cls.def(
       "retrieve_paged_on_stream",
       [retrieve](PyEngine& e, const TokenArray& tokens, const SlotArray& slots, int64_t skip_tokens,
-                 const std::shared_ptr<PyLayout>& layout, uintptr_t stream) {
-        return retrieve(e, tokens, slots, skip_tokens, layout, 0, stream);
+                 const std::shared_ptr<PyLayout>& layout, uintptr_t stream, const pyb::object& extras) {
+        return retrieve(e, tokens, slots, skip_tokens, layout, 0, stream, extras);
       },
       pyb::arg("tokens"), pyb::arg("slot_mapping"), pyb::arg("skip_tokens"), pyb::arg("layout"),
-      pyb::arg("stream") = 0,
+      pyb::arg("stream") = 0, pyb::kw_only(), pyb::arg("extras") = pyb::none(),
       "Enqueue the load of the cached prefix on a CUDA stream and return a LoadHandle at once "
       "(CPU layouts: the copy is done when it returns).");
 }

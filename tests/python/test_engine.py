@@ -122,7 +122,10 @@ def test_chunk_from_another_layout_is_not_scattered(tmp_path):
     eng.register_kv_caches(other)
     assert eng.retrieve(tokens, np.arange(64)) == 0
     assert all(float(t.abs().sum()) == 0.0 for t in other)
-    assert eng.stats()["load_errors"] == 1
+    stats = eng.stats()
+    assert stats["load_errors"] == 1
+    assert stats["layout_mismatches"] == 2  # both chunks, dropped as stale
+    assert stats["internal_errors"] == 0
     # A layout whose chunks have another size cannot share the CPU tier.
     small = [torch.zeros(BLOCKS, HEADS, BLOCK, HEAD) for _ in range(LAYERS)]
     with pytest.raises(_kvtier.FailedPreconditionError, match="chunks of"):

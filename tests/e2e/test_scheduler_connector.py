@@ -17,8 +17,8 @@ import kvtier
 import pytest
 import torch
 from kvtier.testing.model import random_tokens
-from kvtier.testing.sched_harness import Harness, kv_value, make_harness
-from kvtier.vllm import registry
+from kvtier.testing.sched_harness import Harness, kv_value, make_configs, make_harness
+from kvtier.vllm import connector, registry
 from kvtier.vllm.connector import check_vllm_version, slot_mapping, split_extra_config
 
 pytestmark = pytest.mark.usefixtures("native_engine")
@@ -181,25 +181,60 @@ def test_roles(model_path: str, extra: dict[str, Any], role: str, loads: bool, s
         seeder.scheduler.connector.shutdown()
 
 
+def assert_running_kv_exact(h: Harness) -> None:
+    """Every token a running request has computed (or loaded) has, in its
+    paged block, the KV of that token at that position."""
+    for req in h.scheduler.running:
+        tokens = list(req.all_token_ids)
+        assert_kv_matches(h, req.request_id, tokens, min(req.num_computed_tokens, len(tokens)))
+
+
 def test_preemption_waits_for_saves_and_resumes(model_path: str, extra: dict[str, Any]) -> None:
     # 24 usable blocks of 16 tokens: three 120-token prompts growing by 40
-    # tokens each cannot all stay resident, so vLLM preempts.
-    h = make_harness(model_path, extra, num_blocks=25, max_num_batched_tokens=512)
+    # tokens each cannot all stay resident, so vLLM preempts. 32-token chunks:
+    # each prompt stores three whole chunks, which a resumed request loads.
+    h = make_harness(model_path, {**extra, "chunk_size": 32}, num_blocks=25, max_num_batched_tokens=512)
     try:
         prompts = {f"r{i}": random_tokens(120, seed=20 + i) for i in range(3)}
         for rid, p in prompts.items():
             h.add(rid, p, max_tokens=40)
-        preempted = False
+        preempted: set[str] = set()
+        resumed_loads = 0
         for _ in range(400):
             out = h.step()
-            preempted |= bool(out.preempted_req_ids)
+            preempted |= set(out.preempted_req_ids or ())
+            meta = out.kv_connector_metadata
+            resumed_loads += sum(1 for spec in meta.loads if spec.req_id in preempted)
+            assert not h.last_invalid
+            assert_running_kv_exact(h)
             if not h.scheduler.requests:
                 break
         assert preempted
+        assert resumed_loads > 0, "no preempted request resumed from kvtier: the check saw only recomputed KV"
         assert not h.scheduler.requests
     finally:
         h.worker.shutdown()
         h.scheduler.connector.shutdown()
+
+
+def test_namespace_layout_carries_kind_backend_and_isa(
+    model_path: str, extra: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart with another attention backend, or on a CPU whose attention
+    ISA orders a block's bytes differently, must not reuse the old keys."""
+    from vllm.v1.attention.backends import cpu_attn
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    vllm_config, kv_cache_config = make_configs(model_path, extra)
+    base = connector._namespace(vllm_config, kv_cache_config, 0)
+    assert ":kind=flash_infer:" in base.layout and ":attn=auto:" in base.layout
+    assert ":isa=" in base.layout and ":isa=unknown" not in base.layout
+    vllm_config.attention_config.backend = AttentionBackendEnum.CPU_ATTN
+    named = connector._namespace(vllm_config, kv_cache_config, 0)
+    assert named.layout != base.layout and ":attn=CPU_ATTN:" in named.layout
+    isa = base.layout.rsplit(":isa=", 1)[1]
+    monkeypatch.setattr(cpu_attn, "_get_attn_isa", lambda *a, **k: "amx" if isa != "amx" else "vec")
+    assert connector._namespace(vllm_config, kv_cache_config, 0).layout.rsplit(":isa=", 1)[1] != isa
 
 
 def test_unknown_extra_config_key_is_a_clear_error(model_path: str, extra: dict[str, Any]) -> None:

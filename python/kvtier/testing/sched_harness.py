@@ -35,12 +35,13 @@ class Harness:
     _blocks: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     last_invalid: set[int] = dataclasses.field(default_factory=set)
 
-    def add(self, req_id: str, prompt: list[int], max_tokens: int = 2) -> Any:
+    def add(self, req_id: str, prompt: list[int], max_tokens: int = 2, **request_kwargs: Any) -> Any:
+        """Adds a request; `request_kwargs` go to vLLM's Request (cache_salt...)."""
         from vllm import SamplingParams
         from vllm.v1.request import Request
 
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        request = Request(req_id, list(prompt), params, None)
+        request = Request(req_id, list(prompt), params, None, **request_kwargs)
         self.scheduler.add_request(request)
         return request
 
@@ -126,7 +127,7 @@ class Harness:
         return k, v
 
 
-def make_harness(
+def make_configs(
     model_path: str,
     extra_config: dict[str, Any],
     kv_role: str = "kv_both",
@@ -134,7 +135,9 @@ def make_harness(
     block_size: int = 16,
     num_layers: int = 2,
     max_num_batched_tokens: int = 1024,
-) -> Harness:
+) -> tuple[Any, Any]:
+    """(VllmConfig, KVCacheConfig) of a CPU engine over `model_path` whose
+    KV cache is `num_layers` full-attention layers of 2 heads x 64."""
     from vllm.config import (
         CacheConfig,
         DeviceConfig,
@@ -143,16 +146,11 @@ def make_harness(
         SchedulerConfig,
         VllmConfig,
     )
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.kv_cache_interface import (
         FullAttentionSpec,
         KVCacheConfig,
         KVCacheGroupSpec,
     )
-    from vllm.v1.structured_output import StructuredOutputManager
-
-    from kvtier.vllm import KVTierConnector
 
     max_len = 4096
     model_config = ModelConfig(model=model_path, dtype="float32", max_model_len=max_len, seed=0)
@@ -174,7 +172,6 @@ def make_harness(
             kv_connector_extra_config=dict(extra_config),
         ),
     )
-    num_kv_heads, head_size = 2, 64
     layers = [f"model.layers.{i}.self_attn.attn" for i in range(num_layers)]
     kv_cache_config = KVCacheConfig(
         num_blocks=num_blocks,
@@ -184,14 +181,38 @@ def make_harness(
                 layers,
                 FullAttentionSpec(
                     block_size=block_size,
-                    num_kv_heads=num_kv_heads,
-                    head_size=head_size,
+                    num_kv_heads=_NUM_KV_HEADS,
+                    head_size=_HEAD_SIZE,
                     dtype=torch.float32,
                 ),
             )
         ],
     )
     vllm_config.cache_config.num_gpu_blocks = num_blocks
+    return vllm_config, kv_cache_config
+
+
+_NUM_KV_HEADS, _HEAD_SIZE = 2, 64
+
+
+def make_harness(
+    model_path: str,
+    extra_config: dict[str, Any],
+    kv_role: str = "kv_both",
+    num_blocks: int = 64,
+    block_size: int = 16,
+    num_layers: int = 2,
+    max_num_batched_tokens: int = 1024,
+) -> Harness:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from kvtier.vllm import KVTierConnector
+
+    vllm_config, kv_cache_config = make_configs(
+        model_path, extra_config, kv_role, num_blocks, block_size, num_layers, max_num_batched_tokens
+    )
     scheduler = Scheduler(
         vllm_config=vllm_config,
         kv_cache_config=kv_cache_config,
@@ -201,8 +222,8 @@ def make_harness(
     )
     worker = KVTierConnector(vllm_config, KVConnectorRole.WORKER, kv_cache_config)
     kv_caches = {
-        name: torch.zeros(num_blocks, num_kv_heads, block_size, 2 * head_size)
-        for name in layers
+        name: torch.zeros(num_blocks, _NUM_KV_HEADS, block_size, 2 * _HEAD_SIZE)
+        for name in kv_cache_config.kv_cache_groups[0].layer_names
     }
     worker.register_kv_caches(kv_caches)
     return Harness(scheduler=scheduler, worker=worker, kv_caches=kv_caches, block_size=block_size)

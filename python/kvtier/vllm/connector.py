@@ -56,9 +56,14 @@ connector keys:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
+import struct
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -219,7 +224,140 @@ class _ReqState:
     has_save: bool = False
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_INDEX_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SAMPLE_BYTES = 4096  # read from each end of each tensor (or weight file)
+_MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+def _update(h: Any, label: str, data: bytes) -> None:
+    h.update(label.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+
+
+def _sample_range(f: Any, begin: int, end: int) -> bytes:
+    """Up to _SAMPLE_BYTES from each end of [begin, end) of an open file."""
+    if end - begin <= 2 * _SAMPLE_BYTES:
+        f.seek(begin)
+        return f.read(end - begin)
+    f.seek(begin)
+    head = f.read(_SAMPLE_BYTES)
+    f.seek(end - _SAMPLE_BYTES)
+    return head + f.read(_SAMPLE_BYTES)
+
+
+def _digest_weight_file(h: Any, path: Path) -> None:
+    """Name, size, where a hub cache keeps it (its blob is named by content
+    hash), the safetensors header, and a few KiB from each end of every
+    tensor: weights retrained at the same shapes have the same header and
+    index, so some bytes of every tensor must be read, but never all of
+    them (a 70B model reads about 6 MB)."""
+    size = path.stat().st_size
+    _update(h, "file", f"{path.name}:{size}".encode())
+    real = path.resolve()
+    if real.name != path.name:
+        _update(h, "blob", real.name.encode())
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors" and size >= 8:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if 0 < header_len <= min(_MAX_SAFETENSORS_HEADER, size - 8):
+                header = f.read(header_len)
+                _update(h, "header", header)
+                try:
+                    tensors = json.loads(header)
+                except ValueError:
+                    tensors = None
+                if isinstance(tensors, dict):
+                    base = 8 + header_len
+                    for name in sorted(tensors):
+                        entry = tensors[name]
+                        if name == "__metadata__" or not isinstance(entry, dict):
+                            continue
+                        begin, end = (int(x) for x in entry.get("data_offsets", (0, 0)))
+                        _update(h, name, _sample_range(f, base + begin, min(base + end, size)))
+                    return
+        _update(h, "sample", _sample_range(f, 0, size))
+
+
+def model_weights_digest(path: str | os.PathLike[str]) -> str:
+    """A cheap digest of what a local model directory (or single weight
+    file) computes: config.json, the weight index files, and every weight
+    file (see _digest_weight_file). Equal for the same files at another
+    path or after a copy; different when config or weights change."""
+    root = Path(path)
+    h = hashlib.sha256()
+    if root.is_file():
+        _digest_weight_file(h, root)
+        return h.hexdigest()[:32]
+    for name in _INDEX_FILES:
+        f = root / name
+        if f.is_file():
+            _update(h, name, f.read_bytes())
+    for f in sorted(root.iterdir()):
+        if f.name.endswith(_WEIGHT_SUFFIXES) and f.is_file():
+            _digest_weight_file(h, f)
+    return h.hexdigest()[:32]
+
+
+def _local_model_dir(model: str, revision: str | None, download_dir: str | None) -> Path | None:
+    """The directory vLLM loads `model` from: itself if local, else the hub
+    cache's snapshot of `revision` (offline: never downloads)."""
+    if os.path.exists(model):
+        return Path(model)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision, cache_dir=download_dir, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - any failure means "not resolvable offline"
+        logger.warning(
+            "KVTierConnector: cannot find %s locally (%s); the cache namespace carries its name "
+            "and revision only, so new weights under the same name and revision would read "
+            "old KV: clear the cache after such a redeploy",
+            model,
+            exc,
+        )
+        return None
+
+
+def model_identity(model: str, revision: str | None = None, download_dir: str | None = None) -> str:
+    """The namespace's model string: name, revision and a digest of the
+    config and weights, so a redeploy of other weights under the same name
+    never reads the old run's KV from disk."""
+    local = _local_model_dir(model, revision, download_dir)
+    weights = model_weights_digest(local) if local is not None else "unknown"
+    if local is not None and local.parent.name == "snapshots":
+        revision = f"{revision or ''}@{local.name}"  # the hub commit
+    return f"{model}|revision={revision or ''}|weights={weights}"
+
+
+def _attention_backend(vllm_config: VllmConfig) -> str:
+    attention = getattr(vllm_config, "attention_config", None)
+    backend = getattr(attention, "backend", None)
+    return getattr(backend, "name", None) or (str(backend) if backend else "auto")
+
+
+def _cpu_attention_isa(vllm_config: VllmConfig, spec: Any) -> str:
+    """vLLM CPU orders a block's bytes by the attention ISA it picks (vec,
+    vec16, amx, neon...): blocks stored under one are garbage under another."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        return str(
+            _get_attn_isa(
+                vllm_config.model_config.dtype,
+                spec.block_size,
+                spec.head_size,
+                vllm_config.cache_config.cache_dtype,
+            )
+        )
+    except Exception:  # noqa: BLE001 - a private vLLM helper; unknown keys apart too
+        return "unknown"
+
+
 def _namespace(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, rank: int) -> Any:
+    """What keys this run's KV apart from any other's, in every tier:
+    model (name, revision, digest of config and weights), dtype, and the
+    layout (device, block shape, the kind of KV tensors register_kv_caches
+    describes, the attention backend; on CPU the ISA that orders a block)."""
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         raise ValueError(
@@ -229,14 +367,28 @@ def _namespace(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, rank: in
     spec = groups[0].kv_cache_spec
     num_kv_heads = getattr(spec, "num_kv_heads", 0)
     head_size = getattr(spec, "head_size", 0)
+    device = vllm_config.device_config.device_type
+    # The layout kind passed to register_kv_caches: fixed on CPU; on a GPU
+    # detected from the tensors, which the scheduler never sees (the engine
+    # checks each chunk's layout_id and treats a mismatch as a miss).
+    kind = "flash_infer" if device == "cpu" else "auto"
     layout = (
-        f"vllm-paged:{vllm_config.device_config.device_type}:bs{spec.block_size}"
+        f"vllm-paged:{device}:bs{spec.block_size}"
         f":h{num_kv_heads}:d{head_size}:l{len(groups[0].layer_names)}"
+        f":kind={kind}:attn={_attention_backend(vllm_config)}"
+        f":kv_dtype={vllm_config.cache_config.cache_dtype}"
     )
+    if device == "cpu":
+        layout += f":isa={_cpu_attention_isa(vllm_config, spec)}"
     from kvtier.engine import Namespace  # loads the native extension
 
+    model_config = vllm_config.model_config
     return Namespace(
-        model=str(vllm_config.model_config.model),
+        model=model_identity(
+            str(model_config.model),
+            getattr(model_config, "revision", None),
+            getattr(vllm_config.load_config, "download_dir", None),
+        ),
         dtype=str(spec.dtype).removeprefix("torch."),
         layout=layout,
         rank=rank,

@@ -36,6 +36,10 @@ constexpr uint64_t kAutoSegmentBytes = 64ull << 20;
 constexpr uint64_t kMinAutoSegmentBytes = 64ull << 10;
 constexpr uint64_t kMaxSegmentBytes = 1ull << 30;  // keeps every I/O under INT_MAX bytes
 constexpr uint64_t kRebuildReadPiece = 16ull << 20;
+// Auto segments grown for large chunks hold this many records of the largest
+// chunk (a segment is the eviction unit: more per segment evicts more at once).
+constexpr uint64_t kAutoRecordsPerSegment = 8;
+constexpr uint64_t kMaxSegments = 100000;
 
 void Log(const std::string& msg) { std::fprintf(stderr, "[kvtier disk] %s\n", msg.c_str()); }
 
@@ -188,26 +192,82 @@ std::string DiskTier::SegmentPath(uint32_t idx) const {
   return options_.path + "/" + name;
 }
 
+namespace {
+
+// The one size every segment file in `dir` has, or 0 (none, or they differ).
+uint64_t ExistingSegmentBytes(const std::string& dir) {
+  uint64_t size = 0;
+  std::error_code ec;
+  for (const auto& de : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = de.path().filename().string();
+    unsigned idx = 0;
+    char tail[8] = {};
+    if (std::sscanf(name.c_str(), "seg_%u.%7s", &idx, tail) != 2 || std::string(tail) != "kvt") continue;
+    struct stat st;
+    if (stat(de.path().c_str(), &st) != 0) continue;
+    const uint64_t s = static_cast<uint64_t>(st.st_size);
+    if (size != 0 && s != size) return 0;
+    size = s;
+  }
+  return size;
+}
+
+// Auto segment size (see DiskTierOptions::segment_bytes).
+StatusOr<uint64_t> AutoSegmentBytes(const DiskTierOptions& o) {
+  const uint64_t cap = o.capacity_bytes;
+  const uint64_t max_chunk = o.max_chunk_bytes;
+  const uint64_t existing = ExistingSegmentBytes(o.path);
+  if (existing % kBlock == 0 && existing >= 2 * kBlock && existing <= kMaxSegmentBytes && cap / existing >= 2 &&
+      cap / existing <= kMaxSegments && max_chunk <= disk::MaxPayloadBytes(existing)) {
+    return existing;
+  }
+  const uint64_t base = std::max(std::min(kAutoSegmentBytes, (cap / 8) & ~(kBlock - 1)), kMinAutoSegmentBytes);
+  if (max_chunk <= disk::MaxPayloadBytes(base)) return base;
+  // max_chunk <= MaxPayloadBytes(1 GiB) was checked: at least one record fits.
+  const uint64_t rec = RecordBytes(max_chunk);
+  uint64_t n = std::min(kAutoRecordsPerSegment, (kMaxSegmentBytes - kBlock) / rec);
+  while (n > 1 && cap / (kBlock + n * rec) < 2) --n;
+  const uint64_t seg = kBlock + n * rec;
+  if (cap / seg < 2) {
+    return InvalidArgument("DiskTierOptions.capacity_bytes (" + std::to_string(cap) +
+                           ") must hold at least 2 segments; with max_chunk_bytes " + std::to_string(max_chunk) +
+                           " a segment needs " + std::to_string(seg) + " bytes, so capacity needs at least " +
+                           std::to_string(2 * seg));
+  }
+  return seg;
+}
+
+}  // namespace
+
 StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& options) {
   if (options.path.empty()) return InvalidArgument("DiskTierOptions.path is empty");
   if (options.capacity_bytes == 0) return InvalidArgument("DiskTierOptions.capacity_bytes is 0");
   if (options.queue_depth == 0 || options.queue_depth > 4096)
     return InvalidArgument("DiskTierOptions.queue_depth must be in [1, 4096], got " +
                            std::to_string(options.queue_depth));
+  if (options.max_chunk_bytes > disk::MaxPayloadBytes(kMaxSegmentBytes)) {
+    return InvalidArgument("DiskTierOptions.max_chunk_bytes (" + std::to_string(options.max_chunk_bytes) +
+                           ") exceeds the largest chunk a disk segment can hold (" +
+                           std::to_string(disk::MaxPayloadBytes(kMaxSegmentBytes)) + " bytes: 1 GiB less 8 KiB)");
+  }
   uint64_t seg = options.segment_bytes;
   if (seg == 0) {
-    seg = std::min(kAutoSegmentBytes, (options.capacity_bytes / 8) & ~(kBlock - 1));
-    seg = std::max(seg, kMinAutoSegmentBytes);
+    KVT_ASSIGN_OR_RETURN(seg, AutoSegmentBytes(options));
   } else if (seg % kBlock != 0 || seg < 2 * kBlock || seg > kMaxSegmentBytes) {
     return InvalidArgument("DiskTierOptions.segment_bytes must be a multiple of 4096 in [8192, 1 GiB], got " +
                            std::to_string(seg));
+  } else if (options.max_chunk_bytes > disk::MaxPayloadBytes(seg)) {
+    return InvalidArgument("DiskTierOptions.segment_bytes (" + std::to_string(seg) +
+                           ") cannot hold a chunk of max_chunk_bytes (" + std::to_string(options.max_chunk_bytes) +
+                           "): a segment needs at least " + std::to_string(RecordBytes(options.max_chunk_bytes) + kBlock) +
+                           " bytes (8 KiB of headers, the payload rounded up to 4 KiB), or 0 for auto");
   }
   if (options.capacity_bytes / seg < 2) {
     return InvalidArgument("DiskTierOptions.capacity_bytes (" + std::to_string(options.capacity_bytes) +
                            ") must hold at least 2 segments of " + std::to_string(seg) + " bytes");
   }
   const uint64_t nseg = options.capacity_bytes / seg;
-  if (nseg > 100000) return InvalidArgument("capacity / segment_bytes gives more than 100000 segments");
+  if (nseg > kMaxSegments) return InvalidArgument("capacity / segment_bytes gives more than 100000 segments");
 
   std::error_code ec;
   std::filesystem::create_directories(options.path, ec);
@@ -568,6 +628,27 @@ Status DiskTier::WriteSegmentHeader(int fd, uint32_t idx, uint64_t gen) {
   return WriteAll(fd, b.data(), kBlock, 0, SegmentPath(idx).c_str());
 }
 
+uint64_t DiskTier::max_payload_bytes() const { return disk::MaxPayloadBytes(segment_bytes_); }
+
+Status DiskTier::EnsureChunkFits(size_t max_chunk_bytes) const {
+  if (max_chunk_bytes == 0) return InvalidArgument("disk: EnsureChunkFits(0): a chunk size must be > 0");
+  if (max_chunk_bytes > disk::MaxPayloadBytes(kMaxSegmentBytes)) {
+    return InvalidArgument("disk: chunks of " + std::to_string(max_chunk_bytes) +
+                           " bytes exceed the largest a disk segment can hold (" +
+                           std::to_string(disk::MaxPayloadBytes(kMaxSegmentBytes)) + " bytes: 1 GiB less 8 KiB)");
+  }
+  if (max_chunk_bytes <= max_payload_bytes()) return Status::Ok();
+  const std::string remedy =
+      options_.segment_bytes == 0
+          ? "reopen the disk tier with max_chunk_bytes = " + std::to_string(max_chunk_bytes) +
+                " (auto segments then grow to fit; existing segments of the old size are discarded)"
+          : "set segment_bytes (disk_segment_size) to at least " +
+                std::to_string(RecordBytes(max_chunk_bytes) + kBlock) + " or 0 (auto)";
+  return FailedPrecondition("disk tier at " + options_.path + " has segments of " + std::to_string(segment_bytes_) +
+                            " bytes, which hold chunks of at most " + std::to_string(max_payload_bytes()) +
+                            " bytes; chunks of " + std::to_string(max_chunk_bytes) + " bytes need more: " + remedy);
+}
+
 // ---------------------------------------------------------------------------
 // Rings
 
@@ -677,8 +758,12 @@ std::vector<Status> DiskTier::PutBatchImpl(std::span<const ChunkMeta> metas,
     } else if (metas[i].key.IsNull()) {
       out[i] = InvalidArgument("disk: Put with the null key");
     } else if (datas[i].size() > max_payload) {
+      // Permanent for this tier: retrying cannot help (kInvalidArgument).
       out[i] = InvalidArgument("disk: chunk of " + std::to_string(datas[i].size()) +
-                               " bytes does not fit a segment of " + std::to_string(segment_bytes_) + " bytes");
+                               " bytes exceeds the largest this tier stores (" + std::to_string(max_payload) +
+                               " bytes: segments of " + std::to_string(segment_bytes_) +
+                               " bytes less 8 KiB of headers); open the disk tier with max_chunk_bytes set or a "
+                               "larger segment_bytes");
     } else {
       valid[i] = true;
     }

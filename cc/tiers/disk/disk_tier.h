@@ -70,10 +70,22 @@ class IoRing;
 struct DiskTierOptions {
   std::string path;             // directory; created if missing
   uint64_t capacity_bytes = 0;  // total bytes of segment files
-  // 0 -> auto: 64 MiB, or capacity/8 rounded down to 4096 when that is
-  // smaller (at least 64 KiB). Otherwise a multiple of 4096, at most 1 GiB,
-  // and capacity must hold at least 2 segments.
+  // 0 -> auto:
+  //  - the size of the segment files already in `path`, when they all agree,
+  //    hold max_chunk_bytes and capacity holds 2 of them (a restart keeps its
+  //    data whatever the chunk size it learns later);
+  //  - else 64 MiB, or capacity/8 rounded down to 4096 when that is smaller
+  //    (at least 64 KiB), when one max_chunk_bytes chunk fits that;
+  //  - else room for 8 records of max_chunk_bytes (fewer where capacity or
+  //    the 1 GiB limit allows fewer, at least 1).
+  // Otherwise a multiple of 4096, at most 1 GiB, that holds one
+  // max_chunk_bytes chunk (segment_bytes - 8 KiB), and capacity must hold at
+  // least 2 segments.
   uint64_t segment_bytes = 0;
+  // The largest chunk the caller will Put (0: not known yet). Sizes auto
+  // segments; Open fails (kInvalidArgument) when an explicit segment_bytes
+  // cannot hold it or it exceeds 1 GiB - 8 KiB. See also EnsureChunkFits.
+  size_t max_chunk_bytes = 0;
   uint32_t queue_depth = 64;    // io_uring SQ entries per ring
   uint32_t rebuild_threads = 2;
   bool use_gds = false;         // try cuFile; falls back to io_uring (logged once)
@@ -106,6 +118,17 @@ class DiskTier final : public Tier {
 
   const RebuildStats& rebuild_stats() const { return rebuild_stats_; }
   uint64_t segment_bytes() const { return segment_bytes_; }
+  // The largest chunk a Put accepts: segment_bytes() - 8 KiB of headers.
+  uint64_t max_payload_bytes() const;
+
+  // Whether chunks of up to max_chunk_bytes fit this tier's segments (for a
+  // caller that learns its chunk size after Open). kOk if they do;
+  // kInvalidArgument if max_chunk_bytes is 0 or no segment could hold it
+  // (> 1 GiB - 8 KiB); kFailedPrecondition if this tier's segments, fixed at
+  // Open, are too small: the message gives the sizes and the remedy (reopen
+  // with max_chunk_bytes set, so auto segments grow, or a larger explicit
+  // segment_bytes). Never changes the tier.
+  Status EnsureChunkFits(size_t max_chunk_bytes) const;
   uint32_t num_segments() const { return static_cast<uint32_t>(segs_.size()); }
   // True when use_gds was asked for and cuFile opened a driver.
   bool gds_available() const { return gds_available_; }

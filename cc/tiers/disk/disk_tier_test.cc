@@ -87,6 +87,88 @@ TEST(DiskTierOptions, BadOptionsAreInvalidArgument) {
   EXPECT_EQ(t->num_segments(), 8u);
 }
 
+// Issue 14 item 8: chunks larger than the default segment (a Llama-70B chunk
+// is 80 MiB) used to be refused by every Put.
+TEST(DiskTierOptions, AutoSegmentsGrowToHoldTheLargestChunk) {
+  DiskTierOptions o;
+  o.path = FreshDir("bigauto");
+  o.capacity_bytes = 2ull << 30;
+  o.max_chunk_bytes = 80ull << 20;
+  {
+    auto t = OpenOrDie(o);  // creates no segment file until a Put
+    ASSERT_NE(t, nullptr);
+    EXPECT_EQ(t->segment_bytes(), 4096 + 8 * disk::RecordBytes(80ull << 20)) << "8 records per segment";
+    EXPECT_GE(t->max_payload_bytes(), 80ull << 20);
+    EXPECT_TRUE(t->EnsureChunkFits(80ull << 20).ok());
+  }
+  // Chunks that fit today's auto size keep it (existing directories keep their data).
+  o.max_chunk_bytes = 16ull << 20;
+  EXPECT_EQ(OpenOrDie(o)->segment_bytes(), 64ull << 20);
+  o.max_chunk_bytes = 0;
+  EXPECT_EQ(OpenOrDie(o)->segment_bytes(), 64ull << 20);
+  // Capacity allows fewer records per segment: still at least 2 segments.
+  o.capacity_bytes = 512ull << 20;
+  o.max_chunk_bytes = 80ull << 20;
+  EXPECT_EQ(OpenOrDie(o)->segment_bytes(), 4096 + 3 * disk::RecordBytes(80ull << 20));
+  // ... or none: a clear error.
+  o.capacity_bytes = 128ull << 20;
+  auto r = DiskTier::Open(o);
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("max_chunk_bytes"), std::string_view::npos) << r.status().ToString();
+  // Larger than any segment can be.
+  o.capacity_bytes = 64ull << 30;
+  o.max_chunk_bytes = 1ull << 30;
+  EXPECT_EQ(DiskTier::Open(o).status().code(), StatusCode::kInvalidArgument);
+  // An explicit segment size that cannot hold one chunk fails at Open.
+  o = SmallOptions(FreshDir("bigexplicit"), 1 << 20, 8);
+  o.max_chunk_bytes = (1 << 20) - 8192 + 1;
+  r = DiskTier::Open(o);
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("cannot hold a chunk of max_chunk_bytes"), std::string_view::npos)
+      << r.status().ToString();
+  o.max_chunk_bytes = (1 << 20) - 8192;
+  EXPECT_NE(OpenOrDie(o), nullptr);
+}
+
+TEST(DiskTier, LargeChunksReachTheDiskAndSurviveARestartWithoutTheChunkSize) {
+  DiskTierOptions o;
+  o.path = FreshDir("bigchunks");
+  o.capacity_bytes = 8 << 20;  // auto would pick 1 MiB segments
+  o.queue_depth = 16;
+  const size_t kSize = (3 << 19) + 100;  // 1.5 MiB + 100: more than a 1 MiB segment holds
+  {
+    auto t = OpenOrDie(o);
+    ASSERT_NE(t, nullptr);
+    ASSERT_EQ(t->segment_bytes(), 1u << 20);
+    Status s = PutN(*t, 1, kSize);
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << "never retryable";
+    EXPECT_NE(s.message().find("exceeds the largest this tier stores"), std::string_view::npos) << s.ToString();
+    Status f = t->EnsureChunkFits(kSize);
+    EXPECT_EQ(f.code(), StatusCode::kFailedPrecondition);
+    EXPECT_NE(f.message().find("max_chunk_bytes = " + std::to_string(kSize)), std::string_view::npos) << f.ToString();
+    EXPECT_TRUE(t->EnsureChunkFits(t->max_payload_bytes()).ok());
+    EXPECT_EQ(t->EnsureChunkFits(0).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(t->EnsureChunkFits(size_t{1} << 30).code(), StatusCode::kInvalidArgument);
+  }
+  o.max_chunk_bytes = kSize;
+  {
+    auto t = OpenOrDie(o);
+    ASSERT_NE(t, nullptr);
+    EXPECT_EQ(t->segment_bytes(), 4096 + 2 * disk::RecordBytes(kSize)) << "2 records: capacity holds 2 segments";
+    for (uint64_t i = 1; i <= 3; ++i) ASSERT_TRUE(PutN(*t, i, kSize).ok()) << i;
+    for (uint64_t i = 1; i <= 3; ++i) EXPECT_TRUE(CheckN(*t, i, kSize).ok()) << i;
+  }
+  // A restart that does not know the chunk size yet keeps the directory's
+  // segment size, and with it the chunks.
+  o.max_chunk_bytes = 0;
+  auto t = OpenOrDie(o);
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(t->segment_bytes(), 4096 + 2 * disk::RecordBytes(kSize));
+  EXPECT_TRUE(t->EnsureChunkFits(kSize).ok());
+  EXPECT_EQ(t->rebuild_stats().chunks, 3u);
+  for (uint64_t i = 1; i <= 3; ++i) EXPECT_TRUE(CheckN(*t, i, kSize).ok()) << i;
+}
+
 TEST(DiskTier, RoundTripAlignedAndUnalignedBuffers) {
   auto t = OpenOrDie(SmallOptions(FreshDir("roundtrip"), 4 << 20, 4));
   ASSERT_NE(t, nullptr);
@@ -122,7 +204,7 @@ TEST(DiskTier, BadCallsGetClearErrors) {
   Buffer huge(256 << 10);  // a whole segment: no room for the headers
   Status s = t->Put(MetaFor(2), huge.cspan());
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
-  EXPECT_NE(s.message().find("does not fit a segment"), std::string_view::npos) << s.ToString();
+  EXPECT_NE(s.message().find("exceeds the largest this tier stores"), std::string_view::npos) << s.ToString();
 
   ASSERT_TRUE(PutN(*t, 3, 8192).ok());
   EXPECT_EQ(PutN(*t, 3, 8192).code(), StatusCode::kAlreadyExists);

@@ -217,6 +217,102 @@ def test_preemption_waits_for_saves_and_resumes(model_path: str, extra: dict[str
         h.scheduler.connector.shutdown()
 
 
+def test_cache_salt_keys_apart(harness: Harness) -> None:
+    """Same tokens, two cache_salt values: no shared KV; same salt: exact KV."""
+    h = harness
+    prompt = random_tokens(600, seed=30)
+    h.add("a", prompt, cache_salt="tenant-a")
+    drain(h, "a")
+    eng = h.worker.engine
+    eng.flush()
+    conn = h.scheduler.connector
+    assert conn.get_num_new_matched_tokens(h.add("b", prompt, cache_salt="tenant-b"), 0) == (0, False)
+    assert conn.get_num_new_matched_tokens(h.add("c", prompt), 0) == (0, False)
+    req = h.add("d", prompt, cache_salt="tenant-a")
+    matched, _ = conn.get_num_new_matched_tokens(req, 0)
+    assert matched >= 512
+    for rid in ("b", "c", "d"):
+        drain(h, rid)
+    assert_kv_matches(h, "d", prompt, matched)
+
+
+def test_unsupported_identity_is_neither_looked_up_nor_stored(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    original = connector.request_key_extras
+
+    def only_u_unsupported(request: Any) -> Any:
+        if request.request_id.startswith("u"):
+            return connector.Unsupported("an identity the test made up")
+        return original(request)
+
+    monkeypatch.setattr(connector, "request_key_extras", only_u_unsupported)
+    prompt = random_tokens(600, seed=31)
+    eng = h.worker.engine
+    h.add("u1", prompt)
+    drain(h, "u1")
+    eng.flush()
+    assert eng.lookup(prompt) == 0, "an unsupported request was stored"
+    h.add("p", prompt)
+    drain(h, "p")
+    eng.flush()
+    assert eng.lookup(prompt) >= 512
+    conn = h.scheduler.connector
+    assert conn.get_num_new_matched_tokens(h.add("u2", prompt), 0) == (0, False)
+    drain(h, "u2")
+    assert conn.totals["unsupported_requests"] == 2
+
+
+def test_multimodal_and_prompt_embeds_extras_key_apart(harness: Harness) -> None:
+    """Extras built from Request objects give the engine different keys for
+    identical token ids (vLLM's scheduler is not driven with images or
+    embeddings here: the text-only test model has no encoder)."""
+    from vllm import SamplingParams
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+    from vllm.v1.request import Request
+
+    eng = harness.worker.engine
+    prompt = random_tokens(600, seed=32)
+    slots = list(range(len(prompt)))
+    params = SamplingParams(max_tokens=1)
+
+    def image_request(identifier: str, offset: int) -> Any:
+        feature = MultiModalFeatureSpec(
+            data=None,
+            modality="image",
+            identifier=identifier,
+            mm_position=PlaceholderRange(offset=offset, length=64),
+        )
+        return Request("r", prompt, params, None, mm_features=[feature])
+
+    def extras(request: Any) -> Any:
+        args = connector.request_key_extras(request)
+        assert isinstance(args, dict)
+        return connector.key_extras(args)
+
+    cat = extras(image_request("hash-cat", 100))
+    eng.store(prompt, slots, extras=cat).wait()
+    assert eng.lookup(prompt, extras=cat) >= 512
+    assert eng.lookup(prompt, extras=extras(image_request("hash-dog", 100))) == 0
+    assert eng.lookup(prompt) == 0
+    # An image in the second chunk leaves the first chunk's key alone.
+    late_cat = extras(image_request("hash-cat", 300))
+    eng.store(prompt, slots, extras=late_cat).wait()
+    assert eng.lookup(prompt, extras=extras(image_request("hash-dog", 300))) == CHUNK
+
+    embeds = torch.randn(len(prompt), 32, generator=torch.Generator().manual_seed(0))
+    other = embeds.clone()
+    other[-1, 0] += 1.0
+    e1 = extras(Request("e", None, params, None, prompt_embeds=embeds))
+    e2 = extras(Request("e", None, params, None, prompt_embeds=other))
+    zeros = [0] * len(prompt)  # vLLM's token ids for an all-embeddings prompt
+    eng.store(zeros, slots, extras=e1).wait()
+    assert eng.lookup(zeros, extras=e1) >= 512
+    assert eng.lookup(zeros, extras=e2) == 0
+    assert eng.lookup(zeros) == 0
+
+
 def test_namespace_layout_carries_kind_backend_and_isa(
     model_path: str, extra: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -156,3 +156,45 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def make_lora_adapter(
+    out: str | os.PathLike[str], seed: int, spec: ModelSpec | None = None, rank: int = 8, scale: float = 0.5
+) -> Path:
+    """Writes a random PEFT LoRA adapter (q_proj and v_proj of every layer)
+    for the model of `spec` into `out`, by hand (no peft needed): the
+    adapter_config.json and adapter_model.safetensors vLLM loads. `scale`
+    is large enough that two adapters change greedy outputs."""
+    import torch
+    from safetensors.torch import save_file
+
+    spec = spec or ModelSpec()
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "base_model_name_or_path": "kvtier-test-llama",
+    }
+    (target / "adapter_config.json").write_text(json.dumps(config, indent=1))
+    gen = torch.Generator().manual_seed(seed)
+    outs = {"q_proj": spec.num_attention_heads * spec.head_dim, "v_proj": spec.num_kv_heads * spec.head_dim}
+    tensors = {}
+    for layer in range(spec.num_layers):
+        for module, out_features in outs.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            a = torch.randn(rank, spec.hidden_size, generator=gen) * scale
+            b = torch.randn(out_features, rank, generator=gen) * scale
+            tensors[f"{prefix}.lora_A.weight"] = a.to(getattr(torch, spec.dtype)).contiguous()
+            tensors[f"{prefix}.lora_B.weight"] = b.to(getattr(torch, spec.dtype)).contiguous()
+    save_file(tensors, str(target / "adapter_model.safetensors"))
+    return target

@@ -71,6 +71,7 @@ class VllmRun:
         enable_prefix_caching: bool = False,
         max_num_seqs: int = 16,
         enforce_eager: bool = True,
+        **llm_kwargs: Any,
     ) -> None:
         from vllm import LLM
 
@@ -87,19 +88,30 @@ class VllmRun:
             disable_log_stats=False,
             seed=0,
             enforce_eager=enforce_eager,
+            **llm_kwargs,
         )
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], max_tokens: int = 8
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int = 8,
+        *,
+        cache_salt: str | None = None,
+        lora_request: Any = None,
     ) -> list[tuple[list[int], float]]:
-        """Greedy outputs and TTFT (seconds) per prompt, in order."""
+        """Greedy outputs and TTFT (seconds) per prompt, in order; every
+        prompt under `cache_salt` and `lora_request` when given."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
-        )
+        inputs = []
+        for p in prompts:
+            prompt = TokensPrompt(prompt_token_ids=list(p))
+            if cache_salt is not None:
+                prompt["cache_salt"] = cache_salt
+            inputs.append(prompt)
+        outs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=lora_request)
         return [(list(o.outputs[0].token_ids), ttft(o)) for o in outs]
 
     def scheduler(self) -> Any:

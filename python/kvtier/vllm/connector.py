@@ -38,6 +38,15 @@ Contract with vLLM
 * Layers. The engine moves all layers of a chunk together, so
   `wait_for_layer_load` / `save_kv_layer` are no-ops; a per-layer engine
   call would slot into them without changing the scheduler side.
+* Request identity. vLLM's own prefix-cache hash mixes more than token ids
+  into a block's key: the LoRA adapter, multimodal inputs (identical
+  placeholder tokens, different images), prompt embeddings and
+  `cache_salt`. `request_key_extras` folds the same identity into kvtier's
+  chunk keys (`kvtier.KeyExtras`: a salt for the whole request, one span
+  per multimodal item) on the lookup, the load and the save. A request
+  carrying an identity this connector does not understand (one of vLLM's
+  block-hash extra keys it has no rule for) is neither looked up nor
+  stored: it is counted in the `unsupported_requests` stat and logged once.
 * Roles: kv_both loads and saves, kv_producer only saves, kv_consumer only
   loads.
 * Tensor parallelism: each rank opens its engine under a namespace carrying
@@ -150,6 +159,96 @@ def slot_mapping(block_ids: list[int], block_size: int, num_tokens: int) -> np.n
     return np.concatenate([slots, np.full(num_tokens - slots.size, -1, dtype=np.int64)])
 
 
+@dataclasses.dataclass(frozen=True)
+class Unsupported:
+    """A request whose identity cannot be folded into kvtier's keys."""
+
+    reason: str
+
+
+# What vLLM 0.32's block hash mixes in besides token ids, by the tag of its
+# extra keys (kv_cache_utils.generate_block_hash_extra_keys). A tag not here
+# is an identity this connector does not know how to fold in.
+_KNOWN_IDENTITY_TAGS = frozenset({"lora", "mm", "cache_salt", "prompt_embeds"})
+
+
+def request_key_extras(request: Request) -> dict[str, Any] | None | Unsupported:
+    """What decides the request's KV besides its token ids, as keyword
+    arguments of `kvtier.KeyExtras` (salt, spans); None when nothing does.
+
+    * salt: a canonical JSON string of the LoRA adapter (name, id, path),
+      `cache_salt`, and the digest vLLM takes of the prompt embeddings (plus
+      the token/embedding mask of a mixed prompt). A salt changes every key
+      of the request, so prompt-embeds requests share KV only when all their
+      embeddings are equal (vLLM shares per block; this is coarser, never
+      wrong).
+    * spans: one (offset, offset + length, identifier) per multimodal item,
+      sorted by offset: the chunks that item's placeholder tokens touch, and
+      every chunk after them, get keys of their own.
+
+    The request is cross-checked against vLLM's own block-hash extra keys
+    over its whole prompt; an identity kind not understood here, a
+    multimodal item without an identifier or with an empty placeholder, or
+    a failure inside vLLM's derivation returns `Unsupported`.
+    """
+    from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
+
+    try:
+        vllm_keys, _ = generate_block_hash_extra_keys(request, 0, request.num_prompt_tokens, 0)
+    except (AssertionError, AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        # vLLM asserts on what it cannot hash either.
+        return Unsupported(f"vLLM's block-hash extra keys failed: {exc!r}")
+    embeds_digest: str | None = None
+    for key in vllm_keys or ():
+        tag = key[0] if isinstance(key, tuple) and key else None
+        if tag not in _KNOWN_IDENTITY_TAGS:
+            return Unsupported(f"unknown block-hash identity {key!r}")
+        if tag == "prompt_embeds":
+            embeds_digest = bytes(key[1]).hex()
+
+    parts: list[list[Any]] = []
+    lora = request.lora_request
+    if lora is not None:
+        parts.append(["lora", str(lora.lora_name), int(lora.lora_int_id), str(lora.lora_path or "")])
+    if request.cache_salt:
+        parts.append(["cache_salt", str(request.cache_salt)])
+    if request.prompt_embeds is not None:
+        if embeds_digest is None:
+            return Unsupported("prompt embeddings without vLLM's digest of them")
+        embeds = request.prompt_embeds
+        part: list[Any] = ["prompt_embeds", embeds_digest, str(embeds.dtype), list(embeds.shape)]
+        mask = getattr(request, "prompt_is_token_ids", None)
+        if mask is not None:
+            part.append("".join("t" if is_token else "e" for is_token in mask))
+        parts.append(part)
+
+    spans: list[tuple[int, int, str]] = []
+    for feature in request.mm_features or ():
+        identifier = getattr(feature, "identifier", None)
+        position = getattr(feature, "mm_position", None)
+        if not isinstance(identifier, str) or not identifier or position is None:
+            return Unsupported(f"multimodal item without an identifier or position: {feature!r}")
+        begin, length = int(position.offset), int(position.length)
+        if begin < 0 or length <= 0:
+            return Unsupported(f"multimodal item {identifier!r} at [{begin}, {begin + length})")
+        spans.append((begin, begin + length, identifier))
+    spans.sort(key=lambda span: (span[0], span[1]))
+
+    if not parts and not spans:
+        return None
+    salt = json.dumps(parts, separators=(",", ":")) if parts else None
+    return {"salt": salt, "spans": spans}
+
+
+def key_extras(args: dict[str, Any] | None) -> Any:
+    """`kvtier.KeyExtras` from `request_key_extras`' arguments (None stays None)."""
+    if args is None:
+        return None
+    from kvtier.engine import KeyExtras  # loads the native extension
+
+    return KeyExtras(salt=args["salt"], spans=[tuple(span) for span in args["spans"]])
+
+
 @dataclasses.dataclass
 class LoadSpec:
     req_id: str
@@ -159,6 +258,7 @@ class LoadSpec:
     need_tokens: int  # local + external tokens the scheduler counted on
     block_ids: list[int]
     is_async: bool
+    extras: dict[str, Any] | None = None  # request_key_extras(request)
 
 
 @dataclasses.dataclass
@@ -167,6 +267,7 @@ class SaveSpec:
     tokens: np.ndarray
     slots: np.ndarray
     skip_tokens: int
+    extras: dict[str, Any] | None = None  # request_key_extras(request)
 
 
 @dataclasses.dataclass
@@ -187,6 +288,7 @@ _COUNTERS = (
     "save_requests",
     "chunks_saved",
     "save_seconds",
+    "unsupported_requests",
 )
 
 
@@ -470,6 +572,9 @@ class KVTierConnector(KVConnectorBase_V1):
         self._reqs: dict[str, _ReqState] = {}
         self._pending_loads: list[LoadSpec] = []
         self._lookup_local: dict[str, int] = {}
+        # Requests counted in unsupported_requests (once each); logged once.
+        self._unsupported: set[str] = set()
+        self._unsupported_logged = False
 
         # Worker state.
         self._async_loads: dict[str, tuple[Any, LoadSpec, float]] = {}
@@ -507,6 +612,22 @@ class KVTierConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------ scheduler
 
+    def _request_extras(self, request: Request) -> dict[str, Any] | None | Unsupported:
+        """request_key_extras, counting and logging an unsupported request."""
+        extras = request_key_extras(request)
+        if isinstance(extras, Unsupported) and request.request_id not in self._unsupported:
+            self._unsupported.add(request.request_id)
+            self._count(unsupported_requests=1)
+            if not self._unsupported_logged:
+                self._unsupported_logged = True
+                logger.warning(
+                    "KVTierConnector: request %s is neither looked up nor stored (%s); "
+                    "further such requests are only counted in unsupported_requests",
+                    request.request_id,
+                    extras.reason,
+                )
+        return extras
+
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
@@ -514,10 +635,13 @@ class KVTierConnector(KVConnectorBase_V1):
             return 0, False
         # vLLM sets request.num_computed_tokens only after allocation, so the
         # local prefix length the load must skip is remembered here.
+        extras = self._request_extras(request)
+        if isinstance(extras, Unsupported):
+            return 0, False
         self._lookup_local[request.request_id] = num_computed_tokens
         tokens = request.all_token_ids
         # vLLM samples from the last token's logits, so it must compute it.
-        hit = min(int(self.engine.lookup(list(tokens))), len(tokens) - 1)
+        hit = min(int(self.engine.lookup(list(tokens), extras=key_extras(extras))), len(tokens) - 1)
         external = hit - num_computed_tokens
         if external <= 0:
             return 0, False
@@ -534,6 +658,9 @@ class KVTierConnector(KVConnectorBase_V1):
             if local is not None:
                 self._count(lookups=1, miss_requests=1)
             return
+        extras = self._request_extras(request)
+        if isinstance(extras, Unsupported):  # the lookup promised nothing
+            return
         block_ids = list(blocks.get_block_ids()[0])
         state.block_ids = block_ids
         local = local or 0
@@ -548,6 +675,7 @@ class KVTierConnector(KVConnectorBase_V1):
                 need_tokens=need,
                 block_ids=block_ids,
                 is_async=self._async_load,
+                extras=extras,
             )
         )
         self._count(lookups=1, hit_requests=1, hit_tokens=num_external_tokens)
@@ -595,6 +723,9 @@ class KVTierConnector(KVConnectorBase_V1):
             end -= end % self._chunk_size
         if end <= state.saved_tokens:
             return
+        extras = self._request_extras(state.request)
+        if isinstance(extras, Unsupported):
+            return
         tokens = np.asarray(state.request.all_token_ids[:end], dtype=np.int64)
         meta.saves.append(
             SaveSpec(
@@ -602,6 +733,7 @@ class KVTierConnector(KVConnectorBase_V1):
                 tokens=tokens,
                 slots=slot_mapping(state.block_ids, self._block_size, end),
                 skip_tokens=state.saved_tokens - state.saved_tokens % self._chunk_size,
+                extras=extras,
             )
         )
         state.saved_tokens = end
@@ -611,6 +743,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         self._lookup_local.pop(request.request_id, None)
+        self._unsupported.discard(request.request_id)
         state = self._reqs.pop(request.request_id, None)
         # The worker reports finished_sending for exactly these requests.
         return bool(state is not None and state.has_save), None
@@ -633,7 +766,7 @@ class KVTierConnector(KVConnectorBase_V1):
             if spec.is_async:
                 try:
                     handle = self.engine.retrieve_async(
-                        spec.tokens, spec.slots, skip_tokens=spec.skip_tokens
+                        spec.tokens, spec.slots, skip_tokens=spec.skip_tokens, extras=key_extras(spec.extras)
                     )
                 except Exception:
                     logger.exception("kvtier retrieve_async failed for %s", spec.req_id)
@@ -643,12 +776,17 @@ class KVTierConnector(KVConnectorBase_V1):
                 self._async_loads[spec.req_id] = (handle, spec, started)
                 continue
             try:
+                extras = key_extras(spec.extras)
                 if self._cpu:
-                    loaded = int(self.engine.retrieve(spec.tokens, spec.slots, skip_tokens=spec.skip_tokens))
+                    loaded = int(
+                        self.engine.retrieve(spec.tokens, spec.slots, skip_tokens=spec.skip_tokens, extras=extras)
+                    )
                 else:
                     # Ordered before the forward on the current stream; the
                     # count is known now, the copy completes on the GPU.
-                    handle = self.engine.retrieve_on_stream(spec.tokens, spec.slots, skip_tokens=spec.skip_tokens)
+                    handle = self.engine.retrieve_on_stream(
+                        spec.tokens, spec.slots, skip_tokens=spec.skip_tokens, extras=extras
+                    )
                     loaded = int(handle.valid_tokens)
                     self._stream_loads.append(handle)
             except Exception:
@@ -717,7 +855,9 @@ class KVTierConnector(KVConnectorBase_V1):
             # save for, so record it even if the store fails right away.
             self._saved_reqs.add(spec.req_id)
             try:
-                handle = self.engine.store(spec.tokens, spec.slots, skip_tokens=spec.skip_tokens)
+                handle = self.engine.store(
+                    spec.tokens, spec.slots, skip_tokens=spec.skip_tokens, extras=key_extras(spec.extras)
+                )
             except Exception:  # a failed save is only a future miss
                 logger.exception("kvtier store failed for %s", spec.req_id)
                 continue

@@ -19,7 +19,8 @@
 //   [4096, 4096 + P)          payload (P = payload_bytes)
 //   [4096 + P, 4096 + P')     zero padding, P' = P rounded up to 4096
 //
-// Validity (what makes a record visible, at Get and at rebuild)
+// Validity (what makes a record visible; rebuild checks all but the payload
+// CRC, which every Get checks)
 //   A record is valid iff its header has the magic, version 1, a correct
 //   header_crc, segment_gen equal to its segment header's gen (non-zero), a
 //   payload_bytes in [1, segment_bytes - 8192] that ends inside the segment
@@ -40,7 +41,11 @@
 //   FIFO order across restarts is the gen order.
 //
 // Removal of a single record rewrites its header block with kFlagDead (and
-// a new header_crc); rebuild skips it without counting it as corrupt.
+// a new header_crc); rebuild skips it without counting it as corrupt. When a
+// segment is sealed with 8 KiB or more unused, a dead record with the null
+// key and payload_bytes = the rest less 4096 closes it, so start-up (which
+// reads headers only) jumps over the tail. v1 readers skip it like any
+// removed record.
 #pragma once
 
 #include <cstddef>

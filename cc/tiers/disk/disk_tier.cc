@@ -35,7 +35,9 @@ namespace {
 constexpr uint64_t kAutoSegmentBytes = 64ull << 20;
 constexpr uint64_t kMinAutoSegmentBytes = 64ull << 10;
 constexpr uint64_t kMaxSegmentBytes = 1ull << 30;  // keeps every I/O under INT_MAX bytes
-constexpr uint64_t kRebuildReadPiece = 16ull << 20;
+// Read-ahead of the start-up scan where it steps block by block; also each
+// rebuild worker's whole buffer.
+constexpr uint64_t kScanPiece = 1ull << 20;
 // Auto segments grown for large chunks hold this many records of the largest
 // chunk (a segment is the eviction unit: more per segment evicts more at once).
 constexpr uint64_t kAutoRecordsPerSegment = 8;
@@ -108,6 +110,18 @@ RecordHeader MakeHeader(const ChunkKey& key, uint64_t gen, uint64_t fp, uint64_t
   return h;
 }
 
+// Rewrites a record's header block with kFlagDead so rebuild skips it (also
+// the filler that closes a sealed segment: null key, payload = the tail).
+Status WriteDeadHeader(int fd, uint64_t offset, const ChunkKey& key, uint64_t gen, uint64_t fp, uint64_t layout,
+                       uint32_t tokens, uint64_t payload, uint32_t crc) {
+  AlignedBuffer b;
+  if (!b.Reserve(kBlock)) return ResourceExhausted("out of memory for a header block");
+  std::memset(b.data(), 0, kBlock);
+  const RecordHeader h = MakeHeader(key, gen, fp, layout, tokens, payload, crc, disk::kFlagDead);
+  std::memcpy(b.data(), &h, sizeof(h));
+  return WriteAll(fd, b.data(), kBlock, offset, "record header");
+}
+
 // What one rebuild worker found in one segment file.
 struct SegmentScan {
   uint64_t gen = 0;  // 0: no live generation
@@ -120,19 +134,68 @@ struct SegmentScan {
   Status io;
 };
 
-// Walks the records of one segment image. Valid records of the live gen are
-// stepped over by their length; anything else (a torn write, a block left
-// from an older gen, never-written zeros) is stepped over one block at a
-// time, because after a crash a completed record may follow an unfinished
-// one and must still be found.
-void ScanSegmentImage(const std::byte* img, uint64_t seg_bytes, uint32_t idx, SegmentScan* out) {
-  const auto sh = disk::LoadHeader<SegmentHeader>(img);
+// Reads a segment file through one small aligned window: a block at a time
+// where records are jumped over, kScanPiece at a time where blocks are
+// stepped over one by one.
+class SegmentReader {
+ public:
+  SegmentReader(int fd, uint64_t seg_bytes, AlignedBuffer* buf) : fd_(fd), seg_bytes_(seg_bytes), buf_(buf) {}
+
+  // The 4096-byte block at `pos` (< segment end), reading `ahead` bytes from
+  // pos when it is not in the window; nullptr after an I/O error (status()).
+  const std::byte* Block(uint64_t pos, uint64_t ahead) {
+    if (pos >= win_off_ && pos + kBlock <= win_off_ + win_len_) return buf_->data() + (pos - win_off_);
+    const uint64_t n = std::min(ahead, seg_bytes_ - pos);
+    uint64_t got = 0;
+    while (got < n) {
+      const ssize_t r = pread(fd_, buf_->data() + got, n - got, static_cast<off_t>(pos + got));
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) {
+        status_ = r < 0 ? ErrnoError("pread", errno) : IoError("short segment file");
+        win_len_ = 0;
+        return nullptr;
+      }
+      got += static_cast<uint64_t>(r);
+    }
+    win_off_ = pos;
+    win_len_ = n;
+    return buf_->data();
+  }
+  const Status& status() const { return status_; }
+
+ private:
+  const int fd_;
+  const uint64_t seg_bytes_;
+  AlignedBuffer* const buf_;  // at least kScanPiece bytes
+  uint64_t win_off_ = 0, win_len_ = 0;
+  Status status_;
+};
+
+// Finds the records of one segment from their headers alone; payloads are
+// not read (every Get checks its payload CRC, so a record whose payload
+// never fully landed is a kDataLoss miss at its first Get, then gone).
+// A valid header of the live gen is jumped over by its length: no other
+// record of that gen can start inside space reserved for it. Anything else
+// (a damaged header, a hole left by a failed write, blocks of an older gen,
+// never-written zeros) is stepped over a block at a time, because a
+// completed record may follow an unfinished one and must still be found;
+// there the reader reads ahead kScanPiece at a time. A sealed segment ends
+// with a dead filler record over its unused tail (RollLocked), so only the
+// segment that was open, and holes, are read block by block.
+void ScanSegment(SegmentReader& rd, uint64_t seg_bytes, uint32_t idx, SegmentScan* out) {
+  const std::byte* b = rd.Block(0, kBlock);
+  if (b == nullptr) return;
+  const auto sh = disk::LoadHeader<SegmentHeader>(b);
   if (!disk::SegmentHeaderValid(sh) || sh.gen == 0 || sh.segment_index != idx || sh.segment_bytes != seg_bytes)
     return;
   out->gen = sh.gen;
   uint64_t pos = kBlock;
+  bool stepping = false;
   while (pos + kBlock <= seg_bytes) {
-    const auto h = disk::LoadHeader<RecordHeader>(img + pos);
+    b = rd.Block(pos, stepping ? kScanPiece : kBlock);
+    if (b == nullptr) return;
+    const auto h = disk::LoadHeader<RecordHeader>(b);
+    stepping = true;
     if (h.magic != disk::kRecordMagic) {
       pos += kBlock;
       continue;
@@ -154,16 +217,9 @@ void ScanSegmentImage(const std::byte* img, uint64_t seg_bytes, uint32_t idx, Se
       pos += kBlock;
       continue;
     }
-    const uint64_t rec = RecordBytes(h.payload_bytes);
-    if ((h.flags & disk::kFlagDead) == 0) {
-      const uint32_t crc = disk::Crc32c(std::span<const std::byte>(img + pos + kBlock, h.payload_bytes));
-      if (crc != h.payload_crc) {
-        ++out->corrupt;
-      } else {
-        out->recs.push_back({h, pos});
-      }
-    }
-    pos += rec;
+    if ((h.flags & disk::kFlagDead) == 0) out->recs.push_back({h, pos});
+    pos += RecordBytes(h.payload_bytes);
+    stepping = false;
   }
 }
 
@@ -378,8 +434,8 @@ Status DiskTier::Rebuild() {
   std::vector<SegmentScan> scans(nseg);
   std::atomic<uint32_t> next{0};
   auto worker = [&] {
-    AlignedBuffer img;
-    if (!img.Reserve(segment_bytes_)) {
+    AlignedBuffer buf;
+    if (!buf.Reserve(kScanPiece)) {
       // Without a buffer this worker cannot scan; the others still can.
       return;
     }
@@ -389,19 +445,9 @@ Status DiskTier::Rebuild() {
       const uint32_t i = next.fetch_add(1, std::memory_order_relaxed);
       if (i >= nseg) return;
       if (segs_[i].fd < 0) continue;
-      uint64_t off = 0;
-      while (off < segment_bytes_) {
-        const size_t n = static_cast<size_t>(std::min(kRebuildReadPiece, segment_bytes_ - off));
-        const ssize_t r = pread(segs_[i].fd, img.data() + off, n, static_cast<off_t>(off));
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) {
-          scans[i].io = r < 0 ? ErrnoError("pread " + SegmentPath(i), errno)
-                              : IoError("short segment file " + SegmentPath(i));
-          break;
-        }
-        off += static_cast<uint64_t>(r);
-      }
-      if (scans[i].io.ok()) ScanSegmentImage(img.data(), segment_bytes_, i, &scans[i]);
+      SegmentReader rd(segs_[i].fd, segment_bytes_, &buf);
+      ScanSegment(rd, segment_bytes_, i, &scans[i]);
+      if (!rd.status().ok()) scans[i].io = rd.status().Annotate(SegmentPath(i));
     }
   };
   const uint32_t nthreads = std::max<uint32_t>(1, std::min(options_.rebuild_threads, nseg));
@@ -412,7 +458,7 @@ Status DiskTier::Rebuild() {
   // A worker that failed to allocate leaves its share to the others; if all
   // failed, next never reached nseg.
   if (next.load(std::memory_order_relaxed) < nseg) {
-    return ResourceExhausted("cannot allocate a " + std::to_string(segment_bytes_) + "-byte rebuild buffer");
+    return ResourceExhausted("cannot allocate a " + std::to_string(kScanPiece) + "-byte rebuild buffer");
   }
 
   // Apply oldest generation first, so that where a key appears twice (a
@@ -511,8 +557,26 @@ StatusOr<DiskTier::Slot> DiskTier::ReserveLocked(std::unique_lock<std::mutex>& l
 Status DiskTier::RollLocked(std::unique_lock<std::mutex>& l) {
   using State = Segment::State;
   if (open_seg_ >= 0) {
-    segs_[open_seg_].state = State::kSealed;
+    Segment& old = segs_[open_seg_];
+    const uint32_t idx = static_cast<uint32_t>(open_seg_);
+    old.state = State::kSealed;
     open_seg_ = -1;
+    const uint64_t tail = segment_bytes_ - old.write_ptr;
+    if (tail >= 2 * kBlock) {
+      // A dead record over the unused tail lets the start-up scan jump to
+      // the end instead of stepping through the tail block by block. Writes
+      // still in flight end before write_ptr, so none overlaps it; `readers`
+      // keeps the segment from being reused under this write. A failed write
+      // costs start-up time only.
+      ++old.readers;
+      const int fd = old.fd;
+      const uint64_t at = old.write_ptr, gen = old.gen;
+      l.unlock();
+      (void)WriteDeadHeader(fd, at, ChunkKey{}, gen, 0, 0, 0, tail - kBlock, 0);
+      l.lock();
+      --segs_[idx].readers;
+      cv_.notify_all();
+    }
   }
   // 1. A segment file with no live generation.
   int target = -1;
@@ -1124,18 +1188,6 @@ Status DiskTier::UnpinImpl(const ChunkKey& key) {
   return Status::Ok();
 }
 
-namespace {
-// Rewrites a record's header block with kFlagDead so rebuild skips it.
-Status WriteDeadHeader(int fd, uint64_t offset, const ChunkKey& key, uint64_t gen, uint64_t fp, uint64_t layout,
-                       uint32_t tokens, uint64_t payload, uint32_t crc) {
-  AlignedBuffer b;
-  if (!b.Reserve(kBlock)) return ResourceExhausted("out of memory for a header block");
-  std::memset(b.data(), 0, kBlock);
-  const RecordHeader h = MakeHeader(key, gen, fp, layout, tokens, payload, crc, disk::kFlagDead);
-  std::memcpy(b.data(), &h, sizeof(h));
-  return WriteAll(fd, b.data(), kBlock, offset, "record header");
-}
-}  // namespace
 
 Status DiskTier::RemoveImpl(const ChunkKey& key) {
   Entry e;

@@ -22,7 +22,7 @@
 // - Every Get verifies the record (header checksum, generation, key,
 //   fingerprint, payload CRC32C). A record that fails is reported kDataLoss
 //   and dropped from the map; its space returns when its segment is
-//   reclaimed. Rebuild skips and counts such records.
+//   reclaimed. Rebuild skips and counts records whose header fails.
 // - Space is reclaimed a segment at a time, oldest generation first (FIFO).
 //   A segment holding a pinned chunk or an unfinished write is skipped. Each
 //   chunk dropped this way is reported through NotifyEvicted. Remove and
@@ -39,7 +39,12 @@
 //   segment table; it is never held across I/O. Callers block for their own
 //   I/O only (each call takes a private ring from a pool). Progress is
 //   blocking, not lock-free. Rebuild runs rebuild_threads workers inside
-//   Open().
+//   Open(), each with a 1 MiB buffer.
+// - Start-up reads record headers only (one 4 KiB read per record, plus the
+//   segment that was open and any holes, read through); its time scales with
+//   the number of records, not bytes. A record whose payload is damaged is
+//   therefore found by its first Get (kDataLoss, then dropped), not at Open,
+//   and RebuildStats::corrupt_records counts damaged headers only.
 // - Buffers: a payload/destination span that is 4096-aligned in address is
 //   transferred directly (its aligned part; the sub-block tail goes through a
 //   bounce block); otherwise the whole record goes through an aligned bounce
@@ -94,7 +99,7 @@ struct DiskTierOptions {
 struct RebuildStats {
   uint64_t chunks = 0;           // records recovered into the map
   uint64_t bytes = 0;            // their payload bytes
-  uint64_t corrupt_records = 0;  // records of a live segment that failed a check
+  uint64_t corrupt_records = 0;  // record headers of a live segment that failed a check
   uint64_t segments = 0;         // segments with a live generation
   double seconds = 0;            // wall time of the rebuild
 };

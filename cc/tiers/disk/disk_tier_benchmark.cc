@@ -5,6 +5,8 @@
 //   KVTIER_BENCH_DIR=/mnt/nvme/x  picks the directory (default
 //   /var/tmp/kvtier_disk_bench; never a tmpfs: O_DIRECT numbers would lie).
 //   KVTIER_BENCH_REBUILD_CHUNKS=N scales the rebuild benchmark (default 100000).
+//   --benchmark_filter='Open|RawHeader' runs only start-up vs disk size
+//   (issue 14): it writes 256 MiB, 1 GiB and 2 GiB of 1 MiB chunks first.
 //
 // Baselines, measured in the same run on a plain file in the same directory:
 // BM_RawODirectWrite/Read: pwrite/pread with O_DIRECT, one chunk per call,
@@ -16,13 +18,18 @@
 
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "cc/common/bench_main.h"
@@ -204,8 +211,8 @@ void BM_DiskTierGetBatch(benchmark::State& state) {
 // ---- restart ------------------------------------------------------------
 
 // Writes N small chunks once, then times Open() (map rebuilt from the
-// records, every payload CRC checked). Counter rebuild_s_per_100k scales the
-// time to 100k chunks.
+// record headers; payload CRCs are checked by each Get, not here). Counter
+// rebuild_s_per_100k scales the time to 100k chunks.
 void BM_DiskTierRebuild(benchmark::State& state) {
   const size_t chunk = static_cast<size_t>(state.range(0));
   const char* env = std::getenv("KVTIER_BENCH_REBUILD_CHUNKS");
@@ -249,6 +256,104 @@ void BM_DiskTierRebuild(benchmark::State& state) {
   std::filesystem::remove_all(o.path);
 }
 
+// ---- start-up time vs disk size (issue 14 item 10) -------------------------
+
+// A tier filled with `mib` MiB of 1 MiB chunks in 64 MiB segments (the auto
+// size), written once and kept for every run of that size, plus where each
+// record header sits (for the raw baseline).
+struct FilledTier {
+  DiskTierOptions o;
+  std::vector<std::pair<std::string, uint64_t>> headers;  // segment file, record offset
+  uint64_t chunks = 0;
+};
+constexpr size_t kStartupChunk = 1 << 20;
+
+FilledTier& Filled(uint64_t mib) {
+  static std::map<uint64_t, FilledTier>* all = new std::map<uint64_t, FilledTier>();
+  auto [it, fresh] = all->try_emplace(mib);
+  FilledTier& f = it->second;
+  if (!fresh) return f;
+  f.o.path = Fresh("startup_" + std::to_string(mib));
+  f.o.segment_bytes = 64ull << 20;
+  f.o.rebuild_threads = 2;  // io_threads' default
+  const uint64_t data = mib << 20;
+  // 63 records of 1 MiB + 4 KiB fit a 64 MiB segment; one spare segment.
+  f.o.capacity_bytes = (data / (63 * kStartupChunk) + 2) * f.o.segment_bytes;
+  auto t = DiskTier::Open(f.o);
+  if (!t.ok()) {
+    std::fprintf(stderr, "%s\n", t.status().ToString().c_str());
+    std::abort();
+  }
+  constexpr size_t kBatch = 16;
+  Batch b(kBatch, kStartupChunk);
+  for (uint64_t i = 0; i < data / kStartupChunk; i += kBatch) {
+    for (size_t k = 0; k < kBatch; ++k) b.metas[k] = disk_test::MetaFor(i + k + 1);
+    for (const Status& s : (*t)->PutBatch(b.metas, b.datas)) {
+      if (!s.ok()) std::abort();
+    }
+  }
+  std::vector<ChunkKey> keys;  // ForEachChunk's callback must not call the tier
+  (*t)->ForEachChunk([&](const ChunkMeta& m, size_t) { keys.push_back(m.key); });
+  for (const ChunkKey& k : keys) {
+    auto loc = (*t)->LocationOf(k);
+    if (loc.ok()) f.headers.push_back({loc->file, loc->offset});
+  }
+  std::sort(f.headers.begin(), f.headers.end());
+  f.chunks = f.headers.size();
+  return f;
+}
+
+// Open() of a filled tier: lock, first io_uring ring, rebuild of the map.
+void BM_DiskTierOpen(benchmark::State& state) {
+  FilledTier& f = Filled(static_cast<uint64_t>(state.range(0)));
+  uint64_t got = 0;
+  for (auto _ : state) {
+    auto t = DiskTier::Open(f.o);
+    if (!t.ok()) {
+      state.SkipWithError(t.status().ToString().c_str());
+      return;
+    }
+    got = (*t)->rebuild_stats().chunks;
+  }
+  if (got != f.chunks) state.SkipWithError("Open recovered a different number of chunks");
+  state.counters["chunks"] = static_cast<double>(got);
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * (state.range(0) << 20)));
+}
+
+// Baseline: one O_DIRECT pread of every record's 4 KiB header at its known
+// offset, on the same two threads (files split between them): the I/O any
+// start-up that finds every record must do, with nothing else.
+void BM_RawHeaderPread(benchmark::State& state) {
+  FilledTier& f = Filled(static_cast<uint64_t>(state.range(0)));
+  for (auto _ : state) {
+    std::atomic<bool> failed{false};
+    auto reader = [&](int part) {
+      Buffer block(4096);
+      std::string open_name;
+      int fd = -1;
+      for (size_t i = 0; i < f.headers.size(); ++i) {
+        const auto& [file, offset] = f.headers[i];
+        if (std::hash<std::string>()(file) % 2 != static_cast<size_t>(part)) continue;
+        if (file != open_name) {
+          if (fd >= 0) close(fd);
+          fd = open(file.c_str(), O_RDONLY | O_DIRECT);
+          open_name = file;
+        }
+        if (fd < 0 || pread(fd, block.span().data(), 4096, static_cast<off_t>(offset)) != 4096) {
+          failed.store(true, std::memory_order_relaxed);
+        }
+      }
+      if (fd >= 0) close(fd);
+    };
+    std::thread other(reader, 1);
+    reader(0);
+    other.join();
+    if (failed.load(std::memory_order_relaxed)) state.SkipWithError("pread failed");
+  }
+  state.counters["chunks"] = static_cast<double>(f.chunks);
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * (state.range(0) << 20)));
+}
+
 constexpr int64_t k1M = 1 << 20, k4M = 4 << 20;
 
 BENCHMARK(BM_RawODirectWrite)->Arg(k1M)->Arg(k4M)->UseRealTime();
@@ -256,6 +361,9 @@ BENCHMARK(BM_RawODirectRead)->Arg(k1M)->Arg(k4M)->UseRealTime();
 BENCHMARK(BM_DiskTierPutBatch)->Args({k1M, 1})->Args({k1M, 8})->Args({k4M, 1})->Args({k4M, 4})->UseRealTime();
 BENCHMARK(BM_DiskTierGetBatch)->Args({k1M, 1})->Args({k1M, 8})->Args({k4M, 1})->Args({k4M, 4})->UseRealTime();
 BENCHMARK(BM_DiskTierRebuild)->Arg(4096)->Iterations(3)->UseRealTime()->Unit(benchmark::kMillisecond);
+// Data on disk, MiB. Each size is written once (2 GiB takes a while).
+BENCHMARK(BM_DiskTierOpen)->Arg(256)->Arg(1024)->Arg(2048)->Iterations(3)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_RawHeaderPread)->Arg(256)->Arg(1024)->Arg(2048)->Iterations(3)->UseRealTime()->Unit(benchmark::kMillisecond);
 
 using bench::Metric;
 KVTIER_BENCH_COMPARE("disk_put_1MiB_batch8_vs_raw_odirect_write", "BM_DiskTierPutBatch/1048576/8/real_time",
@@ -270,6 +378,12 @@ KVTIER_BENCH_COMPARE("disk_get_4MiB_batch4_vs_raw_odirect_read", "BM_DiskTierGet
                      "BM_RawODirectRead/4194304/real_time", Metric::kBytesPerSecond);
 KVTIER_BENCH_COMPARE("disk_get_4MiB_single_vs_raw_odirect_read", "BM_DiskTierGetBatch/4194304/1/real_time",
                      "BM_RawODirectRead/4194304/real_time", Metric::kBytesPerSecond);
+KVTIER_BENCH_COMPARE("disk_open_256MiB_vs_raw_header_pread", "BM_DiskTierOpen/256/iterations:3/real_time",
+                     "BM_RawHeaderPread/256/iterations:3/real_time", Metric::kRealTimeNs);
+KVTIER_BENCH_COMPARE("disk_open_1GiB_vs_raw_header_pread", "BM_DiskTierOpen/1024/iterations:3/real_time",
+                     "BM_RawHeaderPread/1024/iterations:3/real_time", Metric::kRealTimeNs);
+KVTIER_BENCH_COMPARE("disk_open_2GiB_vs_raw_header_pread", "BM_DiskTierOpen/2048/iterations:3/real_time",
+                     "BM_RawHeaderPread/2048/iterations:3/real_time", Metric::kRealTimeNs);
 
 }  // namespace
 }  // namespace kvtier

@@ -5,9 +5,12 @@
 // data_ptr() / shape / stride() / element_size() / dtype / device (a torch
 // tensor) or the Python buffer protocol (numpy, memoryview, bytearray). The
 // layout object keeps a reference to every tensor it was built from, so the
-// engine's KV cannot be freed while the layout is alive. Copies run with the
-// GIL released; the caller's argument references keep slots and the chunk
-// buffer alive for the duration of the call.
+// engine's KV cannot be freed while the layout is alive (and holds a buffer
+// export of each buffer-protocol tensor, so it cannot be resized either).
+// Copies run with the GIL released; the caller's argument references keep
+// slots and the chunk buffer alive, and the held buffer exports keep their
+// memory in place, for the duration of the call. Every buffer must be
+// C-contiguous: a strided view's bytes are not a flat range at its pointer.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -101,79 +104,41 @@ StatusOr<TensorDesc> DescribeTensor(const pyb::handle& t, size_t layer) {
   return d;
 }
 
-// A contiguous CPU byte range from a tensor or a buffer. Needs the GIL.
-struct Bytes {
-  std::byte* data = nullptr;
-  size_t size = 0;
-  std::string dtype;  // "int64" etc., for checks by the caller
+// Slots with the export that keeps them valid. Needs the GIL.
+struct Slots {
+  std::span<const int64_t> slots;
+  Bytes bytes;
 };
 
-StatusOr<Bytes> BytesOf(const pyb::handle& o, bool writable, const char* what) {
-  Bytes b;
-  if (IsTorchLike(o)) {
-    int index = 0;
-    KVT_ASSIGN_OR_RETURN(DeviceType dev, DeviceOf(o, &index));
-    if (dev != DeviceType::kCpu) {
-      return InvalidArgument(std::string(what) + " is on " +
-                             std::string(pyb::str(o.attr("device"))) +
-                             "; the CPU path needs CPU memory");
-    }
-    if (!o.attr("is_contiguous")().cast<bool>()) {
-      return InvalidArgument(std::string(what) + " must be contiguous");
-    }
-    b.data = reinterpret_cast<std::byte*>(o.attr("data_ptr")().cast<uintptr_t>());
-    b.size = o.attr("numel")().cast<size_t>() * o.attr("element_size")().cast<size_t>();
-    b.dtype = pyb::str(o.attr("dtype"));
-    if (b.dtype.starts_with("torch.")) b.dtype = b.dtype.substr(6);
-    return b;
+StatusOr<Slots> SlotsOf(const pyb::handle& o) {
+  Slots s;
+  KVT_ASSIGN_OR_RETURN(s.bytes, BytesOf(o, /*writable=*/false, "slot_mapping"));
+  if (s.bytes.dtype != "int64") {
+    return InvalidArgument("slot_mapping must be int64, got " + s.bytes.dtype);
   }
-  if (!PyObject_CheckBuffer(o.ptr())) {
-    return InvalidArgument(std::string(what) + ": object of type " +
-                           std::string(pyb::str(pyb::type::handle_of(o).attr("__name__"))) +
-                           " is neither a tensor nor a buffer");
-  }
-  pyb::buffer_info info;
-  try {
-    info = pyb::reinterpret_borrow<pyb::buffer>(o).request(writable);
-  } catch (pyb::error_already_set& e) {
-    return InvalidArgument(std::string(what) + ": " + e.what());
-  }
-  ssize_t expect = info.itemsize;
-  for (ssize_t d = info.ndim - 1; d >= 0; --d) {
-    if (info.shape[d] != 1 && info.strides[d] != expect) {
-      return InvalidArgument(std::string(what) + " must be C-contiguous");
-    }
-    expect *= info.shape[d];
-  }
-  b.data = static_cast<std::byte*>(info.ptr);
-  b.size = static_cast<size_t>(info.size * info.itemsize);
-  if ((info.format == "q" || info.format == "l") && info.itemsize == 8) {
-    b.dtype = "int64";
-  } else {
-    b.dtype = "format '" + info.format + "'";
-  }
-  return b;
-}
-
-StatusOr<std::span<const int64_t>> SlotsOf(const pyb::handle& o) {
-  KVT_ASSIGN_OR_RETURN(Bytes b, BytesOf(o, /*writable=*/false, "slot_mapping"));
-  if (b.dtype != "int64") {
-    return InvalidArgument("slot_mapping must be int64, got " + b.dtype);
-  }
-  return std::span<const int64_t>(reinterpret_cast<const int64_t*>(b.data), b.size / 8);
+  s.slots = std::span<const int64_t>(reinterpret_cast<const int64_t*>(s.bytes.data), s.bytes.size / 8);
+  return s;
 }
 
 std::shared_ptr<PyLayout> MakeLayout(const pyb::sequence& layers, const std::string& kind_name) {
   KvLayoutKind kind = ValueOrThrow(ParseKvLayoutKind(kind_name));
   std::vector<TensorDesc> descs;
   pyb::list owners;
+  pyb::list exports;
   for (size_t i = 0; i < layers.size(); ++i) {
     pyb::object t = layers[i];
     descs.push_back(ValueOrThrow(DescribeTensor(t, i)));
     owners.append(t);
+    if (!IsTorchLike(t)) {
+      // Always a new memoryview (pyb::memoryview(t) would reuse t if it is
+      // one, and hold no export of its own).
+      PyObject* mv = PyMemoryView_FromObject(t.ptr());
+      if (mv == nullptr) throw pyb::error_already_set();
+      exports.append(pyb::reinterpret_steal<pyb::object>(mv));
+    }
   }
   return std::make_shared<PyLayout>(
-      PyLayout{ValueOrThrow(PagedKvLayout::Create(descs, kind)), std::move(owners), nullptr});
+      PyLayout{ValueOrThrow(PagedKvLayout::Create(descs, kind)), std::move(owners), std::move(exports), nullptr});
 }
 
 std::string IdHex(uint64_t id) {
@@ -249,9 +214,9 @@ void CudaCopy(PyLayout& pl, const pyb::handle& slots_obj, const pyb::handle& buf
     }
   }
   if (!slots_on_device) {
-    auto s = ValueOrThrow(SlotsOf(slots_obj));
-    ThrowIfError(CheckSlots(l, s));
-    host_slots.assign(s.begin(), s.end());
+    const Slots s = ValueOrThrow(SlotsOf(slots_obj));
+    ThrowIfError(CheckSlots(l, s.slots));
+    host_slots.assign(s.slots.begin(), s.slots.end());
   }
   const size_t n = host_slots.size();
   std::byte* chunk = ValueOrThrow(DeviceAddress(buf, l, l.ChunkBytes(static_cast<int64_t>(n)), gather ? "out" : "src"));
@@ -304,6 +269,54 @@ void CudaCopy(PyLayout& pl, const pyb::handle& slots_obj, const pyb::handle& buf
 #endif  // KVTIER_WITH_CUDA
 
 }  // namespace
+
+StatusOr<Bytes> BytesOf(const pyb::handle& o, bool writable, const std::string& what) {
+  Bytes b;
+  if (IsTorchLike(o)) {
+    int index = 0;
+    KVT_ASSIGN_OR_RETURN(DeviceType dev, DeviceOf(o, &index));
+    if (dev != DeviceType::kCpu) {
+      return InvalidArgument(what + " is on " +
+                             std::string(pyb::str(o.attr("device"))) +
+                             "; the CPU path needs CPU memory");
+    }
+    if (!o.attr("is_contiguous")().cast<bool>()) {
+      return InvalidArgument(what + " must be contiguous");
+    }
+    b.data = reinterpret_cast<std::byte*>(o.attr("data_ptr")().cast<uintptr_t>());
+    b.size = o.attr("numel")().cast<size_t>() * o.attr("element_size")().cast<size_t>();
+    b.dtype = pyb::str(o.attr("dtype"));
+    if (b.dtype.starts_with("torch.")) b.dtype = b.dtype.substr(6);
+    return b;
+  }
+  if (!PyObject_CheckBuffer(o.ptr())) {
+    return InvalidArgument(what + ": object of type " +
+                           std::string(pyb::str(pyb::type::handle_of(o).attr("__name__"))) +
+                           " is neither a tensor nor a buffer");
+  }
+  auto info = std::make_shared<pyb::buffer_info>();
+  try {
+    *info = pyb::reinterpret_borrow<pyb::buffer>(o).request(writable);
+  } catch (pyb::error_already_set& e) {
+    return InvalidArgument(what + ": " + e.what());
+  }
+  ssize_t expect = info->itemsize;
+  for (ssize_t d = info->ndim - 1; d >= 0; --d) {
+    if (info->shape[d] != 1 && info->strides[d] != expect) {
+      return InvalidArgument(what + " must be C-contiguous");
+    }
+    expect *= info->shape[d];
+  }
+  b.data = static_cast<std::byte*>(info->ptr);
+  b.size = static_cast<size_t>(info->size * info->itemsize);
+  if ((info->format == "q" || info->format == "l") && info->itemsize == 8) {
+    b.dtype = "int64";
+  } else {
+    b.dtype = "format '" + info->format + "'";
+  }
+  b.held = std::move(info);  // the export lives as long as b
+  return b;
+}
 
 void RegisterDatapath(pybind11::module_& m) {
   pyb::class_<PyLayout, std::shared_ptr<PyLayout>>(m, "PagedKvLayout", R"doc(
@@ -380,12 +393,12 @@ then V[tokens][heads*head] (MLA: the latent only), contiguous.
         if (l.layout.device() == DeviceType::kCuda) return CudaCopy(l, slots, out, /*gather=*/true, stream);
 #endif
         (void)stream;
-        auto s = ValueOrThrow(SlotsOf(slots));
-        Bytes dst = ValueOrThrow(BytesOf(out, /*writable=*/true, "out"));
+        const Slots s = ValueOrThrow(SlotsOf(slots));  // both exports held until the copy is done
+        const Bytes dst = ValueOrThrow(BytesOf(out, /*writable=*/true, "out"));
         Status st;
         {
           pyb::gil_scoped_release nogil;
-          st = GatherCpu(l.layout, s, std::span<std::byte>(dst.data, dst.size), num_threads);
+          st = GatherCpu(l.layout, s.slots, std::span<std::byte>(dst.data, dst.size), num_threads);
         }
         ThrowIfError(st);
       },
@@ -406,12 +419,12 @@ then V[tokens][heads*head] (MLA: the latent only), contiguous.
         if (l.layout.device() == DeviceType::kCuda) return CudaCopy(l, slots, src, /*gather=*/false, stream);
 #endif
         (void)stream;
-        auto s = ValueOrThrow(SlotsOf(slots));
-        Bytes b = ValueOrThrow(BytesOf(src, /*writable=*/false, "src"));
+        const Slots s = ValueOrThrow(SlotsOf(slots));  // both exports held until the copy is done
+        const Bytes b = ValueOrThrow(BytesOf(src, /*writable=*/false, "src"));
         Status st;
         {
           pyb::gil_scoped_release nogil;
-          st = ScatterCpu(l.layout, s, std::span<const std::byte>(b.data, b.size), num_threads);
+          st = ScatterCpu(l.layout, s.slots, std::span<const std::byte>(b.data, b.size), num_threads);
         }
         ThrowIfError(st);
       },

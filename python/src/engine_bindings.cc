@@ -19,6 +19,7 @@
 
 #include "cc/engine/engine.h"
 #include "python/src/bindings.h"
+#include "python/src/datapath_bindings.h"
 #include "python/src/engine_bindings.h"
 #include "python/src/status_to_exception.h"
 
@@ -338,20 +339,22 @@ void RegisterEngine(pyb::module_& m) {
             auto eng = EngineRef(e);
             std::vector<int32_t> t = CopyTokens(tokens);
             const std::optional<KeyExtras> x = ExtrasOf(extras);
-            // The handle keeps copies: Python buffers may be freed right after.
-            auto owned = std::make_shared<std::vector<std::vector<std::byte>>>();
-            for (pyb::handle b : buffers) {
-              pyb::buffer_info info = pyb::reinterpret_borrow<pyb::buffer>(b).request();
-              const auto* p = static_cast<const std::byte*>(info.ptr);
-              owned->emplace_back(p, p + info.size * info.itemsize);
-            }
+            // C-contiguous only (a strided view's bytes are not a flat range
+            // at its pointer); each export is held, so the memory cannot be
+            // resized or freed, until every chunk copy out of it is done.
+            std::vector<Bytes> held;
             std::vector<std::span<const std::byte>> spans;
-            for (const auto& v : *owned) spans.emplace_back(v.data(), v.size());
+            for (size_t i = 0; i < buffers.size(); ++i) {
+              held.push_back(ValueOrThrow(BytesOf(buffers[i], /*writable=*/false, "buffers[" + std::to_string(i) + "]")));
+              spans.emplace_back(held.back().data, held.back().size);
+            }
             StatusOr<std::shared_ptr<StoreHandle>> h = Status();
             {
               pyb::gil_scoped_release nogil;
               h = eng->StoreBuffers(t, layout_id, std::move(spans), ExtrasPtr(x));
-              if (h.ok()) (void)(*h)->Wait();  // owned buffers die with this call
+              // Wait() returns only once no chunk is pending: then nothing
+              // reads the held buffers any more.
+              if (h.ok()) (void)(*h)->Wait();
             }
             return ValueOrThrow(std::move(h));
           },
@@ -364,10 +367,13 @@ void RegisterEngine(pyb::module_& m) {
             auto eng = EngineRef(e);
             std::vector<int32_t> t = CopyTokens(tokens);
             const std::optional<KeyExtras> x = ExtrasOf(extras);
+            // C-contiguous and writable; the exports are held until the
+            // copies into them (without the GIL) are done.
+            std::vector<Bytes> held;
             std::vector<std::span<std::byte>> dsts;
-            for (pyb::handle b : buffers) {
-              pyb::buffer_info info = pyb::reinterpret_borrow<pyb::buffer>(b).request(true);
-              dsts.emplace_back(static_cast<std::byte*>(info.ptr), info.size * info.itemsize);
+            for (size_t i = 0; i < buffers.size(); ++i) {
+              held.push_back(ValueOrThrow(BytesOf(buffers[i], /*writable=*/true, "buffers[" + std::to_string(i) + "]")));
+              dsts.emplace_back(held.back().data, held.back().size);
             }
             const uint32_t ct = eng->chunk_tokens();
             StatusOr<size_t> n = Status();

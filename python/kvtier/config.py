@@ -286,6 +286,33 @@ def _display(name: str, value: object) -> str:
     return str(value)
 
 
+def _index_capacity_max() -> int | None:
+    """The index's own limit (ChunkIndex::kMaxCapacity, through the extension).
+
+    One source of truth: the number lives in C++ only. Without the extension
+    (configuration read where no engine runs) the upper bound is left to
+    the engine, which refuses the same values at start.
+    """
+    try:
+        from kvtier import _kvtier
+    except ImportError:
+        try:
+            import _kvtier  # type: ignore[no-redef]  # development: bazel-bin/python/src on sys.path
+        except ImportError:
+            return None
+    return int(_kvtier.index_capacity_max())
+
+
+def _parse_index_capacity(value: object) -> int:
+    v = _parse_int(value)
+    if v == 0:
+        return v
+    top = _index_capacity_max()
+    if v < 1024 or (top is not None and v > top):
+        raise ValueError(f"not 0 and not in [1024, {top if top is not None else '...'}]")
+    return v
+
+
 def _segment_ok(v: int) -> bool:
     return v == 0 or (v >= MIB and v % (4 * KIB) == 0)
 
@@ -301,8 +328,8 @@ _KEYS: dict[str, _Key] = {
     "eviction_policy": _choice("s3fifo", "lru"),
     "ttl_seconds": _Key(_parse_float, "a number of seconds >= 0 (0 = never expire)",
                         lambda v: v >= 0.0),
-    "index_capacity": _Key(_parse_int, "0 (auto) or an integer in [1024, 2**31]",
-                           lambda v: v == 0 or 1024 <= v <= 2**31),
+    "index_capacity": _Key(_parse_index_capacity,
+                           "0 (auto) or an integer in [1024, kvtier._kvtier.index_capacity_max()]"),
     "huge_pages": _choice("auto", "on", "off"),
     "numa_node": _int_range(-1, 1023, "-1 (no binding) or a NUMA node in [0, 1023]"),
     "disk_path": _Key(_parse_disk_path,

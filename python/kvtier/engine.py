@@ -140,11 +140,21 @@ class Engine:
         self._threads = int(config.copy_threads)
         self._layout: Any = None
         self._lock = threading.Lock()
-        self._loader: ThreadPoolExecutor | None = None
+        self._loader: ThreadPoolExecutor | None = None  # guarded by _lock
+        self._closed = False  # guarded by _lock; set once by close()
+
+    def _check_open(self) -> None:
+        # The native engine says "closed" too; checking here as well gives
+        # methods that start in Python (a missing layout, the loader thread)
+        # the same error, and keeps retrieve_async from starting an executor
+        # that close() already shut down.
+        if self._closed:
+            raise _kvtier.FailedPreconditionError("engine is closed")
 
     # -- basics ---------------------------------------------------------
     @property
     def chunk_size(self) -> int:
+        self._check_open()
         return int(self._native.chunk_size)
 
     @property
@@ -154,11 +164,13 @@ class Engine:
 
     def lookup(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
         """Leading tokens whose KV is cached (ready) in any tier."""
+        self._check_open()
         return int(self._native.lookup(_tokens(tokens), extras=_extras(extras)))
 
     def chunk_keys(
         self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None
     ) -> list[tuple[str, int, int]]:
+        self._check_open()
         return list(self._native.chunk_keys(_tokens(tokens), extras=_extras(extras)))
 
     # -- raw chunk buffers (no paged layout) ----------------------------
@@ -171,6 +183,7 @@ class Engine:
         extras: KeyExtras | None = None,
     ) -> int:
         """Store finished chunk buffers (C-contiguous), one per chunk; returns chunks stored."""
+        self._check_open()
         h = self._native.store_buffers(_tokens(tokens), list(buffers), layout_id, extras=_extras(extras))
         return int(h.wait())
 
@@ -183,9 +196,11 @@ class Engine:
         extras: KeyExtras | None = None,
     ) -> int:
         """Load cached chunks into writable C-contiguous buffers, one per chunk; returns tokens loaded."""
+        self._check_open()
         return int(self._native.retrieve_buffers(_tokens(tokens), list(buffers), layout_id, extras=_extras(extras)))
 
     def set_chunk_bytes(self, max_chunk_bytes: int) -> None:
+        self._check_open()
         self._native.set_chunk_bytes(int(max_chunk_bytes))
 
     # -- paged KV (the inference engine's own cache) ---------------------
@@ -193,6 +208,7 @@ class Engine:
         """Describe the engine's paged KV tensors once; sizes the CPU tier."""
         from kvtier.kv_layout import make_layout
 
+        self._check_open()
         tensors = list(kv_caches.values()) if isinstance(kv_caches, dict) else list(kv_caches)
         layout = make_layout(tensors, kind=kind or "auto")
         self._native.set_chunk_bytes(int(layout.chunk_bytes(self.chunk_size)))
@@ -200,6 +216,7 @@ class Engine:
         return layout
 
     def _require_layout(self) -> Any:
+        self._check_open()
         if self._layout is None:
             raise _kvtier.FailedPreconditionError("register_kv_caches() must be called before store/retrieve")
         return self._layout
@@ -223,6 +240,7 @@ class Engine:
         tensor is first copied to the host, which does wait: pass numpy or
         CPU slots on a hot path, as the vLLM connector does.)
         """
+        self._check_open()
         toks = _tokens(tokens)
         layout = self._require_layout()
         return self._native.store_paged(
@@ -248,6 +266,7 @@ class Engine:
         Returns once the copy is complete (CUDA layouts: enqueued on
         ``stream`` and waited for). See retrieve_on_stream to overlap.
         """
+        self._check_open()
         toks = _tokens(tokens)
         layout = self._require_layout()
         return int(
@@ -278,6 +297,7 @@ class Engine:
         chunks stay pinned until ``handle.done()`` or ``handle.wait()``. On a
         CPU layout the copy is complete when this returns.
         """
+        self._check_open()
         toks = _tokens(tokens)
         layout = self._require_layout()
         return self._native.retrieve_paged_on_stream(
@@ -298,12 +318,14 @@ class Engine:
         extras: KeyExtras | None = None,
     ) -> Future[int]:
         """retrieve() on a loader thread (the native call releases the GIL)."""
+        self._check_open()
         toks = _tokens(tokens)
         key_extras = _extras(extras)
         slots = _slots(slot_mapping, toks.shape[0])
         layout = self._require_layout()
         stream = stream_handle(layout, None)
         with self._lock:
+            self._check_open()  # under the lock: close() cannot miss a new loader
             if self._loader is None:
                 self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
             loader = self._loader
@@ -318,26 +340,34 @@ class Engine:
     # -- management ------------------------------------------------------
     def prefetch(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
         """Promote the cached prefix from disk to CPU in the background."""
+        self._check_open()
         return int(self._native.prefetch(_tokens(tokens), extras=_extras(extras)))
 
     def pin(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
+        self._check_open()
         return int(self._native.pin(_tokens(tokens), extras=_extras(extras)))
 
     def unpin(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
+        self._check_open()
         return int(self._native.unpin(_tokens(tokens), extras=_extras(extras)))
 
     def flush(self) -> None:
         """Wait until every queued store and disk write is finished."""
+        self._check_open()
         self._native.flush()
 
     def clear(self) -> None:
+        self._check_open()
         self._native.clear()
 
     def stats(self) -> dict[str, Any]:
+        self._check_open()
         return dict(self._native.stats())
 
     def close(self) -> None:
+        """Drain pending work and release the tiers; every later call raises "engine is closed". Idempotent."""
         with self._lock:
+            self._closed = True
             loader, self._loader = self._loader, None
         if loader is not None:
             loader.shutdown(wait=True)

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cc/engine/engine.h"
+#include "cc/index/chunk_index.h"
 #include "python/src/bindings.h"
 #include "python/src/datapath_bindings.h"
 #include "python/src/engine_bindings.h"
@@ -264,6 +265,10 @@ std::shared_ptr<Engine> EngineRef(PyEngine& e) {
 }
 
 void RegisterEngine(pyb::module_& m) {
+  // The largest index_capacity: kvtier.config validates against this, so
+  // the limit has one source.
+  m.def("index_capacity_max", [] { return ChunkIndex::kMaxCapacity; },
+        "The largest index_capacity the catalogue accepts (ChunkIndex::kMaxCapacity).");
   pyb::class_<StoreHandle, std::shared_ptr<StoreHandle>>(m, "StoreHandle",
                                                           "Completion of an asynchronous store.")
       .def("done", &StoreHandle::done)

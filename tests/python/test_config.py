@@ -189,11 +189,11 @@ def test_disk_path_expanded_and_disabled(tmp_path: Path) -> None:
 def test_boundaries_accepted() -> None:
     config = load_config(
         {"chunk_size": 16, "cpu_capacity": "16MiB", "cpu_high_watermark": 1.0,
-         "cpu_low_watermark": 0.01, "index_capacity": 2**31, "disk_capacity": "64MiB",
+         "cpu_low_watermark": 0.01, "index_capacity": 2**30, "disk_capacity": "64MiB",
          "disk_queue_depth": 4096, "write_behind_queue": 1_000_000, "io_threads": 64,
          "copy_threads": 256, "numa_node": 0, "disk_segment_size": "64MiB"},
         environ={})
-    assert config.chunk_size == 16 and config.index_capacity == 2**31
+    assert config.chunk_size == 16 and config.index_capacity == 2**30
     upper = load_config({"chunk_size": 65536, "index_capacity": 1024}, environ={})
     assert (upper.chunk_size, upper.index_capacity) == (65536, 1024)
 
@@ -260,8 +260,9 @@ def test_env_typo_is_an_error() -> None:
         ("cpu_low_watermark", 0, "cpu_high_watermark"),
         ("eviction_policy", "fifo", "'s3fifo', 'lru'"),
         ("ttl_seconds", -1, ">= 0"),
-        ("index_capacity", 100, r"\[1024, 2\*\*31\]"),
-        ("index_capacity", 2**31 + 1, r"\[1024, 2\*\*31\]"),
+        ("index_capacity", 100, r"\[1024, 1073741824\]"),
+        ("index_capacity", 2**30 + 1, r"\[1024, 1073741824\]"),
+        ("index_capacity", 2**31, r"\[1024, 1073741824\]"),
         ("huge_pages", "yes", "'auto', 'on', 'off'"),
         ("numa_node", -2, r"\[0, 1023\]"),
         ("disk_path", 5, "directory path"),
@@ -439,3 +440,20 @@ def test_cli_gpu_recompute_without_gpu_says_so() -> None:
     result = run_cli("bench", "gpu-recompute", "--tokens", "256")
     assert result.returncode == 2
     assert "needs a CUDA GPU" in result.stderr
+
+
+def test_index_capacity_limit_is_the_native_index_limit() -> None:
+    # One source of truth: the C++ ChunkIndex::kMaxCapacity, through the
+    # extension. Every value the configuration accepts must start an engine.
+    from kvtier import _kvtier
+
+    top = _kvtier.index_capacity_max()
+    assert top == 2**30
+    assert load_config({"index_capacity": top}, environ={}).index_capacity == top
+    with pytest.raises(ConfigError, match="index_capacity"):
+        load_config({"index_capacity": top + 1}, environ={})
+    # ... and the engine itself refuses the first value above it.
+    native = load_config({"disk_path": "none"}, environ={}).to_native()
+    native["index_capacity"] = top + 1
+    with pytest.raises(_kvtier.InvalidArgumentError, match="capacity must be in"):
+        _kvtier.Engine(native)

@@ -203,6 +203,38 @@ def test_gds_on_without_cufile_fails_at_start(tmp_path):
     engine(tmp_path, gds="off").close()  # the same directory opens fine without it
 
 
+def test_every_method_after_close_says_closed(tmp_path):
+    eng = engine(tmp_path, disk_path="none")
+    eng.register_kv_caches(make_kv())
+    tokens, slots = np.arange(64), np.arange(64)
+    assert eng.retrieve_async(tokens, slots).result(timeout=60) == 0  # a loader exists now
+    eng.close()
+    calls = {
+        "lookup": lambda: eng.lookup(tokens),
+        "chunk_keys": lambda: eng.chunk_keys(tokens),
+        "store": lambda: eng.store(tokens, slots),
+        "retrieve": lambda: eng.retrieve(tokens, slots),
+        "retrieve_on_stream": lambda: eng.retrieve_on_stream(tokens, slots),
+        "retrieve_async": lambda: eng.retrieve_async(tokens, slots),
+        "store_buffers": lambda: eng.store_buffers(tokens, [bytes(16)]),
+        "retrieve_buffers": lambda: eng.retrieve_buffers(tokens, [bytearray(16)]),
+        "prefetch": lambda: eng.prefetch(tokens),
+        "pin": lambda: eng.pin(tokens),
+        "unpin": lambda: eng.unpin(tokens),
+        "flush": eng.flush,
+        "clear": eng.clear,
+        "stats": eng.stats,
+        "set_chunk_bytes": lambda: eng.set_chunk_bytes(1 << 20),
+        "register_kv_caches": lambda: eng.register_kv_caches(make_kv()),
+        "chunk_size": lambda: eng.chunk_size,
+    }
+    for name, call in calls.items():
+        with pytest.raises(_kvtier.FailedPreconditionError, match="^engine is closed$"):
+            call()
+        assert eng._loader is None, name  # retrieve_async started no executor that nobody shuts down
+    eng.close()  # idempotent
+
+
 def test_close_while_other_threads_store_and_retrieve(tmp_path):
     # close() waits for calls already inside the engine, drains their copies
     # and only then lets the tensors go; later calls fail "closed". Every

@@ -4,7 +4,6 @@ the CPU and disk tiers, through the installed extension."""
 from __future__ import annotations
 
 import threading
-import time
 
 import kvtier
 import numpy as np
@@ -203,6 +202,24 @@ def test_gds_on_without_cufile_fails_at_start(tmp_path):
     engine(tmp_path, gds="off").close()  # the same directory opens fine without it
 
 
+def test_close_drains_a_store_in_flight(tmp_path):
+    # A store big enough to be still copying when close() is called (64
+    # chunks of 8 MiB on one copy thread): close() must wait for it, not
+    # cancel it or free the tier under it.
+    layers, blocks, heads, block, head = 4, 1024, 8, 16, 128
+    kv = [torch.full((blocks, heads, block, 2 * head), float(i + 1)) for i in range(layers)]
+    eng = engine(tmp_path, disk_path="none", cpu_capacity="1GiB", chunk_size=256, copy_threads=1)
+    eng.register_kv_caches(kv)
+    tokens = np.arange(blocks * block)
+    h = eng.store(tokens, np.arange(blocks * block))
+    assert h.chunks_total == 64
+    assert not h.done()  # observably in flight when close() starts
+    eng.close()
+    assert h.done()
+    assert h.wait() == 64 and h.chunks_stored == 64  # drained to the end, nothing dropped
+    assert eng.closed
+
+
 def test_every_method_after_close_says_closed(tmp_path):
     eng = engine(tmp_path, disk_path="none")
     eng.register_kv_caches(make_kv())
@@ -238,12 +255,17 @@ def test_every_method_after_close_says_closed(tmp_path):
 def test_close_while_other_threads_store_and_retrieve(tmp_path):
     # close() waits for calls already inside the engine, drains their copies
     # and only then lets the tensors go; later calls fail "closed". Every
-    # call therefore either completes with correct data or raises that error.
+    # call therefore either completes or raises that error.
     eng = engine(tmp_path, disk_path="none", cpu_capacity="256MiB")
     src = make_kv()
     eng.register_kv_caches(src)
     errors: list[BaseException] = []
     done = threading.Event()
+    # close() runs only once every worker has finished a round, so the
+    # workers are provably mid-loop (not yet started or already gone would
+    # test nothing).
+    warmed = threading.Barrier(5)
+    rounds = [0] * 4
 
     def worker(seed: int) -> None:
         rng = np.random.default_rng(seed)
@@ -260,17 +282,22 @@ def test_close_while_other_threads_store_and_retrieve(tmp_path):
             except BaseException as e:  # noqa: BLE001 - any other error is the defect under test
                 errors.append(e)
                 return
+            finally:
+                rounds[seed] += 1
+                if rounds[seed] == 1:
+                    warmed.wait(timeout=60)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    warmed.wait(timeout=60)
     eng.close()
     done.set()
     for t in threads:
         t.join(timeout=30)
         assert not t.is_alive()
     assert errors == []
+    assert all(r >= 1 for r in rounds)
     assert eng.closed
     with pytest.raises(_kvtier.FailedPreconditionError, match="closed"):
         eng.store(np.arange(32), np.arange(32))

@@ -1,6 +1,7 @@
 #include "cc/index/chunk_index.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -8,6 +9,8 @@
 #include <bit>
 #include <cerrno>
 #include <cmath>
+#include <cstddef>
+#include <cstdio>
 #include <new>
 #include <utility>
 
@@ -27,7 +30,10 @@ struct alignas(64) RegionHeader {
   std::atomic<uint64_t> num_slots;
   std::atomic<uint64_t> live;      // entries in Writing/Ready/Evicting (+ inserts about to win)
   std::atomic<uint64_t> reserved;  // capacity reservations held by live entries and inserts
-  std::atomic<uint64_t> unused[2];
+  // The creating process (CreateShared), for "in use by pid N" errors; 0 for
+  // anonymous memory. Was unused (zero) before, so the format is unchanged.
+  std::atomic<uint64_t> owner_pid;
+  std::atomic<uint64_t> unused[1];
 };
 
 struct alignas(64) Slot {
@@ -144,6 +150,82 @@ StatusOr<size_t> SlotsFor(size_t capacity) {
 
 size_t RegionBytes(size_t num_slots) { return sizeof(RegionHeader) + num_slots * sizeof(Slot); }
 
+// How many times CreateShared retries after finding the name taken by a
+// stale object (reclaimed) or losing a race with another creator.
+constexpr int kCreateAttempts = 8;
+
+// True when `name` currently names the object open at fd (same inode).
+bool NameRefersTo(const std::string& name, int fd) {
+  struct stat mine, named;
+  if (fstat(fd, &mine) != 0) return false;
+  const int other = shm_open(name.c_str(), O_RDONLY, 0);
+  if (other < 0) return false;
+  const bool same = fstat(other, &named) == 0 && named.st_dev == mine.st_dev && named.st_ino == mine.st_ino;
+  close(other);
+  return same;
+}
+
+// RegionHeader as plain words, for reading an object's header with pread:
+// never through a mapping, so an object shorter than it claims (truncated)
+// is an error here, not a SIGBUS.
+struct HeaderWords {
+  uint64_t magic;
+  uint32_t format_version;
+  uint32_t slot_size;
+  uint64_t capacity;
+  uint64_t num_slots;
+  uint64_t live;
+  uint64_t reserved;
+  uint64_t owner_pid;
+  uint64_t unused;
+};
+static_assert(sizeof(HeaderWords) == sizeof(RegionHeader) &&
+                  offsetof(HeaderWords, owner_pid) == offsetof(RegionHeader, owner_pid) &&
+                  offsetof(HeaderWords, num_slots) == offsetof(RegionHeader, num_slots),
+              "HeaderWords mirrors RegionHeader word for word");
+
+bool ReadHeader(int fd, HeaderWords* out) {
+  return pread(fd, out, sizeof(*out), 0) == static_cast<ssize_t>(sizeof(*out));
+}
+
+// The pid recorded by the object's creator, or 0 if it is not readable yet.
+uint64_t OwnerPid(int fd) {
+  HeaderWords h{};
+  return ReadHeader(fd, &h) && h.magic == index_internal::kRegionMagic ? h.owner_pid : 0;
+}
+
+// The name exists. If its creator is gone (nobody holds the object's
+// flock), unlink it and return OK so the caller retries; a live owner is
+// kFailedPrecondition naming its pid. OK also when the name vanished.
+Status ReclaimIfStale(const std::string& name) {
+  const int fd = shm_open(name.c_str(), O_RDWR, 0);
+  if (fd < 0) {
+    if (errno == ENOENT) return Status();  // gone meanwhile: retry
+    if (errno == EACCES) {
+      return FailedPrecondition("shm object " + name + " exists and is not ours (permission denied)");
+    }
+    return ErrnoError("shm_open " + name, errno);
+  }
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    if (err != EWOULDBLOCK) {
+      close(fd);
+      return ErrnoError("flock " + name, err);
+    }
+    const uint64_t pid = OwnerPid(fd);
+    close(fd);
+    return FailedPrecondition("shm object " + name + " is in use by a live owner (pid " +
+                              (pid != 0 ? std::to_string(pid) : std::string("unknown, still creating")) + ")");
+  }
+  // We hold the lock of the object `name` named when we opened it. Only a
+  // holder of that lock unlinks that name, so if it still names our object
+  // nobody can change that before our unlink; if not, another process
+  // reclaimed it first and we leave its new object alone.
+  if (NameRefersTo(name, fd)) shm_unlink(name.c_str());
+  close(fd);  // drops the lock only after the name no longer refers to this object
+  return Status();
+}
+
 }  // namespace
 
 struct ChunkIndex::Located {
@@ -173,6 +255,7 @@ ChunkIndex::ChunkIndex(void* base, size_t bytes, bool read_only, std::string shm
 ChunkIndex::~ChunkIndex() {
   munmap(base_, bytes_);
   if (owner_ && !shm_name_.empty()) shm_unlink(shm_name_.c_str());
+  if (lock_fd_ >= 0) close(lock_fd_);  // after the unlink: a reclaimer never sees our name unlocked
 }
 
 StatusOr<std::unique_ptr<ChunkIndex>> ChunkIndex::Init(void* base, size_t bytes, size_t capacity,
@@ -188,6 +271,7 @@ StatusOr<std::unique_ptr<ChunkIndex>> ChunkIndex::Init(void* base, size_t bytes,
   h->slot_size.store(sizeof(Slot), std::memory_order_relaxed);
   h->capacity.store(capacity, std::memory_order_relaxed);
   h->num_slots.store(num_slots, std::memory_order_relaxed);
+  h->owner_pid.store(shm_name.empty() ? 0 : static_cast<uint64_t>(getpid()), std::memory_order_relaxed);
   // Pairs with the acquire load of magic in OpenReadOnly: an opener that sees
   // the magic sees every header field and every constructed slot.
   h->magic.store(index_internal::kRegionMagic, std::memory_order_release);
@@ -210,25 +294,49 @@ StatusOr<std::unique_ptr<ChunkIndex>> ChunkIndex::CreateShared(const std::string
   }
   KVT_ASSIGN_OR_RETURN(size_t num_slots, SlotsFor(capacity));
   const size_t bytes = RegionBytes(num_slots);
-  const int fd = shm_open(shm_name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-  if (fd < 0) {
-    if (errno == EEXIST) return AlreadyExists("shm object " + shm_name + " already exists");
-    return ErrnoError("shm_open " + shm_name, errno);
+  int fd = -1;
+  for (int attempt = 0; fd < 0; ++attempt) {
+    if (attempt == kCreateAttempts) {
+      return Unavailable("shm object " + shm_name + ": gave up after " + std::to_string(kCreateAttempts) +
+                         " attempts (other processes keep creating or reclaiming it)");
+    }
+    fd = shm_open(shm_name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0) {
+      if (errno != EEXIST) return ErrnoError("shm_open " + shm_name, errno);
+      KVT_RETURN_IF_ERROR(ReclaimIfStale(shm_name));  // a live owner ends here
+      continue;
+    }
+    // Ours from here to the end of our life: the lock tells others that the
+    // object is live. Between shm_open and flock a reclaimer may take the
+    // object for stale (it is unlocked); then it is no longer named
+    // shm_name, and we start over.
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0 || !NameRefersTo(shm_name, fd)) {
+      close(fd);
+      fd = -1;
+    }
   }
   if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
     const int err = errno;
-    close(fd);
     shm_unlink(shm_name.c_str());
+    close(fd);
     return ErrnoError("ftruncate " + shm_name, err);
   }
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   const int err = errno;
-  close(fd);  // the mapping keeps the object alive
   if (p == MAP_FAILED) {
     shm_unlink(shm_name.c_str());
+    close(fd);
     return ErrnoError("mmap " + shm_name, err);
   }
-  return Init(p, bytes, capacity, num_slots, shm_name, true);
+  auto index = Init(p, bytes, capacity, num_slots, shm_name, true);
+  if (!index.ok()) {  // Init cannot fail today; keep the lock and name consistent if it ever does
+    munmap(p, bytes);
+    shm_unlink(shm_name.c_str());
+    close(fd);
+    return index.status();
+  }
+  (*index)->lock_fd_ = fd;  // held (and the flock with it) until destruction
+  return index;
 }
 
 StatusOr<std::unique_ptr<const ChunkIndex>> ChunkIndex::OpenReadOnly(const std::string& shm_name) {
@@ -241,45 +349,65 @@ StatusOr<std::unique_ptr<const ChunkIndex>> ChunkIndex::OpenReadOnly(const std::
     if (errno == ENOENT) return NotFound("shm object " + shm_name + " does not exist");
     return ErrnoError("shm_open " + shm_name, errno);
   }
+  auto refuse = [&](const std::string& why) -> Status {
+    close(fd);
+    return FailedPrecondition(shm_name + ": " + why);
+  };
   struct stat st;
   if (fstat(fd, &st) != 0) {
     const int err = errno;
     close(fd);
     return ErrnoError("fstat " + shm_name, err);
   }
-  const size_t file_bytes = static_cast<size_t>(st.st_size);
-  if (file_bytes < sizeof(RegionHeader)) {
-    close(fd);
-    return FailedPrecondition(shm_name + " is too small to be a ChunkIndex region (" +
-                              std::to_string(file_bytes) + " bytes)");
+  // Only a catalogue our own user created, readable by nobody else, is
+  // trusted: anyone could otherwise plant a region under the name.
+  if (st.st_uid != geteuid()) {
+    return refuse("owned by uid " + std::to_string(st.st_uid) + ", not by this process's uid " +
+                  std::to_string(geteuid()));
   }
-  void* p = mmap(nullptr, file_bytes, PROT_READ, MAP_SHARED, fd, 0);
+  if ((st.st_mode & 0077) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    return refuse(std::string("mode ") + mode + "; a catalogue must be 0600 (no group or other access)");
+  }
+  const size_t file_bytes = static_cast<size_t>(st.st_size);
+  HeaderWords h{};
+  if (file_bytes < sizeof(RegionHeader) || !ReadHeader(fd, &h)) {
+    return refuse("too small to be a ChunkIndex region (" + std::to_string(file_bytes) + " bytes)");
+  }
+  if (h.magic != index_internal::kRegionMagic) {
+    return refuse("bad magic (not a ChunkIndex region, or not initialised yet)");
+  }
+  if (h.format_version != index_internal::kRegionFormatVersion) {
+    return refuse("format version " + std::to_string(h.format_version) + " != " +
+                  std::to_string(index_internal::kRegionFormatVersion));
+  }
+  if (h.slot_size != sizeof(Slot)) return refuse("slot size mismatch");
+  const uint64_t n = h.num_slots;
+  if (n < 16 || !std::has_single_bit(n) || h.capacity == 0 || h.capacity > n || n > (uint64_t{1} << 40)) {
+    return refuse("inconsistent header (slots " + std::to_string(n) + ", capacity " + std::to_string(h.capacity) +
+                  ")");
+  }
+  // Map exactly what the header describes, and only if the object holds it:
+  // touching a page past the end of the object would be a SIGBUS.
+  const size_t bytes = RegionBytes(n);
+  if (bytes > file_bytes) {
+    return refuse("truncated: the header describes " + std::to_string(n) + " slots (" + std::to_string(bytes) +
+                  " bytes), the object has " + std::to_string(file_bytes) + " bytes");
+  }
+  void* p = mmap(nullptr, bytes, PROT_READ, MAP_SHARED, fd, 0);
   const int err = errno;
   close(fd);
   if (p == MAP_FAILED) return ErrnoError("mmap " + shm_name, err);
-
-  const auto* h = std::launder(reinterpret_cast<const RegionHeader*>(p));
-  auto fail = [&](std::string why) -> Status {
-    munmap(p, file_bytes);
-    return FailedPrecondition(shm_name + ": " + why);
-  };
-  // Pairs with the release store of magic in Init.
-  if (h->magic.load(std::memory_order_acquire) != index_internal::kRegionMagic) {
-    return fail("bad magic (not a ChunkIndex region, or not initialised yet)");
+  // Pairs with the release store of magic in Init: the fields and slots the
+  // creator wrote before it are visible through this mapping.
+  const auto* mapped = std::launder(reinterpret_cast<const RegionHeader*>(p));
+  if (mapped->magic.load(std::memory_order_acquire) != index_internal::kRegionMagic ||
+      mapped->num_slots.load(std::memory_order_relaxed) != n) {
+    munmap(p, bytes);
+    return FailedPrecondition(shm_name + ": the region changed while it was being opened");
   }
-  if (h->format_version.load(std::memory_order_relaxed) != index_internal::kRegionFormatVersion) {
-    return fail("format version " + std::to_string(h->format_version.load(std::memory_order_relaxed)) +
-                " != " + std::to_string(index_internal::kRegionFormatVersion));
-  }
-  if (h->slot_size.load(std::memory_order_relaxed) != sizeof(Slot)) return fail("slot size mismatch");
-  const uint64_t n = h->num_slots.load(std::memory_order_relaxed);
-  const uint64_t cap = h->capacity.load(std::memory_order_relaxed);
-  if (n < 16 || !std::has_single_bit(n) || cap == 0 || cap > n || n > (uint64_t{1} << 40) ||
-      RegionBytes(n) > file_bytes) {
-    return fail("inconsistent header (slots " + std::to_string(n) + ", capacity " +
-                std::to_string(cap) + ", " + std::to_string(file_bytes) + " bytes)");
-  }
-  return std::unique_ptr<const ChunkIndex>(new ChunkIndex(p, file_bytes, true, shm_name, false));
+  return std::unique_ptr<const ChunkIndex>(new ChunkIndex(p, bytes, true, shm_name, false));
 }
 
 size_t ChunkIndex::capacity() const { return capacity_; }

@@ -102,6 +102,25 @@
 // destruction; mappings already open stay valid. A read-only opener maps the
 // region PROT_READ, so a stray write faults instead of corrupting the index.
 // The region is in host byte order and layout (same machine only).
+//
+// Crashes and trust. The owner holds flock(LOCK_EX) on the object for its
+// lifetime (flock works on a /dev/shm fd; the kernel drops it when the
+// process dies, however it dies). A killed owner leaves its name behind;
+// the next CreateShared finds the lock free, unlinks the stale name and
+// creates a fresh object, while a live owner's name is refused with its pid
+// (recorded in the header). Only the holder of an object's lock unlinks its
+// name, and it checks that the name still refers to that object first, so
+// two processes reclaiming the same stale name cannot remove each other's
+// fresh object. OpenReadOnly trusts only an object of our own uid with mode
+// 0600, reads the header with pread, and maps exactly the size the header
+// describes after checking that the object is that large; the owner sizes
+// the object once, before publishing the magic, and never shrinks it.
+// Remaining hazards: (1) another process of the same uid that truncates the
+// object after a reader mapped it makes that reader's next access SIGBUS
+// (nothing short of copying the region avoids that; same-uid processes are
+// trusted anyway); (2) the lock belongs to the open file description, so a
+// child the owner forks without exec (the fd is close-on-exec) keeps the
+// name "live" until it exits too.
 #pragma once
 
 #include <atomic>
@@ -147,14 +166,22 @@ class ChunkIndex {
   // kInvalidArgument for capacity 0 or > kMaxCapacity; kIoError if the
   // mapping fails.
   static StatusOr<std::unique_ptr<ChunkIndex>> Create(size_t capacity);
-  // POSIX shm object `shm_name` ("/name", no other '/'), created exclusively;
-  // this object owns it and unlinks it on destruction. kInvalidArgument for a
-  // bad name or capacity, kAlreadyExists if the name exists, kIoError.
+  // POSIX shm object `shm_name` ("/name", no other '/'), mode 0600, created
+  // exclusively; this object owns it, holds flock(LOCK_EX) on it for its
+  // whole life, and unlinks it on destruction. A name left behind by a dead
+  // owner (nobody holds its lock) is reclaimed: unlinked and created anew.
+  // kInvalidArgument for a bad name or capacity; kFailedPrecondition if a
+  // live owner holds the name (the message names its pid) or it belongs to
+  // another user; kUnavailable if other processes keep racing for the name;
+  // kIoError.
   static StatusOr<std::unique_ptr<ChunkIndex>> CreateShared(const std::string& shm_name,
                                                             size_t capacity);
   // Maps an existing region PROT_READ (lookups only). kInvalidArgument for a
-  // bad name, kNotFound if absent, kFailedPrecondition if the region is not
-  // a ChunkIndex of this format (or not yet initialised), kIoError.
+  // bad name, kNotFound if absent, kFailedPrecondition if the object is not
+  // owned by this process's uid, has any group/other permission bit (must be
+  // 0600), is smaller than its header describes (truncated), or is not a
+  // ChunkIndex of this format (or not yet initialised); kIoError. The header
+  // is read with pread and checked before anything is mapped.
   static StatusOr<std::unique_ptr<const ChunkIndex>> OpenReadOnly(const std::string& shm_name);
 
   ~ChunkIndex();
@@ -219,6 +246,7 @@ class ChunkIndex {
   bool read_only_;
   std::string shm_name_;  // empty for anonymous memory
   bool owner_;            // unlink shm_name_ on destruction
+  int lock_fd_ = -1;      // CreateShared: the object's fd, flock(LOCK_EX)ed while we live
   index_internal::RegionHeader* header_;
   index_internal::Slot* slots_;
   uint64_t mask_;          // num_slots - 1

@@ -10,6 +10,8 @@ either, so its memory could be reallocated under it.
 from __future__ import annotations
 
 import gc
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -109,3 +111,108 @@ def test_datapath_refuses_strided_buffers():
         _kvtier.scatter(lay, slots, np.zeros(n, dtype=np.uint8)[::-1])
     with pytest.raises(ValueError, match="slot_mapping must be C-contiguous"):
         _kvtier.gather(lay, np.arange(4, dtype=np.int64)[::2], np.zeros(n, dtype=np.uint8))
+
+
+# -- exports held through the copy without the GIL ---------------------------
+#
+# The bindings copy with the GIL released. Another Python thread can run
+# then, and a bytearray refuses to be resized (BufferError) only while an
+# export of it is held. A resize refused during the call therefore proves
+# that the call still holds its export while it copies. Before the fix the
+# export was dropped before the GIL was: a resizer could never be refused
+# (it ran only while no export was held) and moved the bytes under the copy.
+
+
+def resize_refused_during(call: Callable[[], object], target: bytearray, attempts: int = 500) -> bool:
+    """Repeat ``call`` while another thread keeps trying to resize ``target``.
+
+    True as soon as one resize attempt is refused with BufferError. Between
+    calls the resizer succeeds; it refills ``target`` with its own bytes, so
+    the calls keep seeing the same contents.
+    """
+    fill = bytes(target)
+    refused = threading.Event()
+    stop = threading.Event()
+
+    def resizer() -> None:
+        while not stop.is_set():
+            try:
+                # One C call: shrink to 0 (what an export forbids), then refill.
+                target.__init__(fill)  # type: ignore[misc]
+            except BufferError:
+                refused.set()
+                return
+
+    thread = threading.Thread(target=resizer)
+    thread.start()
+    try:
+        for _ in range(attempts):
+            call()
+            if refused.is_set():
+                break
+    finally:
+        stop.set()
+        thread.join()
+    return refused.is_set()
+
+
+BIG_CHUNK = 4 << 20  # long enough a copy for the resizer to get the GIL in it
+
+
+@pytest.fixture
+def big() -> Any:
+    e = Engine({"chunk_size": CHUNK, "cpu_capacity": "64MiB", "disk_path": "none"}, Namespace(model="m"))
+    e.set_chunk_bytes(BIG_CHUNK)
+    yield e
+    e.close()
+
+
+def test_retrieve_buffers_holds_the_export_while_it_copies(big):
+    src = bytes(np.random.default_rng(3).integers(0, 256, BIG_CHUNK, dtype=np.uint8))
+    tokens = np.arange(CHUNK)
+    assert big.store_buffers(tokens, [src]) == 1
+    dst = bytearray(BIG_CHUNK)
+    assert resize_refused_during(lambda: big.retrieve_buffers(tokens, [dst]), dst)
+    assert big.retrieve_buffers(tokens, [dst]) == CHUNK
+    assert dst == src
+
+
+def test_store_buffers_holds_the_export_until_stored(big):
+    # store_buffers no longer copies the buffers first: the copy threads read
+    # them until the store is done, so the export must be held that long.
+    src = bytearray(np.random.default_rng(4).integers(0, 256, BIG_CHUNK, dtype=np.uint8).tobytes())
+    tokens = np.arange(CHUNK)
+
+    def store() -> None:
+        big.clear()
+        assert big.store_buffers(tokens, [src]) == 1
+
+    assert resize_refused_during(store, src)
+    out = bytearray(BIG_CHUNK)
+    assert big.retrieve_buffers(tokens, [out]) == CHUNK
+    assert out == src
+
+
+def big_layout() -> tuple[Any, np.ndarray]:
+    kv = np.random.default_rng(5).random((2, 64, 16, 8, 128), dtype=np.float32)  # 8 MiB
+    slots = np.arange(64 * 16, dtype=np.int64)
+    return kv_layout.make_layout([kv]), slots
+
+
+def test_gather_holds_the_out_export_while_it_copies():
+    lay, slots = big_layout()
+    out = bytearray(lay.chunk_bytes(len(slots)))
+    assert resize_refused_during(lambda: _kvtier.gather(lay, slots, out), out)
+    want = bytearray(len(out))
+    _kvtier.gather(lay, slots, want)
+    _kvtier.gather(lay, slots, out)
+    assert out == want
+
+
+def test_scatter_holds_the_src_export_while_it_copies():
+    lay, slots = big_layout()
+    src = bytearray(np.random.default_rng(6).integers(0, 256, lay.chunk_bytes(len(slots)), dtype=np.uint8).tobytes())
+    assert resize_refused_during(lambda: _kvtier.scatter(lay, slots, src), src)
+    back = bytearray(len(src))
+    _kvtier.gather(lay, slots, back)
+    assert back == src

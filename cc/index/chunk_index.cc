@@ -206,6 +206,19 @@ Status ReclaimIfStale(const std::string& name) {
     }
     return ErrnoError("shm_open " + name, errno);
   }
+  // Another user's object is never ours to remove, stale or not (root could
+  // unlink it; anyone else could not, and would retry until kUnavailable).
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    const int err = errno;
+    close(fd);
+    return ErrnoError("fstat " + name, err);
+  }
+  if (st.st_uid != geteuid()) {
+    close(fd);
+    return FailedPrecondition("shm object " + name + " exists and belongs to uid " + std::to_string(st.st_uid) +
+                              ", not to this process's uid " + std::to_string(geteuid()));
+  }
   if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
     if (err != EWOULDBLOCK) {
@@ -221,7 +234,11 @@ Status ReclaimIfStale(const std::string& name) {
   // holder of that lock unlinks that name, so if it still names our object
   // nobody can change that before our unlink; if not, another process
   // reclaimed it first and we leave its new object alone.
-  if (NameRefersTo(name, fd)) shm_unlink(name.c_str());
+  if (NameRefersTo(name, fd) && shm_unlink(name.c_str()) != 0 && errno != ENOENT) {
+    const int err = errno;
+    close(fd);
+    return ErrnoError("shm_unlink " + name + " (stale)", err);
+  }
   close(fd);  // drops the lock only after the name no longer refers to this object
   return Status();
 }

@@ -108,7 +108,8 @@
 // process dies, however it dies). A killed owner leaves its name behind;
 // the next CreateShared finds the lock free, unlinks the stale name and
 // creates a fresh object, while a live owner's name is refused with its pid
-// (recorded in the header). Only the holder of an object's lock unlinks its
+// (recorded in the header), and another uid's object is refused, never
+// removed. Only the holder of an object's lock unlinks its
 // name, and it checks that the name still refers to that object first, so
 // two processes reclaiming the same stale name cannot remove each other's
 // fresh object. OpenReadOnly trusts only an object of our own uid with mode

@@ -114,6 +114,33 @@ TEST(ChunkIndexTest, CreateSharedReclaimsAnEmptyLeftover) {
   ASSERT_TRUE(idx.ok()) << idx.status().ToString();
 }
 
+// A leftover of another user is not reclaimed, even when nobody holds its
+// lock and we could remove it (root): the error names its uid, the object
+// stays. Needs CAP_CHOWN to give the object away; skipped without it.
+TEST(ChunkIndexTest, CreateSharedLeavesAnotherUsersObjectAlone) {
+  const std::string name = ShmName("foreign_uid");
+  const int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  ASSERT_GE(fd, 0);
+  if (fchown(fd, 65534, static_cast<gid_t>(-1)) != 0) {
+    close(fd);
+    shm_unlink(name.c_str());
+    GTEST_SKIP() << "cannot chown a shm object here (needs CAP_CHOWN)";
+  }
+  struct stat before;
+  ASSERT_EQ(fstat(fd, &before), 0);
+  auto idx = ChunkIndex::CreateShared(name, 16);
+  EXPECT_EQ(idx.status().code(), StatusCode::kFailedPrecondition) << idx.status().ToString();
+  EXPECT_NE(idx.status().message().find("belongs to uid 65534"), std::string_view::npos) << idx.status().ToString();
+  const int again = shm_open(name.c_str(), O_RDONLY, 0);
+  ASSERT_GE(again, 0) << "the other user's object was removed";
+  struct stat after;
+  ASSERT_EQ(fstat(again, &after), 0);
+  EXPECT_EQ(after.st_ino, before.st_ino);
+  close(again);
+  close(fd);
+  shm_unlink(name.c_str());
+}
+
 TEST(ChunkIndexTest, OpenReadOnlyRefusesAnyGroupOrOtherAccess) {
   const std::string name = ShmName("mode");
   auto idx = ChunkIndex::CreateShared(name, 16);

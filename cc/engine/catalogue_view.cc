@@ -29,10 +29,12 @@ bool StatShm(const std::string& shm_name, uint64_t* dev, uint64_t* ino) {
 std::string CatalogueShmName(std::string_view deployment, uint32_t rank, uint32_t world_size) {
   const ChunkKey k = IdentityKey(deployment);
   char buf[96];
-  std::snprintf(buf, sizeof(buf), "/kvtier-%016llx%016llx-r%uof%u", static_cast<unsigned long long>(k.hi),
+  std::snprintf(buf, sizeof(buf), "%s%016llx%016llx-r%uof%u", kCatalogueShmPrefix, static_cast<unsigned long long>(k.hi),
                 static_cast<unsigned long long>(k.lo), rank, world_size);
   return buf;
 }
+
+StatusOr<size_t> ReclaimStaleCatalogues() { return ChunkIndex::ReclaimStale(kCatalogueShmPrefix); }
 
 StatusOr<std::unique_ptr<CatalogueView>> CatalogueView::Create(const CatalogueViewOptions& options) {
   if (options.ranks.empty()) return InvalidArgument("CatalogueView needs at least one rank");

@@ -49,6 +49,13 @@ namespace kvtier {
 // process of it, different between deployments that may run at once on one
 // machine); it is hashed, so its length and characters do not matter.
 std::string CatalogueShmName(std::string_view deployment, uint32_t rank, uint32_t world_size);
+inline constexpr char kCatalogueShmPrefix[] = "/kvtier-";
+
+// Unlinks the catalogues (names from CatalogueShmName) of this uid whose
+// owner is gone: what workers killed before they could clean up left in
+// /dev/shm (vLLM's shutdown kills its workers). Live owners' objects stay.
+// Returns how many were unlinked.
+StatusOr<size_t> ReclaimStaleCatalogues();
 
 struct RankCatalogue {
   std::string shm_name;  // the rank engine's EngineOptions::catalogue_shm_name

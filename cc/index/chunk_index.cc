@@ -1,6 +1,7 @@
 #include "cc/index/chunk_index.h"
 
 #include <fcntl.h>
+#include <dirent.h>
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -13,6 +14,7 @@
 #include <cstdio>
 #include <new>
 #include <utility>
+#include <vector>
 
 namespace kvtier {
 namespace index_internal {
@@ -244,6 +246,30 @@ Status ReclaimIfStale(const std::string& name) {
 }
 
 }  // namespace
+
+StatusOr<size_t> ChunkIndex::ReclaimStale(const std::string& name_prefix) {
+  if (name_prefix.size() < 2 || name_prefix[0] != '/' || name_prefix.find('/', 1) != std::string::npos) {
+    return InvalidArgument("shm name prefix must be \"/prefix\" with no other '/', got \"" + name_prefix + "\"");
+  }
+  // glibc's shm_open names objects /dev/shm/<name without the slash>.
+  DIR* dir = opendir("/dev/shm");
+  if (dir == nullptr) return ErrnoError("opendir /dev/shm", errno);
+  std::vector<std::string> names;
+  const std::string bare = name_prefix.substr(1);
+  while (const dirent* e = readdir(dir)) {
+    const std::string n = e->d_name;
+    if (n.compare(0, bare.size(), bare) == 0) names.push_back("/" + n);
+  }
+  closedir(dir);
+  size_t reclaimed = 0;
+  for (const std::string& name : names) {
+    if (!ValidShmName(name)) continue;
+    // OK: stale and unlinked (or vanished meanwhile); an error: live, not
+    // ours, or unreadable, all of which are left as they are.
+    if (ReclaimIfStale(name).ok()) ++reclaimed;
+  }
+  return reclaimed;
+}
 
 struct ChunkIndex::Located {
   Slot* slot;

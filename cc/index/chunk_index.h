@@ -184,6 +184,13 @@ class ChunkIndex {
   // ChunkIndex of this format (or not yet initialised); kIoError. The header
   // is read with pread and checked before anything is mapped.
   static StatusOr<std::unique_ptr<const ChunkIndex>> OpenReadOnly(const std::string& shm_name);
+  // Unlinks every shm object of this uid whose name starts with
+  // name_prefix ("/prefix") and whose owner is gone (its flock is free):
+  // what processes killed before they could unlink left behind. Live
+  // owners' objects, other users' objects and names that vanish meanwhile
+  // are left alone. Returns how many were unlinked; kInvalidArgument for a
+  // bad prefix, kIoError if /dev/shm cannot be listed.
+  static StatusOr<size_t> ReclaimStale(const std::string& name_prefix);
 
   ~ChunkIndex();
   ChunkIndex(const ChunkIndex&) = delete;

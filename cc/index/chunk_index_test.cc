@@ -103,6 +103,47 @@ TEST(ChunkIndexTest, CreateSharedReclaimsTheNameOfAKilledOwner) {
   EXPECT_EQ(reader.value()->capacity(), 128u);
 }
 
+// ReclaimStale sweeps what killed owners left under a prefix, whatever the
+// names, and leaves live owners' objects alone.
+TEST(ChunkIndexTest, ReclaimStaleSweepsDeadOwnersOnly) {
+  const std::string prefix = ShmName("sweep");
+  const std::string dead_name = prefix + "_dead";
+  const std::string live_name = prefix + "_live";
+  int ready[2];
+  ASSERT_EQ(pipe(ready), 0);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    close(ready[0]);
+    auto idx = ChunkIndex::CreateShared(dead_name, 64);
+    const char ok = idx.ok() ? 'y' : 'n';
+    (void)!write(ready[1], &ok, 1);
+    for (;;) pause();
+  }
+  close(ready[1]);
+  char ok = 0;
+  ASSERT_EQ(read(ready[0], &ok, 1), 1);
+  close(ready[0]);
+  ASSERT_EQ(ok, 'y');
+  auto live = ChunkIndex::CreateShared(live_name, 64);
+  ASSERT_TRUE(live.ok()) << live.status().ToString();
+
+  // While the child lives nothing is stale.
+  auto none = ChunkIndex::ReclaimStale(prefix);
+  ASSERT_TRUE(none.ok()) << none.status().ToString();
+  EXPECT_EQ(*none, 0u);
+
+  ASSERT_EQ(kill(pid, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  auto one = ChunkIndex::ReclaimStale(prefix);
+  ASSERT_TRUE(one.ok()) << one.status().ToString();
+  EXPECT_EQ(*one, 1u);
+  EXPECT_EQ(ChunkIndex::OpenReadOnly(dead_name).status().code(), StatusCode::kNotFound);
+  EXPECT_TRUE(ChunkIndex::OpenReadOnly(live_name).ok());
+  EXPECT_EQ(ChunkIndex::ReclaimStale("no-slash").status().code(), StatusCode::kInvalidArgument);
+}
+
 // A creator that died between shm_open and sizing the object left an empty,
 // unlocked object: stale as well.
 TEST(ChunkIndexTest, CreateSharedReclaimsAnEmptyLeftover) {

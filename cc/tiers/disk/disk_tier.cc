@@ -19,10 +19,14 @@
 #include "cc/tiers/disk/crc32c.h"
 #include "cc/tiers/disk/cufile_loader.h"
 #include "cc/tiers/disk/disk_format.h"
+#include "cc/tiers/disk/io_faults.h"
 #include "cc/tiers/disk/io_ring.h"
 
 namespace kvtier {
 
+using disk::IoFault;
+using disk::IoFaults;
+using disk::IoKind;
 using disk::IoOp;
 using disk::IoRing;
 using disk::kBlock;
@@ -72,9 +76,33 @@ class AlignedBuffer {
 
 bool IsAligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & (kBlock - 1)) == 0; }
 
-Status WriteAll(int fd, const std::byte* buf, size_t n, uint64_t off, const char* what) {
+// What the test's IoFaults (if any) makes of one synchronous I/O.
+IoFault Ask(IoFaults* faults, IoKind kind, uint32_t seg, uint64_t off, uint64_t len) {
+  return faults == nullptr ? IoFault{} : faults->Before(disk::IoRequest{kind, seg, off, len});
+}
+
+Status WriteAll(IoFaults* faults, uint32_t seg, int fd, const std::byte* buf, size_t n, uint64_t off,
+                const char* what) {
+  const IoFault f = Ask(faults, IoKind::kWrite, seg, off, n);
+  size_t first = n;  // most bytes the first pwrite may take
+  switch (f.action) {
+    case IoFault::Action::kFail:
+      if (f.error == ENOSPC) return ResourceExhausted(std::string("disk full (ENOSPC) writing ") + what);
+      return ErrnoError(std::string("pwrite ") + what, f.error);
+    case IoFault::Action::kDrop:
+      return Status::Ok();
+    case IoFault::Action::kTear:
+      n = std::min<size_t>(n, f.bytes);
+      break;
+    case IoFault::Action::kShort:
+      if (f.bytes > 0) first = std::min<size_t>(n, f.bytes);
+      break;
+    case IoFault::Action::kRun:
+      break;
+  }
   while (n > 0) {
-    const ssize_t w = pwrite(fd, buf, n, static_cast<off_t>(off));
+    const ssize_t w = pwrite(fd, buf, std::min(n, first), static_cast<off_t>(off));
+    first = n;
     if (w < 0) {
       if (errno == EINTR) continue;
       if (errno == ENOSPC) return ResourceExhausted(std::string("disk full (ENOSPC) writing ") + what);
@@ -112,14 +140,14 @@ RecordHeader MakeHeader(const ChunkKey& key, uint64_t gen, uint64_t fp, uint64_t
 
 // Rewrites a record's header block with kFlagDead so rebuild skips it (also
 // the filler that closes a sealed segment: null key, payload = the tail).
-Status WriteDeadHeader(int fd, uint64_t offset, const ChunkKey& key, uint64_t gen, uint64_t fp, uint64_t layout,
-                       uint32_t tokens, uint64_t payload, uint32_t crc) {
+Status WriteDeadHeader(IoFaults* faults, uint32_t seg, int fd, uint64_t offset, const ChunkKey& key, uint64_t gen,
+                       uint64_t fp, uint64_t layout, uint32_t tokens, uint64_t payload, uint32_t crc) {
   AlignedBuffer b;
   if (!b.Reserve(kBlock)) return ResourceExhausted("out of memory for a header block");
   std::memset(b.data(), 0, kBlock);
   const RecordHeader h = MakeHeader(key, gen, fp, layout, tokens, payload, crc, disk::kFlagDead);
   std::memcpy(b.data(), &h, sizeof(h));
-  return WriteAll(fd, b.data(), kBlock, offset, "record header");
+  return WriteAll(faults, seg, fd, b.data(), kBlock, offset, "record header");
 }
 
 // What one rebuild worker found in one segment file.
@@ -139,16 +167,25 @@ struct SegmentScan {
 // stepped over one by one.
 class SegmentReader {
  public:
-  SegmentReader(int fd, uint64_t seg_bytes, AlignedBuffer* buf) : fd_(fd), seg_bytes_(seg_bytes), buf_(buf) {}
+  SegmentReader(IoFaults* faults, uint32_t seg, int fd, uint64_t seg_bytes, AlignedBuffer* buf)
+      : faults_(faults), seg_(seg), fd_(fd), seg_bytes_(seg_bytes), buf_(buf) {}
 
   // The 4096-byte block at `pos` (< segment end), reading `ahead` bytes from
   // pos when it is not in the window; nullptr after an I/O error (status()).
   const std::byte* Block(uint64_t pos, uint64_t ahead) {
     if (pos >= win_off_ && pos + kBlock <= win_off_ + win_len_) return buf_->data() + (pos - win_off_);
     const uint64_t n = std::min(ahead, seg_bytes_ - pos);
+    const IoFault f = Ask(faults_, IoKind::kRead, seg_, pos, n);
+    if (f.action == IoFault::Action::kFail) {
+      status_ = ErrnoError("pread", f.error);
+      win_len_ = 0;
+      return nullptr;
+    }
+    uint64_t first = f.action == IoFault::Action::kShort && f.bytes > 0 ? std::min(n, f.bytes) : n;
     uint64_t got = 0;
     while (got < n) {
-      const ssize_t r = pread(fd_, buf_->data() + got, n - got, static_cast<off_t>(pos + got));
+      const ssize_t r = pread(fd_, buf_->data() + got, std::min(n - got, first), static_cast<off_t>(pos + got));
+      first = n;
       if (r < 0 && errno == EINTR) continue;
       if (r <= 0) {
         status_ = r < 0 ? ErrnoError("pread", errno) : IoError("short segment file");
@@ -164,6 +201,8 @@ class SegmentReader {
   const Status& status() const { return status_; }
 
  private:
+  IoFaults* const faults_;
+  const uint32_t seg_;
   const int fd_;
   const uint64_t seg_bytes_;
   AlignedBuffer* const buf_;  // at least kScanPiece bytes
@@ -376,7 +415,9 @@ StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& option
 
 Status DiskTier::LockDirectory() {
   const std::string lock_path = options_.path + "/LOCK";
-  lock_fd_ = open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  const IoFault f = Ask(options_.io_faults.get(), IoKind::kOpen, disk::kNoSegment, 0, 0);
+  lock_fd_ = f.action == IoFault::Action::kFail ? (errno = f.error, -1)
+                                                : open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (lock_fd_ < 0) return ErrnoError("open " + lock_path, errno);
   if (flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
@@ -425,7 +466,8 @@ Status DiskTier::Rebuild() {
       unlink(p.c_str());
       continue;
     }
-    const int fd = open(p.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+    const IoFault f = Ask(options_.io_faults.get(), IoKind::kOpen, i, 0, 0);
+    const int fd = f.action == IoFault::Action::kFail ? (errno = f.error, -1) : open(p.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
     if (fd < 0) return ErrnoError("open " + p, errno);
     segs_[i].fd = fd;
     segs_[i].state = Segment::State::kFree;
@@ -445,7 +487,7 @@ Status DiskTier::Rebuild() {
       const uint32_t i = next.fetch_add(1, std::memory_order_relaxed);
       if (i >= nseg) return;
       if (segs_[i].fd < 0) continue;
-      SegmentReader rd(segs_[i].fd, segment_bytes_, &buf);
+      SegmentReader rd(options_.io_faults.get(), i, segs_[i].fd, segment_bytes_, &buf);
       ScanSegment(rd, segment_bytes_, i, &scans[i]);
       if (!rd.status().ok()) scans[i].io = rd.status().Annotate(SegmentPath(i));
     }
@@ -572,7 +614,7 @@ Status DiskTier::RollLocked(std::unique_lock<std::mutex>& l) {
       const int fd = old.fd;
       const uint64_t at = old.write_ptr, gen = old.gen;
       l.unlock();
-      (void)WriteDeadHeader(fd, at, ChunkKey{}, gen, 0, 0, 0, tail - kBlock, 0);
+      (void)WriteDeadHeader(options_.io_faults.get(), idx, fd, at, ChunkKey{}, gen, 0, 0, 0, tail - kBlock, 0);
       l.lock();
       --segs_[idx].readers;
       cv_.notify_all();
@@ -655,12 +697,17 @@ Status DiskTier::RollLocked(std::unique_lock<std::mutex>& l) {
 
 Status DiskTier::CreateSegmentFile(uint32_t idx, int* fd_out) {
   const std::string p = SegmentPath(idx);
-  const int fd = open(p.c_str(), O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0644);
+  IoFaults* faults = options_.io_faults.get();
+  const IoFault fo = Ask(faults, IoKind::kOpen, idx, 0, 0);
+  const int fd = fo.action == IoFault::Action::kFail ? (errno = fo.error, -1)
+                                                     : open(p.c_str(), O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0644);
   if (fd < 0) {
     if (errno == ENOSPC) return ResourceExhausted("disk full (ENOSPC) creating " + p);
     return ErrnoError("open " + p, errno);
   }
-  int rc = fallocate(fd, 0, 0, static_cast<off_t>(segment_bytes_));
+  const IoFault ff = Ask(faults, IoKind::kFallocate, idx, 0, segment_bytes_);
+  int rc = ff.action == IoFault::Action::kFail ? (errno = ff.error, -1)
+                                               : fallocate(fd, 0, 0, static_cast<off_t>(segment_bytes_));
   if (rc != 0 && errno == EOPNOTSUPP) {
     // No preallocation on this file system: the file is sparse and ENOSPC
     // surfaces on the record writes instead (handled there).
@@ -689,7 +736,7 @@ Status DiskTier::WriteSegmentHeader(int fd, uint32_t idx, uint64_t gen) {
   h.gen = gen;
   disk::SealSegmentHeader(&h);
   std::memcpy(b.data(), &h, sizeof(h));
-  return WriteAll(fd, b.data(), kBlock, 0, SegmentPath(idx).c_str());
+  return WriteAll(options_.io_faults.get(), idx, fd, b.data(), kBlock, 0, SegmentPath(idx).c_str());
 }
 
 uint64_t DiskTier::max_payload_bytes() const { return disk::MaxPayloadBytes(segment_bytes_); }
@@ -731,7 +778,7 @@ StatusOr<std::unique_ptr<DiskTier::RingCtx>> DiskTier::AcquireRing() {
   }
   if (!ctx) {
     ctx = std::make_unique<RingCtx>();
-    KVT_ASSIGN_OR_RETURN(ctx->ring, IoRing::Create(options_.queue_depth));
+    KVT_ASSIGN_OR_RETURN(ctx->ring, IoRing::Create(options_.queue_depth, options_.io_faults.get()));
   }
   if (ctx->registered_version != version) {
     // A failed registration only loses the fixed-buffer fast path.
@@ -921,6 +968,7 @@ std::vector<Status> DiskTier::PutBatchImpl(std::span<const ChunkMeta> metas,
           b += rec;
         }
         p.num_ops = ops.size() - p.first_op;
+        for (size_t k = p.first_op; k < ops.size(); ++k) ops[k].segment = p.slot.seg;
         owner.resize(ops.size(), pi);
       }
       // Checksums and bounce copies happen op by op as the ring takes them,
@@ -1068,6 +1116,7 @@ std::vector<Status> DiskTier::GetBatchImpl(std::span<const ChunkKey> keys, std::
           b += rec;
         }
         p.num_ops = ops.size() - p.first_op;
+        for (size_t k = p.first_op; k < ops.size(); ++k) ops[k].segment = p.e.seg;
       }
       // Each record is verified as soon as its last op completes, so its
       // CRC overlaps the reads still in flight.
@@ -1203,8 +1252,8 @@ Status DiskTier::RemoveImpl(const ChunkKey& key) {
     ++segs_[e.seg].readers;  // keeps the segment from being reused under the header rewrite
     EraseEntryLocked(it);
   }
-  Status s = WriteDeadHeader(fd, e.offset, key, e.gen, e.fingerprint, e.layout_id, e.num_tokens, e.payload_bytes,
-                             e.payload_crc);
+  Status s = WriteDeadHeader(options_.io_faults.get(), e.seg, fd, e.offset, key, e.gen, e.fingerprint, e.layout_id,
+                             e.num_tokens, e.payload_bytes, e.payload_crc);
   std::lock_guard<std::mutex> g(mu_);
   --segs_[e.seg].readers;
   cv_.notify_all();
@@ -1261,8 +1310,9 @@ void DiskTier::ClearImpl() {
   std::vector<Status> results;
   for (uint32_t i : whole) results.push_back(WriteSegmentHeader(segs_[i].fd, i, 0));
   for (const Dead& d : dead) {
-    results.push_back(WriteDeadHeader(d.fd, d.e.offset, d.key, d.e.gen, d.e.fingerprint, d.e.layout_id,
-                                      d.e.num_tokens, d.e.payload_bytes, d.e.payload_crc));
+    results.push_back(WriteDeadHeader(options_.io_faults.get(), d.e.seg, d.fd, d.e.offset, d.key, d.e.gen,
+                                      d.e.fingerprint, d.e.layout_id, d.e.num_tokens, d.e.payload_bytes,
+                                      d.e.payload_crc));
   }
   std::lock_guard<std::mutex> g(mu_);
   for (uint32_t i : whole) {

@@ -69,6 +69,7 @@
 namespace kvtier {
 
 namespace disk {
+class IoFaults;
 class IoRing;
 }
 
@@ -94,6 +95,8 @@ struct DiskTierOptions {
   uint32_t queue_depth = 64;    // io_uring SQ entries per ring
   uint32_t rebuild_threads = 2;
   bool use_gds = false;         // try cuFile; falls back to io_uring (logged once)
+  // Tests only: asked before every I/O (disk/io_faults.h). Null in production.
+  std::shared_ptr<disk::IoFaults> io_faults;
 };
 
 struct RebuildStats {

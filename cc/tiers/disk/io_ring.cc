@@ -1,16 +1,30 @@
 #include "cc/tiers/disk/io_ring.h"
 
+#include <sys/uio.h>
+
+#include <algorithm>
 #include <cerrno>
 #include <deque>
 #include <string>
 
 namespace kvtier::disk {
 
-StatusOr<std::unique_ptr<IoRing>> IoRing::Create(uint32_t entries) {
+int IoRing::QueueInit() {
+  if (faults_ != nullptr) {
+    const IoFault f = faults_->Before(IoRequest{IoKind::kRingInit, kNoSegment, 0, entries_});
+    if (f.action == IoFault::Action::kFail) return -f.error;
+  }
+  return io_uring_queue_init(entries_, &ring_, 0);
+}
+
+StatusOr<std::unique_ptr<IoRing>> IoRing::Create(uint32_t entries, IoFaults* faults) {
   if (entries == 0) return InvalidArgument("io_uring queue depth must be > 0");
-  std::unique_ptr<IoRing> r(new IoRing(entries));
-  const int rc = io_uring_queue_init(entries, &r->ring_, 0);
-  if (rc < 0) return ErrnoError("io_uring_queue_init", -rc);
+  std::unique_ptr<IoRing> r(new IoRing(entries, faults));
+  const int rc = r->QueueInit();
+  if (rc < 0) {
+    r->broken_ = ErrnoError("io_uring_queue_init", -rc);  // nothing to tear down
+    return r->broken_;
+  }
   // The kernel may round the SQ up; never queue more than we asked for so
   // the caller's queue_depth really bounds device concurrency.
   return r;
@@ -94,6 +108,46 @@ bool IoRing::Prep(IoOp& op, uint64_t user_data) {
   return true;
 }
 
+bool IoRing::Inject(IoOp& op) {
+  const bool write = op.kind == IoOp::Kind::kWrite;
+  const IoFault f = faults_->Before(IoRequest{write ? IoKind::kWrite : IoKind::kRead, op.segment, op.offset, op.Length()});
+  switch (f.action) {
+    case IoFault::Action::kRun:
+      return false;
+    case IoFault::Action::kFail:
+      op.result = -f.error;
+      return true;
+    case IoFault::Action::kShort:
+      if (f.bytes > 0 && f.bytes < op.Length()) op.short_to = f.bytes;
+      return false;
+    case IoFault::Action::kDrop:
+      if (!write) return false;
+      op.done = op.Length();
+      return true;
+    case IoFault::Action::kTear: {
+      if (!write) return false;
+      // The first f.bytes of the op, written synchronously: the iovec
+      // boundaries of the disk tier's ops are 4096 multiples, so a 4096
+      // multiple prefix keeps O_DIRECT alignment.
+      iovec part[3];
+      int n = 0;
+      uint64_t left = f.bytes;
+      for (int i = 0; i < op.niov && left > 0; ++i, ++n) {
+        part[n] = op.iov[i];
+        part[n].iov_len = std::min<uint64_t>(left, op.iov[i].iov_len);
+        left -= part[n].iov_len;
+      }
+      if (n > 0 && pwritev(op.fd, part, n, static_cast<off_t>(op.offset)) < 0) {
+        op.result = -errno;
+        return true;
+      }
+      op.done = op.Length();
+      return true;
+    }
+  }
+  return false;
+}
+
 void IoRing::Run(std::span<IoOp> ops, const OpCallback& prepare, const OpCallback& done) {
   if (!broken_.ok()) {
     for (size_t i = 0; i < ops.size(); ++i) {
@@ -105,9 +159,11 @@ void IoRing::Run(std::span<IoOp> ops, const OpCallback& prepare, const OpCallbac
   }
   std::deque<size_t> todo;
   std::vector<bool> prepared(prepare ? ops.size() : 0, false);
+  std::vector<bool> injected(faults_ != nullptr ? ops.size() : 0, false);
   for (size_t i = 0; i < ops.size(); ++i) {
     ops[i].done = 0;
     ops[i].result = 0;
+    ops[i].short_to = 0;
     if (ops[i].Length() > 0) {
       todo.push_back(i);
     } else if (done) {
@@ -123,23 +179,37 @@ void IoRing::Run(std::span<IoOp> ops, const OpCallback& prepare, const OpCallbac
         prepared[i] = true;
         prepare(i);
       }
+      if (faults_ != nullptr && !injected[i]) {
+        injected[i] = true;  // after prepare: a torn write tears the prepared bytes
+        if (Inject(ops[i])) {
+          todo.pop_front();
+          if (done) done(i);
+          continue;
+        }
+      }
       if (!Prep(ops[i], i)) break;
       todo.pop_front();
       ++queued;
       if (prepare) break;  // submit now; the next prepare overlaps this I/O
     }
     if (queued > 0) {
-      int rc;
-      do {
-        rc = io_uring_submit(&ring_);
-      } while (rc == -EINTR);
+      int rc = 0;
+      IoFault f;
+      if (faults_ != nullptr) f = faults_->Before(IoRequest{IoKind::kSubmit, kNoSegment, 0, queued});
+      if (f.action == IoFault::Action::kFail) {
+        rc = -f.error;  // the SQEs never reach the kernel
+      } else {
+        do {
+          rc = io_uring_submit(&ring_);
+        } while (rc == -EINTR);
+      }
       if (rc < 0) {
         // Submission itself failed: nothing queued reached the kernel. Fail
         // every op not yet finished rather than spin.
         // Tearing the ring down cancels and waits for what is in flight, so
         // no buffer is touched by the kernel after this.
         io_uring_queue_exit(&ring_);
-        const int init = io_uring_queue_init(entries_, &ring_, 0);
+        const int init = QueueInit();
         if (init < 0) {
           // ring_ now points at unmapped rings: never touch it again.
           broken_ = ErrnoError("io_uring_queue_init (rebuilding the ring after io_uring_submit failed with errno " +
@@ -163,6 +233,7 @@ void IoRing::Run(std::span<IoOp> ops, const OpCallback& prepare, const OpCallbac
       }
       inflight += queued;
     }
+    if (inflight == 0) continue;  // every op taken was finished by an injected fault
     // While ops remain to be prepared, only reap what has already finished;
     // block only when nothing more can be queued.
     const bool more_to_queue = prepare && !todo.empty() && inflight < entries_;
@@ -183,7 +254,12 @@ void IoRing::Run(std::span<IoOp> ops, const OpCallback& prepare, const OpCallbac
     } else if (res == 0) {
       op.result = op.kind == IoOp::Kind::kRead ? -ENODATA : -EIO;
     } else {
-      op.done += static_cast<uint64_t>(res);
+      uint64_t got = static_cast<uint64_t>(res);
+      if (op.short_to > 0) {
+        got = std::min(got, op.short_to);  // injected: the rest is redone
+        op.short_to = 0;
+      }
+      op.done += got;
       if (op.done < op.Length()) {
         todo.push_back(idx);
         continue;

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "cc/common/status.h"
+#include "cc/tiers/disk/io_faults.h"
 
 namespace kvtier::disk {
 
@@ -44,11 +45,13 @@ struct IoOp {
   int niov = 0;
   int fixed_index = -1;  // registered buffer index, or -1
   int result = 0;        // out: 0 or -errno
+  uint32_t segment = kNoSegment;  // whose file: for IoFaults only
 
   // Progress and the iovecs of the current submission, owned by IoRing::Run
   // (readv/writev read their iovec array during io_uring_submit, so it must
   // live in the op, not on Prep's stack).
   uint64_t done = 0;
+  uint64_t short_to = 0;  // IoFault::kShort: report at most this much of the next completion
   iovec submit_iov[3] = {};
   uint64_t Length() const {
     uint64_t n = 0;
@@ -62,7 +65,9 @@ class IoRing {
   // kInvalidArgument for 0 entries; otherwise io_uring_queue_init's error
   // (e.g. EPERM when a seccomp profile or kernel.io_uring_disabled forbids
   // io_uring, EINVAL for a depth the kernel refuses) as kIoError.
-  static StatusOr<std::unique_ptr<IoRing>> Create(uint32_t entries);
+  // `faults` (tests only; may be null) is asked before each op, submit and
+  // ring set-up (io_faults.h) and must outlive the ring.
+  static StatusOr<std::unique_ptr<IoRing>> Create(uint32_t entries, IoFaults* faults = nullptr);
   ~IoRing();
   IoRing(const IoRing&) = delete;
   IoRing& operator=(const IoRing&) = delete;
@@ -85,11 +90,16 @@ class IoRing {
   const Status& status() const { return broken_; }
 
  private:
-  explicit IoRing(uint32_t entries) : entries_(entries) {}
+  IoRing(uint32_t entries, IoFaults* faults) : entries_(entries), faults_(faults) {}
   bool Prep(IoOp& op, uint64_t user_data);
+  // Applies an injected fault to op before its first submission; true if
+  // that finished the op (it must not be queued).
+  bool Inject(IoOp& op);
+  int QueueInit();
 
   io_uring ring_{};
   uint32_t entries_;
+  IoFaults* faults_;
   std::span<std::byte> region_;
   std::vector<iovec> fixed_;
   Status broken_;  // non-OK once a rebuild failed: ring_ is then torn down

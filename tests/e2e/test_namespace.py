@@ -85,9 +85,56 @@ def test_hub_snapshot_resolved_offline(tmp_path: Path, monkeypatch: pytest.Monke
     assert second != first and "b" * 40 in second
 
 
-def test_unresolvable_hub_id_keeps_revision_and_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_unresolvable_hub_id_keeps_revision_and_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with caplog.at_level("WARNING", logger="kvtier.vllm.connector"):
         identity = model_identity("org/absent", "v3", str(tmp_path / "empty-hub"))
     assert identity == "org/absent|revision=v3|weights=unknown"
     assert "cannot find org/absent locally" in caplog.text
+
+
+def test_load_time_changes_to_the_computation_are_part_of_identity(tmp_path: Path) -> None:
+    """The same files compute other KV under another remote-code revision, a
+    quantization applied at load, or config / model class overrides."""
+    model = str(write_model(tmp_path / "m", seed=1))
+    base = model_identity(model)
+    variants = [
+        model_identity(model, code_revision="c1"),
+        model_identity(model, code_revision="c2"),
+        model_identity(model, quantization="fp8"),
+        model_identity(model, hf_overrides={"rope_theta": 1e6}),
+        model_identity(model, hf_overrides={"rope_theta": 2e6}),
+        model_identity(model, model_class_overrides={"LlamaForCausalLM": "pkg.mod:Other"}),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+    # Unset or empty adds nothing; dict order does not matter.
+    assert model_identity(model, code_revision=None, quantization=None, hf_overrides={}) == base
+    assert model_identity(model, hf_overrides={"a": 1, "b": 2}) == model_identity(model, hf_overrides={"b": 2, "a": 1})
+
+
+@pytest.mark.usefixtures("native_engine")
+def test_namespace_passes_the_model_configs_load_time_changes(model_path: str) -> None:
+    from kvtier.testing.sched_harness import make_configs
+    from kvtier.vllm.connector import _namespace
+
+    vllm_config, kv_cache_config = make_configs(model_path, {"chunk_size": 128, "cpu_capacity": "16MiB"})
+    base = _namespace(vllm_config, kv_cache_config, 0).model
+    assert "|code_revision=" not in base and "|hf_overrides=" not in base
+    seen = {base}
+    model_config = vllm_config.model_config
+    for field, value in (
+        ("code_revision", "c1"),
+        ("quantization", "fp8"),
+        ("hf_overrides", {"rope_theta": 1e6}),
+        ("model_class_overrides", {"LlamaForCausalLM": "pkg.mod:Other"}),
+    ):
+        saved = getattr(model_config, field)
+        setattr(model_config, field, value)
+        try:
+            model = _namespace(vllm_config, kv_cache_config, 0).model
+        finally:
+            setattr(model_config, field, saved)
+        assert model not in seen, field
+        seen.add(model)

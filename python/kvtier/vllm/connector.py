@@ -420,15 +420,45 @@ def _local_model_dir(model: str, revision: str | None, download_dir: str | None)
         return None
 
 
-def model_identity(model: str, revision: str | None = None, download_dir: str | None = None) -> str:
+def _canonical_overrides(overrides: Any) -> str:
+    """hf_overrides / model_class_overrides as a stable string. A callable is
+    named by module and qualified name: a changed body under the same name
+    is not seen (set a new `namespace` then)."""
+    if callable(overrides):
+        return f"{getattr(overrides, '__module__', '?')}.{getattr(overrides, '__qualname__', type(overrides).__name__)}"
+    return json.dumps(overrides, sort_keys=True, separators=(",", ":"), default=repr)
+
+
+def model_identity(
+    model: str,
+    revision: str | None = None,
+    download_dir: str | None = None,
+    *,
+    code_revision: str | None = None,
+    quantization: str | None = None,
+    hf_overrides: Any = None,
+    model_class_overrides: Any = None,
+) -> str:
     """The namespace's model string: name, revision and a digest of the
     config and weights, so a redeploy of other weights under the same name
-    never reads the old run's KV from disk."""
+    never reads the old run's KV from disk; plus, where set, what changes
+    what the same files compute: the remote code's revision, a quantization
+    applied at load, config overrides and model class overrides. Unset ones
+    add nothing, so the default deployment's keys do not depend on them."""
     local = _local_model_dir(model, revision, download_dir)
     weights = model_weights_digest(local) if local is not None else "unknown"
     if local is not None and local.parent.name == "snapshots":
         revision = f"{revision or ''}@{local.name}"  # the hub commit
-    return f"{model}|revision={revision or ''}|weights={weights}"
+    identity = f"{model}|revision={revision or ''}|weights={weights}"
+    if code_revision:
+        identity += f"|code_revision={code_revision}"
+    if quantization:
+        identity += f"|quantization={quantization}"
+    if hf_overrides:
+        identity += f"|hf_overrides={_canonical_overrides(hf_overrides)}"
+    if model_class_overrides:
+        identity += f"|model_class_overrides={_canonical_overrides(model_class_overrides)}"
+    return identity
 
 
 def _attention_backend(vllm_config: VllmConfig) -> str:
@@ -490,6 +520,10 @@ def _namespace(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, rank: in
             str(model_config.model),
             getattr(model_config, "revision", None),
             getattr(vllm_config.load_config, "download_dir", None),
+            code_revision=getattr(model_config, "code_revision", None),
+            quantization=getattr(model_config, "quantization", None),
+            hf_overrides=getattr(model_config, "hf_overrides", None),
+            model_class_overrides=getattr(model_config, "model_class_overrides", None),
         ),
         dtype=str(spec.dtype).removeprefix("torch."),
         layout=layout,

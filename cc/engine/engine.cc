@@ -119,9 +119,15 @@ Status Engine::Init() {
   if (options_.cpu.chunk_bytes != 0) KVT_RETURN_IF_ERROR(SetChunkBytes(options_.cpu.chunk_bytes));
 
   if (!options_.disk.path.empty()) {
-    auto disk = DiskTier::Open(options_.disk);
+    // A known chunk size sizes auto segments to hold it, and makes an
+    // explicit segment size that cannot hold it an error here, at start.
+    DiskTierOptions disk_opts = options_.disk;
+    disk_opts.max_chunk_bytes = std::max(disk_opts.max_chunk_bytes, options_.cpu.chunk_bytes);
+    auto disk = DiskTier::Open(disk_opts);
     if (!disk.ok()) return disk.status().Annotate("disk tier at " + options_.disk.path);
     disk_ = std::move(disk).value();
+    // SetChunkBytes ran above, before the disk existed to check against.
+    if (cpu_chunk_bytes_ != 0) KVT_RETURN_IF_ERROR(disk_->EnsureChunkFits(cpu_chunk_bytes_));
     // Refill the catalogue with what survived the restart.
     disk_->ForEachChunk([this](const ChunkMeta& m, size_t bytes) {
       Status s = index_->Insert(m.key, m.fingerprint, m.num_tokens, static_cast<uint32_t>(bytes));
@@ -158,6 +164,9 @@ Status Engine::SetChunkBytes(size_t max_chunk_bytes) {
     return FailedPrecondition("the CPU tier was created for chunks of " + std::to_string(cpu_chunk_bytes_) +
                               " bytes; cannot switch to " + std::to_string(max_chunk_bytes));
   }
+  // Chunks the disk cannot hold would stay CPU-only for good: refuse the size
+  // now, with the disk's message (both sizes, disk_segment_size), instead.
+  if (disk_) KVT_RETURN_IF_ERROR(disk_->EnsureChunkFits(max_chunk_bytes));
   CpuTierOptions cpu_opts = options_.cpu;
   cpu_opts.chunk_bytes = max_chunk_bytes;
   auto tier = CpuTier::Create(cpu_opts);
@@ -697,9 +706,11 @@ void Engine::LogPermanentDiskFailure(const Status& s, size_t chunk_bytes) {
   if (last != 0 && now - last < 60'000) return;
   if (!last_disk_failure_log_ms_.compare_exchange_strong(last, now, std::memory_order_relaxed)) return;
   std::fprintf(stderr,
-               "kvtier: a chunk of %zu bytes cannot be written to the disk tier (segments of %llu bytes): %s; "
-               "it stays in the CPU tier only and is not retried (logged at most once a minute)\n",
-               chunk_bytes, static_cast<unsigned long long>(disk_->segment_bytes()), s.ToString().c_str());
+               "kvtier: a chunk of %zu bytes cannot be written to the disk tier (it stores chunks of at most %llu "
+               "bytes: segments of %llu bytes): %s; it stays in the CPU tier only and is not retried (logged at "
+               "most once a minute)\n",
+               chunk_bytes, static_cast<unsigned long long>(disk_->max_payload_bytes()),
+               static_cast<unsigned long long>(disk_->segment_bytes()), s.ToString().c_str());
 }
 
 void Engine::WriteBehindLoop() {

@@ -115,7 +115,8 @@ struct EngineOptions {
   // often only known once the inference engine registers its caches).
   CpuTierOptions cpu;
 
-  // Disk tier; disabled when disk.path is empty.
+  // Disk tier; disabled when disk.path is empty. Init raises
+  // disk.max_chunk_bytes to cpu.chunk_bytes, so auto segments hold a chunk.
   DiskTierOptions disk;
   // true: stores return once chunks are in the CPU tier and a background
   // thread files them to disk. false (write-through): a store's handle
@@ -197,7 +198,9 @@ class Engine {
   const ChunkHasher& hasher() const { return hasher_; }
 
   // Creates the CPU tier for chunks of at most max_chunk_bytes. Idempotent
-  // for the same value; kFailedPrecondition for a different one.
+  // for the same value; kFailedPrecondition for a different one;
+  // kInvalidArgument (DiskTier::EnsureChunkFits) when the disk tier's
+  // segments cannot hold such chunks.
   Status SetChunkBytes(size_t max_chunk_bytes);
 
   // Request identity beyond token ids (cc/hash "Key extras"): every method

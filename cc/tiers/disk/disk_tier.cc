@@ -352,8 +352,8 @@ StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& option
     return InvalidArgument("DiskTierOptions.segment_bytes must be a multiple of 4096 in [8192, 1 GiB], got " +
                            std::to_string(seg));
   } else if (options.max_chunk_bytes > disk::MaxPayloadBytes(seg)) {
-    return InvalidArgument("DiskTierOptions.segment_bytes (" + std::to_string(seg) +
-                           ") cannot hold a chunk of max_chunk_bytes (" + std::to_string(options.max_chunk_bytes) +
+    return InvalidArgument("DiskTierOptions.segment_bytes (disk_segment_size) " + std::to_string(seg) +
+                           " cannot hold a chunk of max_chunk_bytes (" + std::to_string(options.max_chunk_bytes) +
                            "): a segment needs at least " + std::to_string(RecordBytes(options.max_chunk_bytes) + kBlock) +
                            " bytes (8 KiB of headers, the payload rounded up to 4 KiB), or 0 for auto");
   }
@@ -749,15 +749,21 @@ Status DiskTier::EnsureChunkFits(size_t max_chunk_bytes) const {
                            std::to_string(disk::MaxPayloadBytes(kMaxSegmentBytes)) + " bytes: 1 GiB less 8 KiB)");
   }
   if (max_chunk_bytes <= max_payload_bytes()) return Status::Ok();
+  // kInvalidArgument, not kFailedPrecondition: the segment size is
+  // configuration, and no retry or wait makes these chunks fit.
+  const uint64_t need = RecordBytes(max_chunk_bytes) + kBlock;
   const std::string remedy =
       options_.segment_bytes == 0
-          ? "reopen the disk tier with max_chunk_bytes = " + std::to_string(max_chunk_bytes) +
-                " (auto segments then grow to fit; existing segments of the old size are discarded)"
-          : "set segment_bytes (disk_segment_size) to at least " +
-                std::to_string(RecordBytes(max_chunk_bytes) + kBlock) + " or 0 (auto)";
-  return FailedPrecondition("disk tier at " + options_.path + " has segments of " + std::to_string(segment_bytes_) +
-                            " bytes, which hold chunks of at most " + std::to_string(max_payload_bytes()) +
-                            " bytes; chunks of " + std::to_string(max_chunk_bytes) + " bytes need more: " + remedy);
+          ? "segments were sized automatically before the chunk size was known; set disk_segment_size "
+            "(DiskTierOptions.segment_bytes) to at least " +
+                std::to_string(need) +
+                ", or give the chunk size at start (chunk_bytes / DiskTierOptions.max_chunk_bytes) so auto "
+                "segments grow to fit (existing segments of the old size are then discarded)"
+          : "set disk_segment_size (DiskTierOptions.segment_bytes) to at least " + std::to_string(need) +
+                " or 0 (auto)";
+  return InvalidArgument("disk tier at " + options_.path + ": segments of " + std::to_string(segment_bytes_) +
+                         " bytes (disk_segment_size) hold chunks of at most " + std::to_string(max_payload_bytes()) +
+                         " bytes; chunks of " + std::to_string(max_chunk_bytes) + " bytes do not fit: " + remedy);
 }
 
 // ---------------------------------------------------------------------------

@@ -131,11 +131,10 @@ class DiskTier final : public Tier {
 
   // Whether chunks of up to max_chunk_bytes fit this tier's segments (for a
   // caller that learns its chunk size after Open). kOk if they do;
-  // kInvalidArgument if max_chunk_bytes is 0 or no segment could hold it
-  // (> 1 GiB - 8 KiB); kFailedPrecondition if this tier's segments, fixed at
-  // Open, are too small: the message gives the sizes and the remedy (reopen
-  // with max_chunk_bytes set, so auto segments grow, or a larger explicit
-  // segment_bytes). Never changes the tier.
+  // kInvalidArgument otherwise: max_chunk_bytes is 0, no segment could hold
+  // it (> 1 GiB - 8 KiB), or this tier's segments, fixed at Open, are too
+  // small; the message then names both sizes, the config key
+  // (disk_segment_size) and the remedy. Never changes the tier.
   Status EnsureChunkFits(size_t max_chunk_bytes) const;
   uint32_t num_segments() const { return static_cast<uint32_t>(segs_.size()); }
   // True when use_gds was asked for and cuFile opened a driver.

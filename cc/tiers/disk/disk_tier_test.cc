@@ -144,8 +144,10 @@ TEST(DiskTier, LargeChunksReachTheDiskAndSurviveARestartWithoutTheChunkSize) {
     EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << "never retryable";
     EXPECT_NE(s.message().find("exceeds the largest this tier stores"), std::string_view::npos) << s.ToString();
     Status f = t->EnsureChunkFits(kSize);
-    EXPECT_EQ(f.code(), StatusCode::kFailedPrecondition);
-    EXPECT_NE(f.message().find("max_chunk_bytes = " + std::to_string(kSize)), std::string_view::npos) << f.ToString();
+    EXPECT_EQ(f.code(), StatusCode::kInvalidArgument) << "configuration: no retry can help";
+    EXPECT_NE(f.message().find("segments of " + std::to_string(1u << 20)), std::string_view::npos) << f.ToString();
+    EXPECT_NE(f.message().find("chunks of " + std::to_string(kSize)), std::string_view::npos) << f.ToString();
+    EXPECT_NE(f.message().find("disk_segment_size"), std::string_view::npos) << f.ToString();
     EXPECT_TRUE(t->EnsureChunkFits(t->max_payload_bytes()).ok());
     EXPECT_EQ(t->EnsureChunkFits(0).code(), StatusCode::kInvalidArgument);
     EXPECT_EQ(t->EnsureChunkFits(size_t{1} << 30).code(), StatusCode::kInvalidArgument);

@@ -13,9 +13,10 @@ from kvtier._version import __version__
 from kvtier.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
+    from kvtier.catalogue import CatalogueView
     from kvtier.engine import Engine, KeyExtras, Namespace
 
-__all__ = ["Config", "ConfigError", "Engine", "KeyExtras", "Namespace", "__version__", "load_config"]
+__all__ = ["CatalogueView", "Config", "ConfigError", "Engine", "KeyExtras", "Namespace", "__version__", "load_config"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,4 +26,8 @@ def __getattr__(name: str) -> Any:
         from kvtier import engine
 
         return getattr(engine, name)
+    if name == "CatalogueView":
+        from kvtier import catalogue
+
+        return catalogue.CatalogueView
     raise AttributeError(f"module 'kvtier' has no attribute {name!r}")

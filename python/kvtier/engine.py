@@ -121,7 +121,16 @@ class Engine:
     mapping of overrides, or None (defaults + KVTIER_CONFIG + environment).
     """
 
-    def __init__(self, config: Config | dict[str, Any] | None = None, namespace: Namespace | None = None) -> None:
+    def __init__(
+        self,
+        config: Config | dict[str, Any] | None = None,
+        namespace: Namespace | None = None,
+        *,
+        catalogue_shm_name: str = "",
+    ) -> None:
+        """``catalogue_shm_name`` ("/name"): keep the catalogue in that POSIX
+        shared-memory object, mode 0600, so another process can read it with
+        :class:`kvtier.CatalogueView`; removed when the engine closes."""
         if not isinstance(config, Config):
             config = load_config(config)
         self.config = config
@@ -134,6 +143,7 @@ class Engine:
             layout=self.namespace.layout,
             rank=int(self.namespace.rank),
             world_size=int(self.namespace.world_size),
+            catalogue_shm_name=str(catalogue_shm_name),
         )
         self._native = _kvtier.Engine(native)
         # Scatter threads per retrieve: copy_threads, 0 = the native default.

@@ -13,5 +13,6 @@ namespace kvtier::py {
 void RegisterStatus(pybind11::module_& m);    // status_to_exception.cc
 void RegisterDatapath(pybind11::module_& m);  // datapath_bindings.cc
 void RegisterEngine(pybind11::module_& m);    // engine_bindings.cc
+void RegisterCatalogue(pybind11::module_& m); // catalogue_bindings.cc
 
 }  // namespace kvtier::py

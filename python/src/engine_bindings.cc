@@ -123,9 +123,26 @@ const std::set<std::string>& KnownKeys() {
       "eviction_policy", "ttl_seconds", "index_capacity", "huge_pages", "numa_node", "disk_path",
       "disk_capacity", "disk_segment_size", "disk_queue_depth", "gds", "write_behind", "write_behind_queue",
       "io_threads", "copy_threads", "namespace", "log_level", "model", "dtype", "layout", "rank",
-      "world_size", "chunk_bytes"};
+      "world_size", "chunk_bytes", "catalogue_shm_name"};
   return keys;
 }
+
+}  // namespace
+
+HashNamespace NamespaceOf(const pyb::dict& d) {
+  HashNamespace ns;
+  ns.model = Get<std::string>(d, "model", "");
+  ns.dtype = Get<std::string>(d, "dtype", "");
+  // The user namespace and the layout both separate caches: fold them into
+  // the layout field so the hash format stays one documented tuple.
+  const std::string user_ns = Get<std::string>(d, "namespace", "");
+  ns.layout = Get<std::string>(d, "layout", "") + (user_ns.empty() ? "" : "|ns=" + user_ns);
+  ns.rank = Get<uint32_t>(d, "rank", 0);
+  ns.world_size = Get<uint32_t>(d, "world_size", 1);
+  return ns;
+}
+
+namespace {
 
 EngineOptions ParseOptions(const pyb::dict& d) {
   for (auto item : d) {
@@ -133,14 +150,8 @@ EngineOptions ParseOptions(const pyb::dict& d) {
     if (!KnownKeys().count(k)) ThrowStatus(InvalidArgument("unknown engine option '" + k + "'"));
   }
   EngineOptions o;
-  o.hash_namespace.model = Get<std::string>(d, "model", "");
-  o.hash_namespace.dtype = Get<std::string>(d, "dtype", "");
-  // The user namespace and the layout both separate caches: fold them into
-  // the layout field so the hash format stays one documented tuple.
-  const std::string user_ns = Get<std::string>(d, "namespace", "");
-  o.hash_namespace.layout = Get<std::string>(d, "layout", "") + (user_ns.empty() ? "" : "|ns=" + user_ns);
-  o.hash_namespace.rank = Get<uint32_t>(d, "rank", 0);
-  o.hash_namespace.world_size = Get<uint32_t>(d, "world_size", 1);
+  o.hash_namespace = NamespaceOf(d);
+  o.catalogue_shm_name = Get<std::string>(d, "catalogue_shm_name", "");
   o.chunk_tokens = Get<uint32_t>(d, "chunk_size", 256);
   const std::string partial = Get<std::string>(d, "partial_chunks", "keep");
   if (partial == "keep") {

@@ -64,6 +64,11 @@ std::optional<KeyExtras> ExtrasOf(const pybind11::handle& extras);
 // The pointer to hand the engine: null for no extras.
 inline const KeyExtras* ExtrasPtr(const std::optional<KeyExtras>& e) { return e ? &*e : nullptr; }
 
+// The hash namespace of a native options dict (model, dtype, layout,
+// namespace, rank, world_size; the user namespace is folded into the
+// layout), exactly as an Engine built from the same dict hashes. Needs the GIL.
+HashNamespace NamespaceOf(const pybind11::dict& d);
+
 // Adds the paged-KV methods to the already registered _kvtier.Engine.
 void RegisterPagedEngine(pybind11::module_& m);
 

@@ -8,4 +8,5 @@ PYBIND11_MODULE(_kvtier, m) {
   kvtier::py::RegisterStatus(m);
   kvtier::py::RegisterDatapath(m);
   kvtier::py::RegisterEngine(m);
+  kvtier::py::RegisterCatalogue(m);
 }

@@ -75,7 +75,7 @@ def kv(model_path: str, reference: dict[str, Any], tmp_path_factory: pytest.Temp
 
 
 def engine(run: VllmRun) -> Any:
-    return run.connector().engine
+    return run.engine()
 
 
 def external_hits(run: VllmRun, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float]:

@@ -64,7 +64,7 @@ def generate(run: VllmRun, prompt: list[int], **kwargs: Any) -> tuple[list[int],
     """(greedy output, kvtier's external hits for it); stores are flushed."""
     before = run.metric("vllm:external_prefix_cache_hits")
     out = run.generate([prompt], MAX_TOKENS, **kwargs)[0][0]
-    run.connector().engine.flush()
+    run.engine().flush()
     return out, run.metric("vllm:external_prefix_cache_hits") - before
 
 

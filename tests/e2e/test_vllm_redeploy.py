@@ -35,7 +35,7 @@ def run_once(model: Path, disk: Path) -> tuple[list[int], float]:
     )
     try:
         out = run.generate([PROMPT], MAX_TOKENS)[0][0]
-        run.connector().engine.flush()  # on disk before the restart
+        run.engine().flush()  # on disk before the restart
         return out, run.metric("vllm:external_prefix_cache_hits")
     finally:
         run.close()

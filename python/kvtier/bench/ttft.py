@@ -98,7 +98,7 @@ def run_mode(mode: str, wl: Workload, model_path: str, workdir: str, progress: b
         prompt_tokens += len(prompt)
         out, ttft = run.generate([prompt], max_tokens)[0]
         if mode == "kvtier":
-            run.connector().engine.flush()
+            run.engine().flush()
         bar.update(1)
         return out, ttft
 
@@ -135,8 +135,7 @@ def run_mode(mode: str, wl: Workload, model_path: str, workdir: str, progress: b
     result["prompt_tokens"] = prompt_tokens
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     if mode == "kvtier":
-        conn = run.connector()
-        eng = conn.engine
+        eng = run.engine()
         eng.flush()
         from kvtier.vllm.connector import flat_engine_stats
 

@@ -170,6 +170,10 @@ def make_configs(
             kv_connector_module_path="kvtier.vllm",
             kv_role=kv_role,
             kv_connector_extra_config=dict(extra_config),
+            # One deployment per (disk_path, namespace): harnesses built
+            # with the same extra config in one process share the worker
+            # engine, as connector objects of one vLLM deployment do.
+            engine_id="kvtier-sched-harness",
         ),
     )
     layers = [f"model.layers.{i}.self_attn.attn" for i in range(num_layers)]

@@ -121,6 +121,15 @@ class VllmRun:
     def connector(self) -> Any:
         return self.scheduler().connector
 
+    def engine(self) -> Any:
+        """The worker's kvtier engine (in-process mode has one worker, so one engine)."""
+        from kvtier.vllm import registry
+
+        engines = registry.engines()
+        if len(engines) != 1:
+            raise RuntimeError(f"expected one kvtier engine in this process, found {len(engines)}")
+        return engines[0]
+
     def metric(self, name: str) -> float:
         total = 0.0
         for m in self.llm.get_metrics():

@@ -1,4 +1,4 @@
-"""KVTierConnector: kvtier as a vLLM v1 KV connector (vLLM 0.32 / 0.33).
+"""KVTierConnector: kvtier as a vLLM v1 KV connector (vLLM 0.32).
 
 Enable with::
 
@@ -49,8 +49,14 @@ Contract with vLLM
   stored: it is counted in the `unsupported_requests` stat and logged once.
 * Roles: kv_both loads and saves, kv_producer only saves, kv_consumer only
   loads.
-* Tensor parallelism: each rank opens its engine under a namespace carrying
-  its rank, so shards never mix; see registry.py for what the scheduler sees.
+* Processes and ranks (ranks.py): every worker rank (tensor and pipeline
+  parallel) owns the engine holding its shard of every chunk, under a
+  namespace carrying its rank, with its own disk directory and its
+  catalogue in shared memory. The scheduler opens no tiers: it maps every
+  rank's catalogue read-only (`kvtier.CatalogueView`) and counts a prefix
+  only when every rank holds it. This holds whether the scheduler and the
+  workers share a process (the `LLM` class in-process) or not
+  (`vllm serve`).
 
 Extra config
 ------------
@@ -87,7 +93,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.v1.core.sched.output import SchedulerOutput
 
 import kvtier
-from kvtier.vllm import registry
+from kvtier.vllm import ranks, registry
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -99,7 +105,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_VLLM = ("0.32.", "0.33.")
+# Only what has run under this connector's tests. vLLM 0.33 exists on PyPI
+# only as a CUDA build, which needs a GPU to serve and cannot run in CI
+# here; its KV layouts are covered (kv_layout.py), the connector API is not,
+# so it is refused until a test has run it.
+SUPPORTED_VLLM = ("0.32.",)
 CONNECTOR_KEYS = {"async_load": bool}
 
 
@@ -108,7 +118,7 @@ def check_vllm_version(version: str = vllm.__version__) -> None:
         raise ImportError(
             f"kvtier.vllm supports vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}; "
             f"found {version}. The KVConnectorBase_V1 API changes between minor "
-            "releases, so other versions are refused rather than guessed at."
+            "releases, so versions no test has run are refused rather than guessed at."
         )
 
 
@@ -560,15 +570,6 @@ def _cpu_block_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(blocks, 2, block_size, heads, two_head // 2)
 
 
-def _worker_rank() -> int:
-    try:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
-        return int(get_tensor_model_parallel_rank())
-    except (AssertionError, RuntimeError, ImportError):
-        return 0
-
-
 class KVTierConnector(KVConnectorBase_V1):
     def __init__(
         self,
@@ -592,11 +593,42 @@ class KVTierConnector(KVConnectorBase_V1):
         self._cpu = vllm_config.device_config.device_type == "cpu"
         if self._cpu:
             self._config = _cpu_whole_blocks(self._config, self._block_size)
-        rank = 0 if role == KVConnectorRole.SCHEDULER else _worker_rank()
-        self._registry_key, self.engine = registry.acquire(
-            self._config, _namespace(vllm_config, kv_cache_config, rank)
-        )
-        self._chunk_size: int = int(self.engine.chunk_size)
+        self._chunk_size: int = int(self._config.chunk_size)
+        # Worker: this rank's engine, its catalogue in shared memory.
+        # Scheduler: no tiers, only every rank's catalogue mapped read-only
+        # (see ranks.py): a prefix counts when every rank holds it.
+        self.engine: Any = None
+        self._view: Any = None
+        self._registry_key: str | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            placements = ranks.scheduler_placements(vllm_config)
+            namespaces = [_namespace(vllm_config, kv_cache_config, p.rank) for p in placements]
+            deployment = ranks.deployment_name(self._config, vllm_config, namespaces[0].model)
+            from kvtier.catalogue import CatalogueView, catalogue_shm_name
+
+            self._view = CatalogueView(
+                [(catalogue_shm_name(deployment, p.rank, p.world_size), ns) for p, ns in zip(placements, namespaces)],
+                self._config,
+            )
+        else:
+            placement = ranks.worker_placement(vllm_config)
+            namespace = _namespace(vllm_config, kv_cache_config, placement.rank)
+            deployment = ranks.deployment_name(self._config, vllm_config, namespace.model)
+            from kvtier.catalogue import catalogue_shm_name, reclaim_stale_catalogues
+
+            # Catalogues of workers killed earlier (vLLM's shutdown kills its
+            # workers) would otherwise pile up in /dev/shm.
+            reclaimed = reclaim_stale_catalogues()
+            if reclaimed:
+                logger.info("KVTierConnector: removed %d shared catalogue(s) left by dead processes", reclaimed)
+            config = dataclasses.replace(
+                self._config, disk_path=ranks.rank_disk_path(self._config.disk_path, placement)
+            )
+            self._registry_key, self.engine = registry.acquire(
+                config,
+                namespace,
+                catalogue_shm_name=catalogue_shm_name(deployment, placement.rank, placement.world_size),
+            )
         self._stats = KVTierConnectorStats()
         self._stats_lock = threading.Lock()
         # Never reset (vLLM drains _stats every step): for benchmarks/demo.
@@ -675,7 +707,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._lookup_local[request.request_id] = num_computed_tokens
         tokens = request.all_token_ids
         # vLLM samples from the last token's logits, so it must compute it.
-        hit = min(int(self.engine.lookup(list(tokens), extras=key_extras(extras))), len(tokens) - 1)
+        hit = min(int(self._view.lookup(tokens, extras=key_extras(extras))), len(tokens) - 1)
         external = hit - num_computed_tokens
         if external <= 0:
             return 0, False
@@ -950,4 +982,5 @@ class KVTierConnector(KVConnectorBase_V1):
             for handle, _ in handles:
                 self._wait_store(handle)
         self._saves_in_flight.clear()
-        registry.release(self._registry_key)
+        if self._registry_key is not None:
+            registry.release(self._registry_key)

@@ -1,22 +1,13 @@
 """Process-wide registry of kvtier engines shared by connector instances.
 
-vLLM builds two connector objects per engine core: one with the SCHEDULER
-role and one with the WORKER role. The scheduler answers "how many tokens are
-cached" from the engine's index, and that index must be the one the worker
-fills, so both objects must reach the same `kvtier.Engine`. The registry hands
-out one engine per (configuration, namespace) and reference-counts it; the
-last `release` closes it.
-
-Where this holds: with one worker (`tensor_parallel_size == 1`) vLLM runs the
-scheduler and the worker in the same process whether or not
-VLLM_ENABLE_V1_MULTIPROCESSING is set (multiprocessing only moves the pair
-out of the API process), so they share the engine. With tensor parallelism,
-workers are separate processes: each rank opens its own engine under its own
-namespace (rank in the namespace), and the scheduler's engine only sees what
-is visible through shared tiers (disk, remote). A scheduler that sees less
-than the workers just misses; one that sees more is caught on the worker as a
-load error and vLLM recomputes, so the mismatch costs hits, never
-correctness. A shared-memory index (DESIGN.md) removes the gap.
+A worker process opens one engine per (configuration, namespace, shared
+catalogue name); connector objects that ask for the same one (a test that
+builds two, a connector rebuilt after an error) share it, reference
+counted, and the last `release` closes it. Scheduler-side connectors open no
+engine at all: they read the workers' catalogues through shared memory (see
+ranks.py), so sharing an engine between roles is never needed, and the same
+code serves `vllm serve` (scheduler and workers in separate processes) and
+the in-process `LLM` class.
 """
 
 from __future__ import annotations
@@ -42,13 +33,13 @@ def _key(config: Any, namespace: Any) -> str:
     return json.dumps([canon(config), canon(namespace)], sort_keys=True, default=repr)
 
 
-def acquire(config: Any, namespace: Any) -> tuple[str, Any]:
+def acquire(config: Any, namespace: Any, catalogue_shm_name: str = "") -> tuple[str, Any]:
     """Returns (key, engine); the engine is created on first use."""
-    key = _key(config, namespace)
+    key = _key(config, namespace) + "|" + catalogue_shm_name
     with _lock:
         entry = _engines.get(key)
         if entry is None:
-            engine = kvtier.Engine(config, namespace=namespace)
+            engine = kvtier.Engine(config, namespace=namespace, catalogue_shm_name=catalogue_shm_name)
             _engines[key] = (engine, 1)
             return key, engine
         engine, refs = entry

@@ -1,0 +1,98 @@
+// CatalogueView bindings: kvtier::CatalogueView as _kvtier.CatalogueView,
+// and CatalogueShmName as _kvtier.catalogue_shm_name.
+//
+// The vLLM scheduler asks this view, once per new request, how many tokens
+// every worker rank holds; lookups hash the prompt once per rank and release
+// the GIL while they do.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "cc/engine/catalogue_view.h"
+#include "python/src/bindings.h"
+#include "python/src/engine_bindings.h"
+#include "python/src/status_to_exception.h"
+
+namespace kvtier::py {
+namespace pyb = pybind11;
+
+namespace {
+
+using TokenArray = pyb::array_t<int32_t, pyb::array::c_style | pyb::array::forcecast>;
+
+std::vector<int32_t> TokensOf(const TokenArray& tokens) {
+  if (tokens.ndim() != 1) {
+    ThrowStatus(InvalidArgument("tokens must be 1-D, got " + std::to_string(tokens.ndim()) + " dimensions"));
+  }
+  return std::vector<int32_t>(tokens.data(), tokens.data() + tokens.shape(0));
+}
+
+}  // namespace
+
+void RegisterCatalogue(pyb::module_& m) {
+  m.def("catalogue_shm_name", &CatalogueShmName, pyb::arg("deployment"), pyb::arg("rank"), pyb::arg("world_size"),
+        "The POSIX shm name of a rank's shared catalogue in a deployment.");
+
+  m.def(
+      "reclaim_stale_catalogues",
+      [] {
+        StatusOr<size_t> n = [] {
+          pyb::gil_scoped_release nogil;
+          return ReclaimStaleCatalogues();
+        }();
+        return ValueOrThrow(std::move(n));  // raises with the GIL held
+      },
+      "Unlinks the shared catalogues of this uid whose owner process is gone; returns how many.");
+
+  pyb::class_<CatalogueView>(m, "CatalogueView")
+      .def(pyb::init([](const std::vector<std::pair<std::string, pyb::dict>>& ranks, uint32_t chunk_size,
+                        const std::string& partial_chunks, int64_t recheck_ms) {
+             CatalogueViewOptions o;
+             for (const auto& [name, ns] : ranks) o.ranks.push_back({name, NamespaceOf(ns)});
+             o.chunk_tokens = chunk_size;
+             if (partial_chunks == "keep") {
+               o.partial = PartialChunkPolicy::kKeep;
+             } else if (partial_chunks == "drop") {
+               o.partial = PartialChunkPolicy::kDrop;
+             } else {
+               ThrowStatus(InvalidArgument("partial_chunks must be keep or drop; got '" + partial_chunks + "'"));
+             }
+             o.recheck_ms = recheck_ms;
+             return ValueOrThrow(CatalogueView::Create(o));
+           }),
+           pyb::arg("ranks"), pyb::arg("chunk_size"), pyb::arg("partial_chunks"), pyb::arg("recheck_ms") = 1000,
+           "ranks: [(shm_name, native namespace dict)], one per rank, in rank order.")
+      .def_property_readonly("num_ranks", &CatalogueView::num_ranks)
+      .def(
+          "lookup",
+          [](CatalogueView& v, const TokenArray& tokens, const pyb::object& extras) {
+            std::vector<int32_t> t = TokensOf(tokens);
+            const std::optional<KeyExtras> x = ExtrasOf(extras);
+            pyb::gil_scoped_release nogil;
+            return v.Lookup(t, ExtrasPtr(x));
+          },
+          pyb::arg("tokens"), pyb::kw_only(), pyb::arg("extras") = pyb::none(),
+          "Leading tokens cached on every rank.")
+      .def(
+          "lookup_rank",
+          [](CatalogueView& v, size_t rank, const TokenArray& tokens, const pyb::object& extras) {
+            std::vector<int32_t> t = TokensOf(tokens);
+            const std::optional<KeyExtras> x = ExtrasOf(extras);
+            pyb::gil_scoped_release nogil;
+            return v.LookupRank(rank, t, ExtrasPtr(x));
+          },
+          pyb::arg("rank"), pyb::arg("tokens"), pyb::kw_only(), pyb::arg("extras") = pyb::none(),
+          "Leading tokens cached on one rank.")
+      .def(
+          "ranks_open",
+          [](CatalogueView& v) {
+            pyb::gil_scoped_release nogil;
+            return v.ranks_open();
+          },
+          "Ranks whose shared catalogue is mapped now.");
+}
+
+}  // namespace kvtier::py

@@ -1,0 +1,161 @@
+"""kvtier under `vllm serve`: the OpenAI server, engine core and workers in
+separate processes, driven over HTTP by the `openai` client.
+
+This is the deployment users run. The scheduler (engine-core process) reads
+the workers' catalogues from shared memory; each worker rank owns its
+engine and its own disk directory. Every output is compared with the same
+server without kvtier; vLLM's own prefix cache is off, so every external hit
+on /metrics was served by kvtier.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kvtier.testing.model import random_tokens
+from kvtier.testing.vllm_server import VllmServer
+
+pytestmark = pytest.mark.usefixtures("native_engine")
+
+MAX_TOKENS = 6
+PROMPTS = [random_tokens(3000, seed=500 + i) for i in range(2)]
+HITS = "vllm:external_prefix_cache_hits_total"
+
+
+def kvtier_config(disk_path: Path) -> dict[str, Any]:
+    """The README's --kv-transfer-config, with small tiers."""
+    return {
+        "kv_connector": "KVTierConnector",
+        "kv_connector_module_path": "kvtier.vllm",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"cpu_capacity": "256MiB", "disk_path": str(disk_path)},
+    }
+
+
+def shm_objects() -> set[str]:
+    return {os.path.basename(p) for p in glob.glob("/dev/shm/kvtier-*")}
+
+
+def assert_no_catalogue_survives(before: set[str]) -> None:
+    """After the server exits, nothing of it may stay in /dev/shm past the
+    sweep the next start runs. A worker that gets through vLLM's shutdown
+    unlinks its catalogue itself; vLLM's API server force-kills what has not
+    exited within its grace period (5 s), and such a worker's catalogue is
+    stale (no live owner) and swept."""
+    from kvtier.catalogue import reclaim_stale_catalogues
+
+    reclaim_stale_catalogues()
+    assert shm_objects() - before == set()
+
+
+def records_on_disk(disk: Path) -> int:
+    """Record headers (magic "KVTREC01" at a 4096-byte boundary) in the disk
+    tier's segments: what has reached the disk, read as plain bytes."""
+    n = 0
+    for seg in glob.glob(str(disk / "**" / "seg_*.kvt"), recursive=True):
+        with open(seg, "rb") as f:
+            data = f.read()
+        n += sum(1 for off in range(4096, len(data), 4096) if data[off : off + 8] == b"KVTREC01")
+    return n
+
+
+def serve_and_repeat(server: VllmServer) -> tuple[list[list[int]], list[list[int]], list[float]]:
+    """Each prompt once (cold), then again (warm); external hits per warm request."""
+    cold = [server.complete(p, MAX_TOKENS) for p in PROMPTS]
+    warm, hits = [], []
+    for p in PROMPTS:
+        before = server.metrics().get(HITS, 0.0)
+        warm.append(server.complete(p, MAX_TOKENS))
+        hits.append(server.metrics().get(HITS, 0.0) - before)
+    return cold, warm, hits
+
+
+@pytest.fixture(scope="module")
+def reference(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[list[int]]]:
+    """Greedy outputs of the same server without kvtier, TP=1 and TP=2."""
+    logs = tmp_path_factory.mktemp("ref-logs")
+    out: dict[int, list[list[int]]] = {}
+    for tp in (1, 2):
+        with VllmServer(model_path, tensor_parallel_size=tp, log_path=logs / f"tp{tp}.log") as server:
+            out[tp] = [server.complete(p, MAX_TOKENS) for p in PROMPTS]
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_repeats_are_served_by_kvtier(
+    model_path: str, reference: dict[int, list[list[int]]], tmp_path: Path, tp: int
+) -> None:
+    before = shm_objects()
+    server = VllmServer(
+        model_path,
+        kv_transfer_config=kvtier_config(tmp_path / "disk"),
+        tensor_parallel_size=tp,
+        log_path=tmp_path / "serve.log",
+    )
+    with server:
+        # One catalogue per rank, mode 0600, owned by us.
+        mine = shm_objects() - before
+        assert len(mine) == tp, (mine, (tmp_path / "serve.log").read_text()[-3000:])
+        for name in mine:
+            st = os.stat("/dev/shm/" + name)
+            assert st.st_mode & 0o777 == 0o600 and st.st_uid == os.getuid()
+        cold, warm, hits = serve_and_repeat(server)
+    assert cold == reference[tp]
+    assert warm == reference[tp]
+    for prompt, n in zip(PROMPTS, hits):
+        # Whole 256-token chunks (the last token is always computed): 2816 of 3000.
+        assert n >= 0.9 * len(prompt), (hits, (tmp_path / "serve.log").read_text()[-3000:])
+    # Each rank filed its shard in its own directory.
+    if tp == 1:
+        assert glob.glob(str(tmp_path / "disk" / "seg_*.kvt"))
+    else:
+        for r in range(tp):
+            assert glob.glob(str(tmp_path / "disk" / f"rank{r}of{tp}" / "seg_*.kvt")), r
+    assert_no_catalogue_survives(before)
+
+
+def test_killed_worker_then_restart(model_path: str, reference: dict[int, list[list[int]]], tmp_path: Path) -> None:
+    """A worker killed with SIGKILL leaves its shared catalogue behind; the
+    restarted deployment reclaims it, serves from the disk tier the dead one
+    filled, and serves nothing wrong."""
+    before = shm_objects()
+    config = kvtier_config(tmp_path / "disk")
+    first = VllmServer(model_path, kv_transfer_config=config, log_path=tmp_path / "first.log").start()
+    try:
+        assert first.complete(PROMPTS[0], MAX_TOKENS) == reference[1][0]
+        workers = first.worker_pids()
+        assert workers, "no VLLM::Worker process found"
+        # Write-behind files chunks after the response: wait until the disk
+        # holds the prompt's 11 whole chunks (the point here is the restart,
+        # not the loss of writes in flight, which the disk tier's own tests
+        # cover).
+        deadline = time.monotonic() + 120
+        while records_on_disk(tmp_path / "disk") < len(PROMPTS[0]) // 256:
+            assert time.monotonic() < deadline, records_on_disk(tmp_path / "disk")
+            time.sleep(0.2)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while first.proc is not None and first.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        first.stop()
+    leftovers = shm_objects() - before
+    assert leftovers, "the killed worker's catalogue was expected to stay behind"
+
+    with VllmServer(model_path, kv_transfer_config=config, log_path=tmp_path / "second.log") as second:
+        hits0 = second.metrics().get(HITS, 0.0)
+        assert second.complete(PROMPTS[0], MAX_TOKENS) == reference[1][0]
+        served = second.metrics().get(HITS, 0.0) - hits0
+        assert second.complete(PROMPTS[1], MAX_TOKENS) == reference[1][1]
+        # The same names were reclaimed, not joined by new ones.
+        assert shm_objects() - before == leftovers
+    assert served >= 0.9 * len(PROMPTS[0]), json.dumps({"served": served})
+    assert_no_catalogue_survives(before)

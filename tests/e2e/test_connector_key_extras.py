@@ -10,10 +10,14 @@ and that what the connector cannot fold in is refused.
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from kvtier.testing.model import make_lora_adapter
 from kvtier.vllm import connector
 from kvtier.vllm.connector import Unsupported, request_key_extras
 
@@ -122,3 +126,52 @@ def test_identity_unknown_to_the_connector_is_unsupported(monkeypatch: pytest.Mo
 
 def test_key_extras_of_none_is_none() -> None:
     assert connector.key_extras(None) is None
+
+
+def lora_salt(path: Path, memo: dict[Any, str] | None = None) -> str:
+    extras = request_key_extras(make_request(lora_request=lora("sql", 1, str(path))), memo)
+    assert isinstance(extras, dict) and extras["salt"]
+    return str(extras["salt"])
+
+
+def test_lora_adapter_retrained_at_the_same_path(tmp_path: Path) -> None:
+    """kvtier's disk outlives the process: an adapter retrained and
+    redeployed under the same name, id and path gets other keys after a
+    restart (a fresh connector, so a fresh memo)."""
+    path = make_lora_adapter(tmp_path / "sql", seed=1)
+    before = lora_salt(path)
+    assert lora_salt(path) == before  # same files: same keys
+    copy = make_lora_adapter(tmp_path / "copy", seed=1)
+    assert connector.adapter_digest(lora("sql", 1, str(copy))) == connector.adapter_digest(lora("sql", 1, str(path)))
+    memo: dict[Any, str] = {}
+    assert lora_salt(path, memo) == before
+    shutil.rmtree(path)
+    make_lora_adapter(path, seed=2)  # same shapes and config, other weights
+    assert lora_salt(path) != before
+    # One engine keeps the digest of what it first saw, as vLLM keeps
+    # computing with the adapter it loaded for that id.
+    assert lora_salt(path, memo) == before
+
+
+def test_lora_adapter_config_is_part_of_its_digest(tmp_path: Path) -> None:
+    path = make_lora_adapter(tmp_path / "sql", seed=1)
+    before = connector.adapter_digest(lora("sql", 1, str(path)))
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["lora_alpha"] = 2 * config["lora_alpha"]  # scales every delta
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    assert connector.adapter_digest(lora("sql", 1, str(path))) != before
+
+
+def test_lora_adapter_not_found_is_unknown_and_not_memoized(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = tmp_path / "later"
+    memo: dict[Any, str] = {}
+    with caplog.at_level("WARNING", logger="kvtier.vllm.connector"):
+        assert connector.adapter_digest(lora("sql", 1, str(path)), memo) == "unknown"
+        assert connector.adapter_digest(lora("sql", 1, str(path)), memo) == "unknown"
+    assert caplog.text.count("cannot read LoRA adapter") == 1 and not memo
+    make_lora_adapter(path, seed=1)  # e.g. the worker downloaded it
+    assert connector.adapter_digest(lora("sql", 1, str(path)), memo) not in ("unknown", "")
+    assert memo

@@ -242,10 +242,10 @@ def test_unsupported_identity_is_neither_looked_up_nor_stored(
     h = harness
     original = connector.request_key_extras
 
-    def only_u_unsupported(request: Any) -> Any:
+    def only_u_unsupported(request: Any, *args: Any) -> Any:
         if request.request_id.startswith("u"):
             return connector.Unsupported("an identity the test made up")
-        return original(request)
+        return original(request, *args)
 
     monkeypatch.setattr(connector, "request_key_extras", only_u_unsupported)
     prompt = random_tokens(600, seed=31)

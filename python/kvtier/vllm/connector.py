@@ -43,7 +43,10 @@ Contract with vLLM
   placeholder tokens, different images), prompt embeddings and
   `cache_salt`. `request_key_extras` folds the same identity into kvtier's
   chunk keys (`kvtier.KeyExtras`: a salt for the whole request, one span
-  per multimodal item) on the lookup, the load and the save. A request
+  per multimodal item) on the lookup, the load and the save. A LoRA
+  adapter also counts by a digest of its files: kvtier's disk outlives the
+  process, so a retrained adapter under the same name and path must not
+  read the old one's KV after a restart. A request
   carrying an identity this connector does not understand (one of vLLM's
   block-hash extra keys it has no rule for) is neither looked up nor
   stored: it is counted in the `unsupported_requests` stat and logged once.
@@ -182,12 +185,14 @@ class Unsupported:
 _KNOWN_IDENTITY_TAGS = frozenset({"lora", "mm", "cache_salt", "prompt_embeds"})
 
 
-def request_key_extras(request: Request) -> dict[str, Any] | None | Unsupported:
+def request_key_extras(
+    request: Request, adapter_digests: AdapterDigests | None = None
+) -> dict[str, Any] | None | Unsupported:
     """What decides the request's KV besides its token ids, as keyword
     arguments of `kvtier.KeyExtras` (salt, spans); None when nothing does.
 
-    * salt: a canonical JSON string of the LoRA adapter (name, id, path),
-      `cache_salt`, and the digest vLLM takes of the prompt embeddings (plus
+    * salt: a canonical JSON string of the LoRA adapter (name, id, path and
+      a digest of its files, see `adapter_digest`), `cache_salt`, and the digest vLLM takes of the prompt embeddings (plus
       the token/embedding mask of a mixed prompt). A salt changes every key
       of the request, so prompt-embeds requests share KV only when all their
       embeddings are equal (vLLM shares per block; this is coarser, never
@@ -219,7 +224,9 @@ def request_key_extras(request: Request) -> dict[str, Any] | None | Unsupported:
     parts: list[list[Any]] = []
     lora = request.lora_request
     if lora is not None:
-        parts.append(["lora", str(lora.lora_name), int(lora.lora_int_id), str(lora.lora_path or "")])
+        parts.append(
+            ["lora", str(lora.lora_name), int(lora.lora_int_id), str(lora.lora_path or ""), adapter_digest(lora, adapter_digests)]
+        )
     if request.cache_salt:
         parts.append(["cache_salt", str(request.cache_salt)])
     if request.prompt_embeds is not None:
@@ -428,6 +435,73 @@ def _local_model_dir(model: str, revision: str | None, download_dir: str | None)
             exc,
         )
         return None
+
+
+AdapterDigests = dict[tuple[str, int, str], str]  # (name, id, path) -> digest
+_MAX_ADAPTER_DIGESTS = 4096
+_unfound_adapters_logged: set[str] = set()
+
+
+def _local_adapter_path(path: str) -> Path | None:
+    """Where vLLM loads a LoRA adapter from (vllm.lora.utils.
+    get_adapter_absolute_path: a local path, else a hub id), offline."""
+    expanded = os.path.expanduser(path)
+    if os.path.exists(expanded):
+        return Path(expanded)
+    if not path or os.path.isabs(expanded):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not resolvable offline"
+        return None
+
+
+def adapter_digest(lora: Any, memo: AdapterDigests | None = None) -> str:
+    """A digest of a LoRA adapter's files: adapter_config.json and the
+    weights, read as `model_weights_digest` reads a model's. kvtier's disk
+    outlives the process, so an adapter retrained and redeployed under the
+    same name and path must not read the old adapter's KV after a restart
+    (vLLM's own hash, name and path, lives only as long as the process).
+
+    With a `memo` (the connector keeps one per vLLM engine) it is taken
+    once per (name, id, path), as vLLM loads an adapter once per id and
+    keeps computing with what it loaded. "unknown" where the files cannot
+    be found offline (a hub id not downloaded yet, which the worker
+    downloads when it loads the adapter): logged once per path, not
+    memoized, so a later request sees the files once they are there."""
+    key = (str(lora.lora_name), int(lora.lora_int_id), str(lora.lora_path or ""))
+    digest = memo.get(key) if memo is not None else None
+    if digest is not None:
+        return digest
+    local = _local_adapter_path(key[2])
+    try:
+        if local is None:
+            raise FileNotFoundError(key[2])
+        h = hashlib.sha256()
+        config = local / "adapter_config.json"
+        if local.is_dir() and config.is_file():
+            _update(h, "adapter_config.json", config.read_bytes())
+        _update(h, "weights", model_weights_digest(local).encode())
+        digest = h.hexdigest()[:32]
+    except OSError as exc:
+        if key[2] not in _unfound_adapters_logged:
+            _unfound_adapters_logged.add(key[2])
+            logger.warning(
+                "KVTierConnector: cannot read LoRA adapter %r at %r (%s); its KV is keyed by name, id "
+                "and path only until its files are found, so a retrained adapter there would read "
+                "old KV: clear the cache after such a redeploy",
+                key[0],
+                key[2],
+                exc,
+            )
+        return "unknown"
+    if memo is not None:
+        if len(memo) >= _MAX_ADAPTER_DIGESTS:
+            memo.clear()
+        memo[key] = digest
+    return digest
 
 
 def _canonical_overrides(overrides: Any) -> str:
@@ -641,6 +715,8 @@ class KVTierConnector(KVConnectorBase_V1):
         # Requests counted in unsupported_requests (once each); logged once.
         self._unsupported: set[str] = set()
         self._unsupported_logged = False
+        # LoRA adapters' digests, taken once per adapter for this engine's life.
+        self._adapter_digests: AdapterDigests = {}
 
         # Worker state.
         self._async_loads: dict[str, tuple[Any, LoadSpec, float]] = {}
@@ -680,7 +756,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def _request_extras(self, request: Request) -> dict[str, Any] | None | Unsupported:
         """request_key_extras, counting and logging an unsupported request."""
-        extras = request_key_extras(request)
+        extras = request_key_extras(request, self._adapter_digests)
         if isinstance(extras, Unsupported) and request.request_id not in self._unsupported:
             self._unsupported.add(request.request_id)
             self._count(unsupported_requests=1)

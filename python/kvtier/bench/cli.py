@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 SUBCOMMANDS = {
     "ttft": "kvtier.bench.ttft",
+    "serve-ttft": "kvtier.bench.serve_ttft",
     "demo": "kvtier.bench.demo",
     "gpu-recompute": "kvtier.bench.gpu_recompute",
 }
@@ -18,6 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: kvtier bench {" + ",".join(SUBCOMMANDS) + "} [options]", file=sys.stderr)
         print("  ttft  TTFT of long-document and multi-round QA on a real vLLM "
               "(kvtier vs ExampleConnector vs none)", file=sys.stderr)
+        print("  serve-ttft  TTFT through `vllm serve` (streaming, OpenAI client), kvtier vs vLLM alone, "
+              "TP=1 and TP=2", file=sys.stderr)
         print("  demo  the demo workload with per-request TTFT and a PNG plot", file=sys.stderr)
         print("  gpu-recompute  on a GPU: loading a prefix's KV from kvtier vs recomputing it "
               "(Llama shapes, transformers)", file=sys.stderr)

@@ -676,7 +676,10 @@ class KVTierConnector(KVConnectorBase_V1):
         self._registry_key: str | None = None
         if role == KVConnectorRole.SCHEDULER:
             placements = ranks.scheduler_placements(vllm_config)
-            namespaces = [_namespace(vllm_config, kv_cache_config, p.rank) for p in placements]
+            # Ranks differ only in `rank`: the model identity (which reads
+            # the weight files' headers) is derived once.
+            first = _namespace(vllm_config, kv_cache_config, 0)
+            namespaces = [dataclasses.replace(first, rank=p.rank) for p in placements]
             deployment = ranks.deployment_name(self._config, vllm_config, namespaces[0].model)
             from kvtier.catalogue import CatalogueView, catalogue_shm_name
 

@@ -19,19 +19,6 @@
 namespace kvtier::py {
 namespace pyb = pybind11;
 
-namespace {
-
-using TokenArray = pyb::array_t<int32_t, pyb::array::c_style | pyb::array::forcecast>;
-
-std::vector<int32_t> TokensOf(const TokenArray& tokens) {
-  if (tokens.ndim() != 1) {
-    ThrowStatus(InvalidArgument("tokens must be 1-D, got " + std::to_string(tokens.ndim()) + " dimensions"));
-  }
-  return std::vector<int32_t>(tokens.data(), tokens.data() + tokens.shape(0));
-}
-
-}  // namespace
-
 void RegisterCatalogue(pyb::module_& m) {
   m.def("catalogue_shm_name", &CatalogueShmName, pyb::arg("deployment"), pyb::arg("rank"), pyb::arg("world_size"),
         "The POSIX shm name of a rank's shared catalogue in a deployment.");
@@ -53,13 +40,7 @@ void RegisterCatalogue(pyb::module_& m) {
              CatalogueViewOptions o;
              for (const auto& [name, ns] : ranks) o.ranks.push_back({name, NamespaceOf(ns)});
              o.chunk_tokens = chunk_size;
-             if (partial_chunks == "keep") {
-               o.partial = PartialChunkPolicy::kKeep;
-             } else if (partial_chunks == "drop") {
-               o.partial = PartialChunkPolicy::kDrop;
-             } else {
-               ThrowStatus(InvalidArgument("partial_chunks must be keep or drop; got '" + partial_chunks + "'"));
-             }
+             o.partial = ParsePartial(partial_chunks);
              o.recheck_ms = recheck_ms;
              return ValueOrThrow(CatalogueView::Create(o));
            }),
@@ -69,7 +50,7 @@ void RegisterCatalogue(pyb::module_& m) {
       .def(
           "lookup",
           [](CatalogueView& v, const TokenArray& tokens, const pyb::object& extras) {
-            std::vector<int32_t> t = TokensOf(tokens);
+            std::vector<int32_t> t = CopyTokens(tokens);
             const std::optional<KeyExtras> x = ExtrasOf(extras);
             pyb::gil_scoped_release nogil;
             return v.Lookup(t, ExtrasPtr(x));
@@ -79,7 +60,7 @@ void RegisterCatalogue(pyb::module_& m) {
       .def(
           "lookup_rank",
           [](CatalogueView& v, size_t rank, const TokenArray& tokens, const pyb::object& extras) {
-            std::vector<int32_t> t = TokensOf(tokens);
+            std::vector<int32_t> t = CopyTokens(tokens);
             const std::optional<KeyExtras> x = ExtrasOf(extras);
             pyb::gil_scoped_release nogil;
             return v.LookupRank(rank, t, ExtrasPtr(x));

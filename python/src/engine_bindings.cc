@@ -27,16 +27,20 @@
 namespace kvtier::py {
 namespace pyb = pybind11;
 
-namespace {
-
-using TokenArray = pyb::array_t<int32_t, pyb::array::c_style | pyb::array::forcecast>;
-
 std::vector<int32_t> CopyTokens(const TokenArray& tokens) {
   if (tokens.ndim() != 1) {
     ThrowStatus(InvalidArgument("tokens must be 1-D, got " + std::to_string(tokens.ndim()) + " dimensions"));
   }
   return std::vector<int32_t>(tokens.data(), tokens.data() + tokens.shape(0));
 }
+
+PartialChunkPolicy ParsePartial(const std::string& v) {
+  if (v == "keep") return PartialChunkPolicy::kKeep;
+  if (v == "drop") return PartialChunkPolicy::kDrop;
+  ThrowStatus(InvalidArgument("partial_chunks must be keep or drop; got '" + v + "'"));
+}
+
+namespace {
 
 std::string TypeName(const pyb::handle& o) { return pyb::str(pyb::type::handle_of(o).attr("__name__")); }
 
@@ -153,14 +157,7 @@ EngineOptions ParseOptions(const pyb::dict& d) {
   o.hash_namespace = NamespaceOf(d);
   o.catalogue_shm_name = Get<std::string>(d, "catalogue_shm_name", "");
   o.chunk_tokens = Get<uint32_t>(d, "chunk_size", 256);
-  const std::string partial = Get<std::string>(d, "partial_chunks", "keep");
-  if (partial == "keep") {
-    o.partial = PartialChunkPolicy::kKeep;
-  } else if (partial == "drop") {
-    o.partial = PartialChunkPolicy::kDrop;
-  } else {
-    ThrowStatus(InvalidArgument("partial_chunks must be keep or drop; got '" + partial + "'"));
-  }
+  o.partial = ParsePartial(Get<std::string>(d, "partial_chunks", "keep"));
   o.index_capacity = Get<size_t>(d, "index_capacity", 0);
   o.cpu.capacity_bytes = Get<size_t>(d, "cpu_capacity", size_t{4} << 30);
   o.cpu.chunk_bytes = Get<size_t>(d, "chunk_bytes", 0);

@@ -5,9 +5,11 @@
 #include <atomic>
 #include <memory>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include "cc/engine/engine.h"
@@ -63,6 +65,17 @@ std::optional<KeyExtras> ExtrasOf(const pybind11::handle& extras);
 
 // The pointer to hand the engine: null for no extras.
 inline const KeyExtras* ExtrasPtr(const std::optional<KeyExtras>& e) { return e ? &*e : nullptr; }
+
+// Token ids as every binding takes them: int32, C order (forcecast copies
+// other dtypes and strides once, at the boundary).
+using TokenArray = pybind11::array_t<int32_t, pybind11::array::c_style | pybind11::array::forcecast>;
+
+// The tokens as a vector the GIL-free part of a call can read; throws
+// InvalidArgumentError unless 1-D. Needs the GIL.
+std::vector<int32_t> CopyTokens(const TokenArray& tokens);
+
+// "keep" / "drop" as the hasher's policy; InvalidArgumentError otherwise.
+PartialChunkPolicy ParsePartial(const std::string& v);
 
 // The hash namespace of a native options dict (model, dtype, layout,
 // namespace, rank, world_size; the user namespace is folded into the

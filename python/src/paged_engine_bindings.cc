@@ -39,7 +39,6 @@ namespace pyb = pybind11;
 
 namespace {
 
-using TokenArray = pyb::array_t<int32_t, pyb::array::c_style | pyb::array::forcecast>;
 using SlotArray = pyb::array_t<int64_t, pyb::array::c_style | pyb::array::forcecast>;
 
 struct PagedArgs {

@@ -29,9 +29,17 @@ APT_PACKAGES=(
   libgmock-dev
   libbenchmark-dev
   libxxhash-dev
-  libhiredis-dev
+  libssl-dev
+  openssl
   redis-server
+  redis-tools
 )
+
+# hiredis C sources, built by Bazel (third_party/hiredis): the ones vendored
+# by PyPI's hiredis sdist. Pinned with third_party/hiredis/hiredis_repository.bzl.
+HIREDIS_SDIST_VERSION=3.5.0
+HIREDIS_SDIST_SHA256=c227592cc56b7df247abe4755c26723965be68972be2149fa441ac33d82131ba
+HIREDIS_SDIST="$ROOT/.kvtier-cache/hiredis-$HIREDIS_SDIST_VERSION.tar.gz"
 
 log() { echo "setup.sh: $*"; }
 
@@ -92,5 +100,22 @@ if [[ "$want" != "$have" ]]; then
   echo "$want" >"$STAMP"  # only after a complete, importable install
 else
   log "Python packages: up to date"
+fi
+# --- hiredis sources (for Bazel; nothing is downloaded at build time) ---------
+sdist_ok() { echo "$HIREDIS_SDIST_SHA256  $HIREDIS_SDIST" | sha256sum --check --status; }
+if [[ -f $HIREDIS_SDIST ]] && sdist_ok; then
+  log "hiredis sdist: present"
+else
+  log "fetching hiredis==$HIREDIS_SDIST_VERSION sdist into ${HIREDIS_SDIST%/*}"
+  rm -f "$HIREDIS_SDIST"
+  mkdir -p "${HIREDIS_SDIST%/*}"
+  "$VENV/bin/python" -m pip download --quiet --no-deps --no-binary :all: \
+    -d "${HIREDIS_SDIST%/*}" "hiredis==$HIREDIS_SDIST_VERSION" 2>&1 |
+    { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+  if ! sdist_ok; then
+    log "$HIREDIS_SDIST does not have the pinned sha256 $HIREDIS_SDIST_SHA256" >&2
+    rm -f "$HIREDIS_SDIST"
+    exit 1
+  fi
 fi
 log "done"

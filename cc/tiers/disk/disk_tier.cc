@@ -1,5 +1,6 @@
 #include "cc/tiers/disk/disk_tier.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -270,8 +271,8 @@ struct DiskTier::RingCtx {
   uint64_t registered_version = 0;
 };
 
-DiskTier::DiskTier(DiskTierOptions options, uint64_t segment_bytes, uint32_t num_segments)
-    : Tier(TierKind::kDisk, "disk"), options_(std::move(options)), segment_bytes_(segment_bytes),
+DiskTier::DiskTier(DiskTierOptions options, int dir_fd, uint64_t segment_bytes, uint32_t num_segments)
+    : Tier(TierKind::kDisk, "disk"), options_(std::move(options)), segment_bytes_(segment_bytes), dir_fd_(dir_fd),
       segs_(num_segments) {}
 
 DiskTier::~DiskTier() {
@@ -279,44 +280,183 @@ DiskTier::~DiskTier() {
     if (s.fd >= 0) close(s.fd);
   }
   if (lock_fd_ >= 0) close(lock_fd_);  // releases the flock
+  if (dir_fd_ >= 0) close(dir_fd_);
 }
 
-std::string DiskTier::SegmentPath(uint32_t idx) const {
+std::string DiskTier::SegmentName(uint32_t idx) {
   char name[32];
   std::snprintf(name, sizeof(name), "seg_%05u.kvt", idx);
-  return options_.path + "/" + name;
+  return name;
 }
+
+std::string DiskTier::SegmentPath(uint32_t idx) const { return options_.path + "/" + SegmentName(idx); }
 
 namespace {
 
-// The one size every segment file in `dir` has, or 0 (none, or they differ).
-uint64_t ExistingSegmentBytes(const std::string& dir) {
-  uint64_t size = 0;
-  std::error_code ec;
-  for (const auto& de : std::filesystem::directory_iterator(dir, ec)) {
-    const std::string name = de.path().filename().string();
+// Segment files and LOCK are private to the user: a chunk's KV can be turned
+// back into the prompt it encodes. Set with fchmod after creation, so the
+// process umask (which can only remove bits) changes nothing.
+constexpr mode_t kFileMode = 0600;
+constexpr mode_t kDirMode = 0700;
+
+// Calls fn(name) for every entry of the directory named like a segment file
+// (seg_<index>.kvt), whatever its type.
+Status ForEachSegmentEntry(int dir_fd, const std::function<void(const std::string&, unsigned)>& fn) {
+  const int fd = fcntl(dir_fd, F_DUPFD_CLOEXEC, 0);  // fdopendir takes this fd over
+  if (fd < 0) return ErrnoError("dup of the disk tier directory", errno);
+  DIR* d = fdopendir(fd);
+  if (d == nullptr) {
+    const int err = errno;
+    close(fd);
+    return ErrnoError("fdopendir", err);
+  }
+  rewinddir(d);  // the dup shares its offset with dir_fd and every earlier listing
+  while (const struct dirent* de = readdir(d)) {
+    const std::string name = de->d_name;
     unsigned idx = 0;
     char tail[8] = {};
-    if (std::sscanf(name.c_str(), "seg_%u.%7s", &idx, tail) != 2 || std::string(tail) != "kvt") continue;
-    struct stat st;
-    if (stat(de.path().c_str(), &st) != 0) continue;
-    const uint64_t s = static_cast<uint64_t>(st.st_size);
-    if (size != 0 && s != size) return 0;
-    size = s;
+    if (std::sscanf(name.c_str(), "seg_%u.%7s", &idx, tail) == 2 && std::string(tail) == "kvt") fn(name, idx);
   }
-  return size;
+  closedir(d);
+  return Status::Ok();
+}
+
+// Why an entry of the directory is not a file this tier may open, read or
+// write; empty when it is one (a regular file owned by this user). A link
+// or a file of another user is refused, never followed or written: it
+// could point the tier's writes (prompts' KV) or reads anywhere.
+std::string UnusableFile(const struct stat& st) {
+  if (S_ISLNK(st.st_mode)) return "is a symbolic link";
+  if (!S_ISREG(st.st_mode)) return "is not a regular file";
+  if (st.st_uid != geteuid()) {
+    return "is owned by uid " + std::to_string(st.st_uid) + ", not by this process's user (uid " +
+           std::to_string(geteuid()) + ")";
+  }
+  return "";
+}
+
+Status RefuseFile(const std::string& path, const std::string& why) {
+  return FailedPrecondition("disk tier: " + path + " " + why +
+                            "; kvtier did not create it and does not read or write through it (remove it, or "
+                            "use another disk_path)");
+}
+
+// The status of a failed openat of `path` inside the directory (always with
+// O_NOFOLLOW, which fails a symbolic link with ELOOP).
+Status OpenError(const std::string& path, int err) {
+  if (err == ELOOP) return RefuseFile(path, "is a symbolic link");
+  if (err == ENOSPC) return ResourceExhausted("disk full (ENOSPC) creating " + path);
+  return ErrnoError("open " + path, err);
+}
+
+// Checks a file just opened in the directory (fstat of the open descriptor:
+// no window between check and use) and makes it mode 0600, which also
+// tightens files that earlier versions created 0644.
+Status AdoptFile(int fd, const std::string& path) {
+  struct stat st;
+  if (fstat(fd, &st) != 0) return ErrnoError("fstat " + path, errno);
+  const std::string why = UnusableFile(st);
+  if (!why.empty()) return RefuseFile(path, why);
+  if ((st.st_mode & 07777) != kFileMode && fchmod(fd, kFileMode) != 0) {
+    return ErrnoError("fchmod 0600 " + path, errno);
+  }
+  return Status::Ok();
+}
+
+// Creates `path` and its missing parents, each mode 0700 (a directory that
+// exists is left as it is).
+Status MakeDirectories(const std::string& path) {
+  std::filesystem::path cur;
+  for (const auto& part : std::filesystem::path(path)) {
+    cur /= part;
+    if (part.empty() || part == part.root_directory()) continue;
+    struct stat st;
+    if (stat(cur.c_str(), &st) == 0) continue;  // a link to a directory above the last component is the user's
+    if (mkdir(cur.c_str(), kDirMode) != 0) {
+      if (errno == EEXIST) continue;
+      return ErrnoError("cannot create disk tier directory " + path + ": mkdir " + cur.string(), errno);
+    }
+    const int fd = open(cur.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    const int err = fd < 0 ? errno : fchmod(fd, kDirMode) != 0 ? errno : 0;
+    if (fd >= 0) close(fd);
+    if (err != 0) return ErrnoError("cannot make disk tier directory " + cur.string() + " mode 0700", err);
+  }
+  return Status::Ok();
+}
+
+// Opens the tier's directory, once; every file inside is then opened,
+// listed and removed relative to this descriptor, never by path. The last
+// component is not followed: the directory checked here is the one used.
+// Refused (kFailedPrecondition, naming the path and the reason): a symbolic
+// link; a directory owned by another user (root excepted: root can read
+// every file anyway, and owns /tmp and mount points); a world-writable
+// directory without the sticky bit, where anyone could replace the files.
+StatusOr<int> OpenTierDirectory(const std::string& path) {
+  const int fd = open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    struct stat st;
+    if ((err == ELOOP || err == ENOTDIR) && lstat(path.c_str(), &st) == 0 && S_ISLNK(st.st_mode)) {
+      std::error_code ec;
+      const std::filesystem::path target = std::filesystem::canonical(path, ec);
+      return FailedPrecondition("disk tier directory " + path + " is a symbolic link" +
+                                (ec ? std::string() : " to " + target.string()) +
+                                "; set disk_path to the directory itself");
+    }
+    return ErrnoError("open disk tier directory " + path, err);
+  }
+  struct stat st;
+  std::string why;
+  if (fstat(fd, &st) != 0) {
+    const int err = errno;
+    close(fd);
+    return ErrnoError("fstat disk tier directory " + path, err);
+  }
+  if (st.st_uid != geteuid() && st.st_uid != 0) {
+    why = "is owned by uid " + std::to_string(st.st_uid) + ", not by this process's user (uid " +
+          std::to_string(geteuid()) + "), who could read the cached KV (the prompts it encodes) or replace its files";
+  } else if ((st.st_mode & S_IWOTH) != 0 && (st.st_mode & S_ISVTX) == 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    why = std::string("is world-writable without the sticky bit (mode ") + mode +
+          "): any local user could replace or remove its files";
+  }
+  if (!why.empty()) {
+    close(fd);
+    return FailedPrecondition("disk tier directory " + path + " " + why +
+                              "; use a directory of your own that others cannot write (e.g. mode 0700)");
+  }
+  return fd;
+}
+
+// The one size every segment file in the directory has, or 0 (none, or
+// they differ). Entries that are not regular files are not looked at here;
+// Rebuild refuses them.
+uint64_t ExistingSegmentBytes(int dir_fd) {
+  uint64_t size = 0;
+  bool differ = false;
+  (void)ForEachSegmentEntry(dir_fd, [&](const std::string& name, unsigned) {
+    struct stat st;
+    if (fstatat(dir_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode)) return;
+    const uint64_t s = static_cast<uint64_t>(st.st_size);
+    if (size != 0 && s != size) differ = true;
+    size = s;
+  });
+  return differ ? 0 : size;
 }
 
 // Auto segment size (see DiskTierOptions::segment_bytes).
-StatusOr<uint64_t> AutoSegmentBytes(const DiskTierOptions& o) {
+StatusOr<uint64_t> AutoSegmentBytes(const DiskTierOptions& o, int dir_fd) {
   const uint64_t cap = o.capacity_bytes;
   const uint64_t max_chunk = o.max_chunk_bytes;
-  const uint64_t existing = ExistingSegmentBytes(o.path);
+  const uint64_t existing = ExistingSegmentBytes(dir_fd);
   if (existing % kBlock == 0 && existing >= 2 * kBlock && existing <= kMaxSegmentBytes && cap / existing >= 2 &&
       cap / existing <= kMaxSegments && max_chunk <= disk::MaxPayloadBytes(existing)) {
     return existing;
   }
-  const uint64_t base = std::max(std::min(kAutoSegmentBytes, (cap / 8) & ~(kBlock - 1)), kMinAutoSegmentBytes);
+  // A capacity above kMaxSegments * 64 MiB gets larger segments, not an error.
+  const uint64_t fewest = std::min(kMaxSegmentBytes, disk::RoundUpToBlock((cap + kMaxSegments - 1) / kMaxSegments));
+  const uint64_t base = std::max({std::min(kAutoSegmentBytes, (cap / 8) & ~(kBlock - 1)), kMinAutoSegmentBytes, fewest});
   if (max_chunk <= disk::MaxPayloadBytes(base)) return base;
   // max_chunk <= MaxPayloadBytes(1 GiB) was checked: at least one record fits.
   const uint64_t rec = RecordBytes(max_chunk);
@@ -346,29 +486,41 @@ StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& option
                            std::to_string(disk::MaxPayloadBytes(kMaxSegmentBytes)) + " bytes: 1 GiB less 8 KiB)");
   }
   uint64_t seg = options.segment_bytes;
-  if (seg == 0) {
-    KVT_ASSIGN_OR_RETURN(seg, AutoSegmentBytes(options));
-  } else if (seg % kBlock != 0 || seg < 2 * kBlock || seg > kMaxSegmentBytes) {
+  if (seg != 0 && (seg % kBlock != 0 || seg < 2 * kBlock || seg > kMaxSegmentBytes)) {
     return InvalidArgument("DiskTierOptions.segment_bytes must be a multiple of 4096 in [8192, 1 GiB], got " +
                            std::to_string(seg));
-  } else if (options.max_chunk_bytes > disk::MaxPayloadBytes(seg)) {
+  } else if (seg != 0 && options.max_chunk_bytes > disk::MaxPayloadBytes(seg)) {
     return InvalidArgument("DiskTierOptions.segment_bytes (disk_segment_size) " + std::to_string(seg) +
                            " cannot hold a chunk of max_chunk_bytes (" + std::to_string(options.max_chunk_bytes) +
                            "): a segment needs at least " + std::to_string(RecordBytes(options.max_chunk_bytes) + kBlock) +
                            " bytes (8 KiB of headers, the payload rounded up to 4 KiB), or 0 for auto");
   }
+
+  KVT_RETURN_IF_ERROR(MakeDirectories(options.path));
+  KVT_ASSIGN_OR_RETURN(const int dir_fd, OpenTierDirectory(options.path));
+  if (seg == 0) {
+    StatusOr<uint64_t> auto_seg = AutoSegmentBytes(options, dir_fd);
+    if (!auto_seg.ok()) {
+      close(dir_fd);
+      return auto_seg.status();
+    }
+    seg = *auto_seg;
+  }
+  Status bad;
   if (options.capacity_bytes / seg < 2) {
-    return InvalidArgument("DiskTierOptions.capacity_bytes (" + std::to_string(options.capacity_bytes) +
-                           ") must hold at least 2 segments of " + std::to_string(seg) + " bytes");
+    bad = InvalidArgument("DiskTierOptions.capacity_bytes (" + std::to_string(options.capacity_bytes) +
+                          ") must hold at least 2 segments of " + std::to_string(seg) + " bytes");
+  } else if (options.capacity_bytes / seg > kMaxSegments) {
+    bad = InvalidArgument("capacity / segment_bytes gives more than 100000 segments");
+  }
+  if (!bad.ok()) {
+    close(dir_fd);
+    return bad;
   }
   const uint64_t nseg = options.capacity_bytes / seg;
-  if (nseg > kMaxSegments) return InvalidArgument("capacity / segment_bytes gives more than 100000 segments");
 
-  std::error_code ec;
-  std::filesystem::create_directories(options.path, ec);
-  if (ec) return IoError("cannot create disk tier directory " + options.path + ": " + ec.message());
-
-  std::unique_ptr<DiskTier> t(new DiskTier(options, seg, static_cast<uint32_t>(nseg)));
+  // The tier owns dir_fd from here.
+  std::unique_ptr<DiskTier> t(new DiskTier(options, dir_fd, seg, static_cast<uint32_t>(nseg)));
   KVT_RETURN_IF_ERROR(t->LockDirectory());
 
   // Without io_uring every Put and Get would fail: say so here, once. The
@@ -400,7 +552,7 @@ StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& option
   KVT_RETURN_IF_ERROR(t->Rebuild());
 
   struct statvfs vfs;
-  if (statvfs(options.path.c_str(), &vfs) == 0) {
+  if (fstatvfs(t->dir_fd_, &vfs) == 0) {
     uint64_t have = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
     for (const Segment& s : t->segs_) {
       if (s.fd >= 0) have += seg;
@@ -416,9 +568,11 @@ StatusOr<std::unique_ptr<DiskTier>> DiskTier::Open(const DiskTierOptions& option
 Status DiskTier::LockDirectory() {
   const std::string lock_path = options_.path + "/LOCK";
   const IoFault f = Ask(options_.io_faults.get(), IoKind::kOpen, disk::kNoSegment, 0, 0);
-  lock_fd_ = f.action == IoFault::Action::kFail ? (errno = f.error, -1)
-                                                : open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (lock_fd_ < 0) return ErrnoError("open " + lock_path, errno);
+  lock_fd_ = f.action == IoFault::Action::kFail
+                 ? (errno = f.error, -1)
+                 : openat(dir_fd_, "LOCK", O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, kFileMode);
+  if (lock_fd_ < 0) return OpenError(lock_path, errno);
+  KVT_RETURN_IF_ERROR(AdoptFile(lock_fd_, lock_path));
   if (flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
     if (err != EWOULDBLOCK) return ErrnoError("flock " + lock_path, err);
@@ -443,33 +597,45 @@ Status DiskTier::Rebuild() {
   const uint32_t nseg = num_segments();
 
   // Segment files beyond the configured count (capacity shrank) hold data we
-  // can no longer address: remove them so their space comes back.
-  std::error_code ec;
-  for (const auto& de : std::filesystem::directory_iterator(options_.path, ec)) {
-    const std::string name = de.path().filename().string();
-    unsigned idx = 0;
-    char tail[8] = {};
-    if (std::sscanf(name.c_str(), "seg_%u.%7s", &idx, tail) == 2 && std::string(tail) == "kvt" && idx >= nseg) {
-      Log("removing " + de.path().string() + ": beyond the configured capacity");
-      std::filesystem::remove(de.path(), ec);
+  // can no longer address: remove them so their space comes back. Only our
+  // own regular files: anything else is never touched.
+  KVT_RETURN_IF_ERROR(ForEachSegmentEntry(dir_fd_, [&](const std::string& name, unsigned idx) {
+    struct stat st;
+    if (idx < nseg || fstatat(dir_fd_, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) return;
+    if (!UnusableFile(st).empty()) {
+      Log("leaving " + options_.path + "/" + name + " alone: beyond the configured capacity, and " + UnusableFile(st));
+      return;
     }
-  }
+    Log("removing " + options_.path + "/" + name + ": beyond the configured capacity");
+    unlinkat(dir_fd_, name.c_str(), 0);
+  }));
 
   for (uint32_t i = 0; i < nseg; ++i) {
+    const std::string name = SegmentName(i);
     const std::string p = SegmentPath(i);
     struct stat st;
-    if (stat(p.c_str(), &st) != 0) continue;
+    if (fstatat(dir_fd_, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+      if (errno == ENOENT) continue;
+      return ErrnoError("stat " + p, errno);
+    }
+    // A link or a file of another user in our directory was planted: refuse
+    // to start rather than read it or, once the segment is reused, write
+    // prompts' KV through it.
+    if (const std::string why = UnusableFile(st); !why.empty()) return RefuseFile(p, why);
     if (static_cast<uint64_t>(st.st_size) != segment_bytes_) {
       // Written with another segment size: the records are unreachable.
       Log("discarding " + p + ": size " + std::to_string(st.st_size) + " != segment_bytes " +
           std::to_string(segment_bytes_));
-      unlink(p.c_str());
+      unlinkat(dir_fd_, name.c_str(), 0);
       continue;
     }
     const IoFault f = Ask(options_.io_faults.get(), IoKind::kOpen, i, 0, 0);
-    const int fd = f.action == IoFault::Action::kFail ? (errno = f.error, -1) : open(p.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
-    if (fd < 0) return ErrnoError("open " + p, errno);
-    segs_[i].fd = fd;
+    const int fd = f.action == IoFault::Action::kFail
+                       ? (errno = f.error, -1)
+                       : openat(dir_fd_, name.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) return OpenError(p, errno);
+    segs_[i].fd = fd;  // closed by the destructor, also when AdoptFile refuses it
+    KVT_RETURN_IF_ERROR(AdoptFile(fd, p));
     segs_[i].state = Segment::State::kFree;
   }
 
@@ -696,14 +862,19 @@ Status DiskTier::RollLocked(std::unique_lock<std::mutex>& l) {
 }
 
 Status DiskTier::CreateSegmentFile(uint32_t idx, int* fd_out) {
+  const std::string name = SegmentName(idx);
   const std::string p = SegmentPath(idx);
   IoFaults* faults = options_.io_faults.get();
   const IoFault fo = Ask(faults, IoKind::kOpen, idx, 0, 0);
-  const int fd = fo.action == IoFault::Action::kFail ? (errno = fo.error, -1)
-                                                     : open(p.c_str(), O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    if (errno == ENOSPC) return ResourceExhausted("disk full (ENOSPC) creating " + p);
-    return ErrnoError("open " + p, errno);
+  // O_NOFOLLOW: a link planted under this name after Open is refused
+  // (ELOOP), never followed; AdoptFile refuses a file another user planted.
+  const int fd = fo.action == IoFault::Action::kFail
+                     ? (errno = fo.error, -1)
+                     : openat(dir_fd_, name.c_str(), O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC | O_NOFOLLOW, kFileMode);
+  if (fd < 0) return OpenError(p, errno);
+  if (Status adopt = AdoptFile(fd, p); !adopt.ok()) {
+    close(fd);
+    return adopt;
   }
   const IoFault ff = Ask(faults, IoKind::kFallocate, idx, 0, segment_bytes_);
   int rc = ff.action == IoFault::Action::kFail ? (errno = ff.error, -1)
@@ -716,7 +887,7 @@ Status DiskTier::CreateSegmentFile(uint32_t idx, int* fd_out) {
   if (rc != 0) {
     const int err = errno;
     close(fd);
-    unlink(p.c_str());
+    unlinkat(dir_fd_, name.c_str(), 0);
     if (err == ENOSPC) return ResourceExhausted("disk full (ENOSPC) preallocating " + p);
     return ErrnoError("fallocate " + p, err);
   }

@@ -9,6 +9,17 @@
 // stores, finds and reclaims.
 //
 // Contract (in addition to cc/tiers/tier.h)
+// - Privacy: the KV on disk can be turned back into the prompts it encodes.
+//   Directories the tier creates are mode 0700, its files (segments, LOCK)
+//   0600, whatever the umask (existing ones of ours are set to 0600 at
+//   Open). Open refuses (kFailedPrecondition, naming the path and the
+//   reason) a directory that is a symbolic link, is owned by another user
+//   (root excepted), or is world-writable without the sticky bit. The
+//   directory is opened once; every file in it is opened, listed and removed
+//   relative to that descriptor with O_NOFOLLOW, so a symbolic link or a
+//   file of another user planted under one of the tier's names is refused
+//   (Open fails, or the Put that would create that segment does), never
+//   read or written through.
 // - Open() takes an exclusive flock on <path>/LOCK. A second DiskTier on the
 //   same directory, in this or another process, gets kFailedPrecondition
 //   naming the holder's pid. The lock dies with the process (kill -9 too).
@@ -81,7 +92,8 @@ struct DiskTierOptions {
   //    hold max_chunk_bytes and capacity holds 2 of them (a restart keeps its
   //    data whatever the chunk size it learns later);
   //  - else 64 MiB, or capacity/8 rounded down to 4096 when that is smaller
-  //    (at least 64 KiB), when one max_chunk_bytes chunk fits that;
+  //    (at least 64 KiB; more, up to 1 GiB, where the capacity would need
+  //    more than 100000 segments), when one max_chunk_bytes chunk fits that;
   //  - else room for 8 records of max_chunk_bytes (fewer where capacity or
   //    the 1 GiB limit allows fewer, at least 1).
   // Otherwise a multiple of 4096, at most 1 GiB, that holds one
@@ -119,7 +131,7 @@ struct DiskLocation {
 class DiskTier final : public Tier {
  public:
   // kInvalidArgument (bad options), kFailedPrecondition (directory locked by
-  // another DiskTier), kIoError (the file system, or no io_uring for this
+  // another DiskTier, or refused as not private: see Privacy above), kIoError (the file system, or no io_uring for this
   // process: the message says which).
   static StatusOr<std::unique_ptr<DiskTier>> Open(const DiskTierOptions& options);
   ~DiskTier() override;
@@ -210,7 +222,8 @@ class DiskTier final : public Tier {
     uint64_t gen;
   };
 
-  DiskTier(DiskTierOptions options, uint64_t segment_bytes, uint32_t num_segments);
+  // Takes ownership of dir_fd (the open directory).
+  DiskTier(DiskTierOptions options, int dir_fd, uint64_t segment_bytes, uint32_t num_segments);
 
   Status PutImpl(const ChunkMeta& meta, std::span<const std::byte> data) override;
   Status GetImpl(const ChunkKey& key, uint64_t fingerprint, std::span<std::byte> dst) override;
@@ -227,7 +240,8 @@ class DiskTier final : public Tier {
                                    std::span<const std::span<std::byte>> dsts);
   Status LockDirectory();
   Status Rebuild();
-  std::string SegmentPath(uint32_t idx) const;
+  static std::string SegmentName(uint32_t idx);  // inside the directory
+  std::string SegmentPath(uint32_t idx) const;   // for messages and LocationOf
 
   // Space management; all called with mu_ held through `l`.
   StatusOr<Slot> ReserveLocked(std::unique_lock<std::mutex>& l, uint64_t record_bytes);
@@ -245,6 +259,7 @@ class DiskTier final : public Tier {
 
   const DiskTierOptions options_;
   const uint64_t segment_bytes_;
+  const int dir_fd_;  // the directory, O_DIRECTORY|O_NOFOLLOW; every file is opened through it
   int lock_fd_ = -1;
   bool gds_available_ = false;
   RebuildStats rebuild_stats_;

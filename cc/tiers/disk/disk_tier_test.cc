@@ -89,6 +89,24 @@ TEST(DiskTierOptions, BadOptionsAreInvalidArgument) {
 
 // Issue 14 item 8: chunks larger than the default segment (a Llama-70B chunk
 // is 80 MiB) used to be refused by every Put.
+// A capacity that 64 MiB segments would split into more than the 100000
+// segment limit gets larger auto segments instead of an error (issue 13:
+// every disk_capacity the configuration accepts, up to 100000 GiB, opens).
+TEST(DiskTierOptions, AutoSegmentsGrowForCapacitiesBeyondTheSegmentLimit) {
+  const std::string dir = FreshDir("hugecap");
+  for (const uint64_t cap : {uint64_t{8} << 40, uint64_t{100000} << 30}) {
+    DiskTierOptions o;
+    o.path = dir;
+    o.capacity_bytes = cap;  // nothing is written: segment files are created on use
+    o.queue_depth = 8;
+    auto t = OpenOrDie(o);
+    ASSERT_NE(t, nullptr) << cap;
+    EXPECT_LE(t->num_segments(), 100000u);
+    EXPECT_GE(t->segment_bytes() * 100000, cap - cap % t->segment_bytes());
+    EXPECT_EQ(t->segment_bytes() % 4096, 0u);
+  }
+}
+
 TEST(DiskTierOptions, AutoSegmentsGrowToHoldTheLargestChunk) {
   DiskTierOptions o;
   o.path = FreshDir("bigauto");

@@ -122,17 +122,29 @@ Status CheckArgs(const PagedKvLayout& lay, std::span<const int64_t> slots, size_
   return Status::Ok();
 }
 
+Status CheckLayers(const PagedKvLayout& lay, int layer_begin, int layer_end, const char* op) {
+  if (layer_begin < 0 || layer_begin > layer_end || layer_end > lay.num_layers()) {
+    return InvalidArgument(std::string(op) + ": layers [" + std::to_string(layer_begin) + ", " +
+                           std::to_string(layer_end) + ") are not a range of the layout's " +
+                           std::to_string(lay.num_layers()) + " layers");
+  }
+  return Status::Ok();
+}
+
+// Copies layers [layer_begin, layer_end) (the whole (layer, token) work
+// space of those layers, split between threads).
 template <bool kGather>
 void Run(const PagedKvLayout& lay, std::span<const int64_t> slots, std::byte* chunk,
-         int num_threads) {
+         int num_threads, int layer_begin, int layer_end) {
   const int64_t n = static_cast<int64_t>(slots.size());
-  const int64_t work = n * lay.num_layers();
+  const int64_t base = n * layer_begin;
+  const int64_t work = n * (layer_end - layer_begin);
   if (work == 0) return;
-  const size_t bytes = lay.ChunkBytes(n);
+  const size_t bytes = lay.LayerBytes(n) * static_cast<size_t>(layer_end - layer_begin);
   const int threads = static_cast<int>(std::clamp<size_t>(
       bytes / kMinBytesPerThread, 1, static_cast<size_t>(std::min<int64_t>(num_threads, work))));
   if (threads == 1) {
-    CopyWork<kGather>(lay, slots, chunk, 0, work);
+    CopyWork<kGather>(lay, slots, chunk, base, base + work);
     return;
   }
   std::vector<std::thread> pool;
@@ -144,7 +156,7 @@ void Run(const PagedKvLayout& lay, std::span<const int64_t> slots, std::byte* ch
   for (int t = 1; t < threads; ++t) {
     std::thread th;
     Status s = StartThread(&th, [&, t] {
-      CopyWork<kGather>(lay, slots, chunk, work * t / threads, work * (t + 1) / threads);
+      CopyWork<kGather>(lay, slots, chunk, base + work * t / threads, base + work * (t + 1) / threads);
     });
     if (!s.ok()) {
       (void)LogOnce(&g_thread_refusal_logged, s.Annotate("cpu copy (continuing on fewer threads)"));
@@ -153,8 +165,8 @@ void Run(const PagedKvLayout& lay, std::span<const int64_t> slots, std::byte* ch
     }
     pool.push_back(std::move(th));  // capacity reserved: cannot throw
   }
-  CopyWork<kGather>(lay, slots, chunk, 0, work / threads);
-  if (started < threads) CopyWork<kGather>(lay, slots, chunk, work * started / threads, work);
+  CopyWork<kGather>(lay, slots, chunk, base, base + work / threads);
+  if (started < threads) CopyWork<kGather>(lay, slots, chunk, base + work * started / threads, base + work);
   for (auto& th : pool) th.join();  // join: the workers' writes happen-before our return
 }
 
@@ -163,7 +175,23 @@ void Run(const PagedKvLayout& lay, std::span<const int64_t> slots, std::byte* ch
 Status GatherCpu(const PagedKvLayout& layout, std::span<const int64_t> slots,
                  std::span<std::byte> dst, int num_threads) {
   KVT_RETURN_IF_ERROR(CheckArgs(layout, slots, dst.size(), num_threads, "gather"));
-  Run<true>(layout, slots, dst.data(), num_threads);
+  Run<true>(layout, slots, dst.data(), num_threads, 0, layout.num_layers());
+  return Status::Ok();
+}
+
+Status GatherCpuLayers(const PagedKvLayout& layout, std::span<const int64_t> slots, std::span<std::byte> dst,
+                       int layer_begin, int layer_end, int num_threads) {
+  KVT_RETURN_IF_ERROR(CheckArgs(layout, slots, dst.size(), num_threads, "gather"));
+  KVT_RETURN_IF_ERROR(CheckLayers(layout, layer_begin, layer_end, "gather"));
+  Run<true>(layout, slots, dst.data(), num_threads, layer_begin, layer_end);
+  return Status::Ok();
+}
+
+Status ScatterCpuLayers(const PagedKvLayout& layout, std::span<const int64_t> slots,
+                        std::span<const std::byte> src, int layer_begin, int layer_end, int num_threads) {
+  KVT_RETURN_IF_ERROR(CheckArgs(layout, slots, src.size(), num_threads, "scatter"));
+  KVT_RETURN_IF_ERROR(CheckLayers(layout, layer_begin, layer_end, "scatter"));
+  Run<false>(layout, slots, const_cast<std::byte*>(src.data()), num_threads, layer_begin, layer_end);
   return Status::Ok();
 }
 
@@ -171,7 +199,7 @@ Status ScatterCpu(const PagedKvLayout& layout, std::span<const int64_t> slots,
                   std::span<const std::byte> src, int num_threads) {
   KVT_RETURN_IF_ERROR(CheckArgs(layout, slots, src.size(), num_threads, "scatter"));
   // The chunk side is only read on this path; Move<false> never writes it.
-  Run<false>(layout, slots, const_cast<std::byte*>(src.data()), num_threads);
+  Run<false>(layout, slots, const_cast<std::byte*>(src.data()), num_threads, 0, layout.num_layers());
   return Status::Ok();
 }
 

@@ -26,6 +26,12 @@
 //   land there is unspecified (and a data race when threads > 1).
 // - Copies are byte-exact for any element size; runs of consecutive slots
 //   inside one block are merged into one memcpy when the strides allow it.
+// - The *Layers variants copy only layers [layer_begin, layer_end) of the
+//   same whole-chunk buffer (the format is layer-major, so that is one
+//   contiguous slice of it) and leave every other layer's bytes, in the
+//   buffer and in the engine's KV, untouched. They check the same arguments
+//   plus 0 <= layer_begin <= layer_end <= num_layers (kInvalidArgument).
+//   Layer-wise transfer (cc/engine/layerwise.h) is built on them.
 #pragma once
 
 #include <cstddef>
@@ -42,5 +48,11 @@ Status GatherCpu(const PagedKvLayout& layout, std::span<const int64_t> slots,
 
 Status ScatterCpu(const PagedKvLayout& layout, std::span<const int64_t> slots,
                   std::span<const std::byte> src, int num_threads = 1);
+
+Status GatherCpuLayers(const PagedKvLayout& layout, std::span<const int64_t> slots, std::span<std::byte> dst,
+                       int layer_begin, int layer_end, int num_threads = 1);
+
+Status ScatterCpuLayers(const PagedKvLayout& layout, std::span<const int64_t> slots,
+                        std::span<const std::byte> src, int layer_begin, int layer_end, int num_threads = 1);
 
 }  // namespace kvtier

@@ -140,6 +140,57 @@ TEST(CpuCopy, LargeMultiThreadedRoundTrip) {
   EXPECT_EQ(back, many);
 }
 
+// Layer-wise transfer copies one layer at a time into and out of the
+// whole-chunk buffer: layers [b, e) must equal the whole copy's slice, and
+// nothing outside them may move, in the buffer or in the paged KV.
+TEST(CpuCopy, LayerRangesCopyExactlyTheirSlice) {
+  for (const Variant& var : Variants(16, 2)) {
+    SCOPED_TRACE(var.name);
+    PagedKv kv(var.spec, 41);
+    auto lay = PagedKvLayout::Create(kv.Descs(), var.spec.kind);
+    ASSERT_TRUE(lay.ok()) << lay.status().ToString();
+    const size_t n = 37;
+    const auto slots = MakeSlots(var.spec, n, 7, 3, 9);
+    const size_t bytes = lay->ChunkBytes(static_cast<int64_t>(n));
+    const size_t layer_bytes = lay->LayerBytes(static_cast<int64_t>(n));
+    std::vector<std::byte> whole(bytes, std::byte{0x5A});
+    ASSERT_TRUE(GatherCpu(*lay, slots, whole, 1).ok());
+    for (int b = 0; b <= lay->num_layers(); ++b) {
+      for (int e = b; e <= lay->num_layers(); ++e) {
+        std::vector<std::byte> part(bytes, std::byte{0x5A});
+        ASSERT_TRUE(GatherCpuLayers(*lay, slots, part, b, e, 2).ok());
+        for (int l = 0; l < lay->num_layers(); ++l) {
+          const auto begin = static_cast<std::ptrdiff_t>(lay->LayerOffset(l, static_cast<int64_t>(n)));
+          const bool in = l >= b && l < e;
+          std::vector<std::byte> want(layer_bytes, std::byte{0x5A});
+          if (in) std::copy(whole.begin() + begin, whole.begin() + begin + layer_bytes, want.begin());
+          EXPECT_TRUE(std::equal(want.begin(), want.end(), part.begin() + begin)) << "layer " << l;
+        }
+      }
+    }
+    // Scatter of one layer: the paged KV equals the reference scatter of a
+    // buffer whose other layers hold what the KV already had.
+    std::vector<std::byte> fresh(bytes);
+    std::mt19937_64 rng(3);
+    for (auto& x : fresh) x = static_cast<std::byte>(rng());
+    for (int l = 0; l < lay->num_layers(); ++l) {
+      PagedKv got(var.spec, 41), ref(var.spec, 41);
+      auto glay = PagedKvLayout::Create(got.Descs(), var.spec.kind);
+      ASSERT_TRUE(glay.ok());
+      ASSERT_TRUE(ScatterCpuLayers(*glay, slots, fresh, l, l + 1).ok());
+      std::vector<std::byte> mixed = whole;  // every layer as the KV holds it ...
+      const auto begin = static_cast<std::ptrdiff_t>(lay->LayerOffset(l, static_cast<int64_t>(n)));
+      std::copy(fresh.begin() + begin, fresh.begin() + begin + layer_bytes, mixed.begin() + begin);  // ... but l
+      ref.ReferenceScatter(slots, mixed);
+      EXPECT_EQ(0, std::memcmp(got.base(), ref.base(), got.bytes())) << "layer " << l;
+    }
+    std::vector<std::byte> buf(bytes);
+    EXPECT_EQ(GatherCpuLayers(*lay, slots, buf, 2, 1).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(GatherCpuLayers(*lay, slots, buf, -1, 1).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(ScatterCpuLayers(*lay, slots, buf, 0, lay->num_layers() + 1).code(), StatusCode::kInvalidArgument);
+  }
+}
+
 // Issue 14 item 7: a refused thread used to throw out of the copy with the
 // threads already started still joinable: std::terminate. Now the caller's
 // thread copies the refused share and the result is the same.

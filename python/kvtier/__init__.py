@@ -16,13 +16,23 @@ if TYPE_CHECKING:
     from kvtier.catalogue import CatalogueView
     from kvtier.engine import Engine, KeyExtras, Namespace
 
-__all__ = ["CatalogueView", "Config", "ConfigError", "Engine", "KeyExtras", "Namespace", "__version__", "load_config"]
+__all__ = [
+    "CatalogueView",
+    "Config",
+    "ConfigError",
+    "Engine",
+    "KeyExtras",
+    "LayerSignal",
+    "Namespace",
+    "__version__",
+    "load_config",
+]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy so that `import kvtier` works without the extension (and before
     # kvtier.engine exists); the import error surfaces where Engine is used.
-    if name in ("Engine", "KeyExtras", "Namespace"):
+    if name in ("Engine", "KeyExtras", "LayerSignal", "Namespace"):
         from kvtier import engine
 
         return getattr(engine, name)

@@ -25,9 +25,11 @@ from kvtier.kv_layout import stream_handle
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Engine", "KeyExtras", "Namespace", "StoreHandle"]
+__all__ = ["Engine", "KeyExtras", "LayerSignal", "LayerwiseLoadHandle", "Namespace", "StoreHandle"]
 
 StoreHandle = _kvtier.StoreHandle
+LayerSignal = _kvtier.LayerSignal
+LayerwiseLoadHandle = _kvtier.LayerwiseLoadHandle
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,44 @@ class Engine:
                 extras=_extras(extras),
             )
         )
+
+    def store_layerwise(
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        slot_mapping: Any,
+        skip_tokens: int,
+        signal: LayerSignal,
+        *,
+        extras: KeyExtras | None = None,
+    ) -> StoreHandle:
+        """store(), but each layer of a chunk is copied once ``signal`` reports
+        it final (``signal.layer_ready(i)`` / ``all_ready()``), so the store
+        follows a forward pass layer by layer. CPU layouts only. A chunk whose
+        layers never all become final (``abort()``, the signal's timeout) is
+        not stored."""
+        self._check_open()
+        toks = _tokens(tokens)
+        layout = self._require_layout()
+        return self._native.store_paged_layerwise(
+            toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), layout, signal, extras=_extras(extras)
+        )
+
+    def load_layerwise(
+        self,
+        requests: Sequence[tuple[Sequence[int] | np.ndarray, Any, int, KeyExtras | None]],
+    ) -> LayerwiseLoadHandle:
+        """Lease the cached prefix of each ``(tokens, slot_mapping, skip_tokens,
+        extras)`` and scatter it into the paged KV layer by layer on a thread
+        of its own. ``valid_tokens`` (one per request) is known on return;
+        ``wait_layer(i)`` returns once layer i of every request is in place.
+        CPU layouts only."""
+        self._check_open()
+        layout = self._require_layout()
+        native = []
+        for tokens, slot_mapping, skip_tokens, extras in requests:
+            toks = _tokens(tokens)
+            native.append((toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), _extras(extras)))
+        return self._native.load_paged_layerwise(native, layout)
 
     def retrieve_on_stream(
         self,

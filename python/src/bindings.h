@@ -14,5 +14,6 @@ void RegisterStatus(pybind11::module_& m);    // status_to_exception.cc
 void RegisterDatapath(pybind11::module_& m);  // datapath_bindings.cc
 void RegisterEngine(pybind11::module_& m);    // engine_bindings.cc
 void RegisterCatalogue(pybind11::module_& m); // catalogue_bindings.cc
+void RegisterLayerwise(pybind11::module_& m); // layerwise_bindings.cc (after RegisterEngine)
 
 }  // namespace kvtier::py

@@ -9,4 +9,5 @@ PYBIND11_MODULE(_kvtier, m) {
   kvtier::py::RegisterDatapath(m);
   kvtier::py::RegisterEngine(m);
   kvtier::py::RegisterCatalogue(m);
+  kvtier::py::RegisterLayerwise(m);
 }

@@ -113,7 +113,12 @@ logger = logging.getLogger(__name__)
 # here; its KV layouts are covered (kv_layout.py), the connector API is not,
 # so it is refused until a test has run it.
 SUPPORTED_VLLM = ("0.32.",)
-CONNECTOR_KEYS = {"async_load": bool}
+CONNECTOR_KEYS = {"async_load": bool, "layerwise": bool}
+
+# A layer-wise store gives up (stores nothing) when its forward pass has not
+# reported every layer by then; bounds how long a pass that died holds the
+# engine's copy threads.
+LAYERWISE_TIMEOUT_MS = 300_000
 
 
 def check_vllm_version(version: str = vllm.__version__) -> None:
@@ -306,6 +311,9 @@ _COUNTERS = (
     "chunks_saved",
     "save_seconds",
     "unsupported_requests",
+    "layerwise_loads",
+    "layerwise_store_passes",
+    "layerwise_stores_aborted",
 )
 
 
@@ -656,6 +664,7 @@ class KVTierConnector(KVConnectorBase_V1):
         options, overrides = split_extra_config(dict(ktc.kv_connector_extra_config or {}))
         self._config = kvtier.load_config(overrides)
         self._async_load: bool = options.get("async_load", False)
+        self._layerwise: bool = options.get("layerwise", False)
         self._loads_enabled = bool(ktc.is_kv_consumer)
         self._saves_enabled = bool(ktc.is_kv_producer)
         if ktc.kv_load_failure_policy != "recompute":
@@ -667,6 +676,15 @@ class KVTierConnector(KVConnectorBase_V1):
         self._cpu = vllm_config.device_config.device_type == "cpu"
         if self._cpu:
             self._config = _cpu_whole_blocks(self._config, self._block_size)
+        if self._layerwise and not self._cpu and role == KVConnectorRole.WORKER:
+            # GPU loads are already enqueued on the forward's stream ahead of
+            # its kernels, and stores start from an event on it.
+            logger.warning(
+                "KVTierConnector: layerwise: true is implemented for CPU devices only; on %s kvtier "
+                "moves whole chunks (loads enqueued on the forward's stream, stores after it)",
+                vllm_config.device_config.device_type,
+            )
+            self._layerwise = False
         self._chunk_size: int = int(self._config.chunk_size)
         # Worker: this rank's engine, its catalogue in shared memory.
         # Scheduler: no tiers, only every rank's catalogue mapped read-only
@@ -731,6 +749,13 @@ class KVTierConnector(KVConnectorBase_V1):
         self._finished_waiting: set[str] = set()
         self._load_errors: set[int] = set()
         self._finished_recving: set[str] = set()
+        # Layer-wise transfer (CPU): layer name -> index in the registered
+        # caches; this step's load (with its specs) and store signal.
+        self._layer_index: dict[str, int] = {}
+        self._layer_load: tuple[Any, list[LoadSpec]] | None = None
+        self._layer_signal: Any = None
+        self._layers_reported: set[int] = set()
+        self._layerwise_store_broken = False
 
     # ------------------------------------------------------------ metrics
 
@@ -897,6 +922,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         tensors = list(kv_caches.values())
+        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
         if self._cpu:
             self.engine.register_kv_caches([_cpu_block_view(t) for t in tensors], kind="flash_infer")
         else:
@@ -906,7 +932,11 @@ class KVTierConnector(KVConnectorBase_V1):
         self._reap_stream_loads()
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVTierConnectorMetadata)
+        if self._layerwise:
+            self._start_layerwise_load([spec for spec in meta.loads if not spec.is_async])
         for spec in meta.loads:
+            if self._layerwise and not spec.is_async:
+                continue
             started = time.perf_counter()
             if spec.is_async:
                 try:
@@ -972,8 +1002,80 @@ class KVTierConnector(KVConnectorBase_V1):
             spec.need_tokens,
         )
 
+    # ------------------------------------------------------------ layer-wise
+    #
+    # CPU ordering contract (layerwise: true), per forward pass:
+    # - loads: start_load_kv leases every synchronous load's prefix and a
+    #   thread scatters it layer by layer; wait_for_layer_load(layer l), which
+    #   vLLM calls before layer l's attention, returns once layer l of every
+    #   load is in the paged KV, so layer l+1's copy overlaps layer l's
+    #   compute. wait_for_save waits for the rest before the step ends.
+    # - stores: the first save_kv_layer of the pass (vLLM calls it after each
+    #   layer's attention, whose KV is then written) starts the step's stores
+    #   on a LayerSignal; each save_kv_layer(layer l) lets them copy layer l.
+    #   wait_for_save ends the pass: when every registered layer was reported
+    #   the stores complete; otherwise (the pass failed part-way, or a layer
+    #   never reports) they are aborted and store nothing, so a layer that was
+    #   never written is never stored. A model whose layers do not all report
+    #   falls back to whole-chunk stores (logged once).
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        self._layer_signal = None
+        self._layers_reported = set()
+
+    def _start_layerwise_load(self, specs: list[LoadSpec]) -> None:
+        self._finish_layerwise_load()  # a previous step's, if its pass had no layers
+        if not specs:
+            return
+        started = time.perf_counter()
+        try:
+            handle = self.engine.load_layerwise(
+                [(spec.tokens, spec.slots, spec.skip_tokens, key_extras(spec.extras)) for spec in specs]
+            )
+        except Exception:
+            logger.exception("kvtier layer-wise load failed to start")
+            for spec in specs:
+                self._finish_load(spec, 0, started)
+            return
+        for spec, valid in zip(specs, handle.valid_tokens, strict=True):
+            self._finish_load(spec, int(valid), started)
+        self._layer_load = (handle, specs)
+        self._count(layerwise_loads=len(specs))
+
+    def _fail_layerwise_load(self, specs: list[LoadSpec]) -> None:
+        """A scatter failed after the counts were reported: every block the
+        load was to fill is reported to vLLM, which recomputes it."""
+        for spec in specs:
+            first = spec.skip_tokens // self._block_size
+            last = (spec.need_tokens - 1) // self._block_size
+            self._load_errors.update(spec.block_ids[first : last + 1])
+        self._count(load_errors=1)
+
+    def _finish_layerwise_load(self) -> None:
+        if self._layer_load is None:
+            return
+        handle, specs = self._layer_load
+        self._layer_load = None
+        try:
+            handle.wait()
+        except Exception:
+            logger.exception("kvtier layer-wise load failed")
+            self._fail_layerwise_load(specs)
+
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return
+        if self._layer_load is None:
+            return
+        index = self._layer_index.get(layer_name)
+        if index is None:
+            return
+        handle, specs = self._layer_load
+        try:
+            handle.wait_layer(index)
+        except Exception:
+            logger.exception("kvtier layer-wise load failed at %s", layer_name)
+            self._layer_load = None
+            self._fail_layerwise_load(specs)
 
     def save_kv_layer(
         self,
@@ -982,7 +1084,43 @@ class KVTierConnector(KVConnectorBase_V1):
         attn_metadata: AttentionMetadata,
         **kwargs: Any,
     ) -> None:
-        return
+        if not self._layerwise or self._layerwise_store_broken:
+            return
+        index = self._layer_index.get(layer_name)
+        if index is None:
+            return
+        if self._layer_signal is None:
+            meta = self._get_connector_metadata()
+            assert isinstance(meta, KVTierConnectorMetadata)
+            if not meta.saves:
+                return
+            from kvtier.engine import LayerSignal
+
+            self._layer_signal = LayerSignal(len(self._layer_index), LAYERWISE_TIMEOUT_MS)
+            self._issue_saves(meta.saves, self._layer_signal)
+            self._count(layerwise_store_passes=1)
+        self._layers_reported.add(index)
+        self._layer_signal.layer_ready(index)
+
+    def _issue_saves(self, saves: list[SaveSpec], signal: Any = None) -> None:
+        for spec in saves:
+            started = time.perf_counter()
+            # The scheduler delays the free of every request it scheduled a
+            # save for, so record it even if the store fails right away.
+            self._saved_reqs.add(spec.req_id)
+            try:
+                extras = key_extras(spec.extras)
+                if signal is None:
+                    handle = self.engine.store(spec.tokens, spec.slots, skip_tokens=spec.skip_tokens, extras=extras)
+                else:
+                    handle = self.engine.store_layerwise(
+                        spec.tokens, spec.slots, spec.skip_tokens, signal, extras=extras
+                    )
+            except Exception:  # a failed save is only a future miss
+                logger.exception("kvtier store failed for %s", spec.req_id)
+                continue
+            self._saves_in_flight.setdefault(spec.req_id, []).append((handle, started))
+            self._count(save_requests=1)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         assert isinstance(kv_connector_metadata, KVTierConnectorMetadata)
@@ -994,20 +1132,27 @@ class KVTierConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVTierConnectorMetadata)
-        for spec in meta.saves:
-            started = time.perf_counter()
-            # The scheduler delays the free of every request it scheduled a
-            # save for, so record it even if the store fails right away.
-            self._saved_reqs.add(spec.req_id)
-            try:
-                handle = self.engine.store(
-                    spec.tokens, spec.slots, skip_tokens=spec.skip_tokens, extras=key_extras(spec.extras)
-                )
-            except Exception:  # a failed save is only a future miss
-                logger.exception("kvtier store failed for %s", spec.req_id)
-                continue
-            self._saves_in_flight.setdefault(spec.req_id, []).append((handle, started))
-            self._count(save_requests=1)
+        # The pass is over: loads still copying must finish before the step ends.
+        self._finish_layerwise_load()
+        signal, self._layer_signal = self._layer_signal, None
+        if signal is None:
+            self._issue_saves(meta.saves)
+            return
+        missing = set(range(len(self._layer_index))) - self._layers_reported
+        if not missing:
+            signal.all_ready()
+            return
+        # Some layer's KV may never have been written: store nothing of it.
+        signal.abort()
+        self._count(layerwise_stores_aborted=len(meta.saves))
+        names = sorted((n for n, i in self._layer_index.items() if i in missing), key=self._layer_index.__getitem__)
+        if not self._layerwise_store_broken:
+            self._layerwise_store_broken = True
+            logger.warning(
+                "KVTierConnector: the forward pass did not report layers %s to save_kv_layer; this step's "
+                "layer-wise stores were aborted and later steps store whole chunks after the pass",
+                ", ".join(names[:4]) + (" ..." if len(names) > 4 else ""),
+            )
 
     def _wait_store(self, handle: Any, started: float | None = None) -> None:
         try:
@@ -1057,6 +1202,10 @@ class KVTierConnector(KVConnectorBase_V1):
         return errors
 
     def shutdown(self) -> None:
+        if self._layer_signal is not None:
+            self._layer_signal.abort()
+            self._layer_signal = None
+        self._finish_layerwise_load()
         for handles in self._saves_in_flight.values():
             for handle, _ in handles:
                 self._wait_store(handle)

@@ -159,3 +159,46 @@ def test_killed_worker_then_restart(model_path: str, reference: dict[int, list[l
         assert shm_objects() - before == leftovers
     assert served >= 0.9 * len(PROMPTS[0]), json.dumps({"served": served})
     assert_no_catalogue_survives(before)
+
+
+def test_layerwise_with_tensor_parallelism(
+    model_path: str, reference: dict[int, list[list[int]]], tmp_path: Path
+) -> None:
+    """`layerwise: true` under `vllm serve` with TP=2: each rank's worker
+    loads one layer ahead of its forward pass and stores layer by layer
+    (the counters that show the path is taken are checked in-process, in
+    test_vllm_layerwise.py). Outputs equal TP=2 without kvtier."""
+    config = kvtier_config(tmp_path / "disk")
+    config["kv_connector_extra_config"]["layerwise"] = True
+    log = tmp_path / "serve.log"
+    with VllmServer(model_path, kv_transfer_config=config, tensor_parallel_size=2, log_path=log) as server:
+        cold, warm, hits = serve_and_repeat(server)
+    assert cold == reference[2]
+    assert warm == reference[2]
+    for prompt, n in zip(PROMPTS, hits):
+        assert n >= 0.9 * len(prompt), (hits, log.read_text()[-3000:])
+    text = log.read_text()
+    assert "layer-wise stores were aborted" not in text
+    assert "layer-wise load failed" not in text
+
+
+def test_pipeline_parallelism(model_path: str, reference: dict[int, list[list[int]]], tmp_path: Path) -> None:
+    """`pipeline_parallel_size=2`: each stage's worker holds its own layers'
+    KV (ranks pp x tp, disk rank<r>of2). Splitting the layers over two
+    processes does not change the arithmetic, so the outputs equal TP=1
+    without kvtier."""
+    log = tmp_path / "serve.log"
+    server = VllmServer(
+        model_path,
+        kv_transfer_config=kvtier_config(tmp_path / "disk"),
+        pipeline_parallel_size=2,
+        log_path=log,
+    )
+    with server:
+        cold, warm, hits = serve_and_repeat(server)
+    assert cold == reference[1]
+    assert warm == reference[1]
+    for prompt, n in zip(PROMPTS, hits):
+        assert n >= 0.9 * len(prompt), (hits, log.read_text()[-3000:])
+    for r in range(2):
+        assert glob.glob(str(tmp_path / "disk" / f"rank{r}of2" / "seg_*.kvt")), r

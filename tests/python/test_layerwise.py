@@ -133,3 +133,4 @@ def test_many_threads_store_and_load_layerwise(tmp_path):
     assert not errors, errors
     assert kvtier.LayerSignal is LayerSignal
     eng.close()
+

@@ -112,3 +112,18 @@ def test_values_outside_int32_are_value_errors(native: Any, values: list[int], d
 def test_int32_extremes_are_accepted(native: Any) -> None:
     bounds = np.array([-(2**31), 2**31 - 1] * CHUNK, dtype=np.int64)
     assert native.chunk_keys(bounds) == native.chunk_keys(bounds.astype(np.int32))
+
+
+def test_python_engine_refuses_float_tokens_instead_of_casting(tmp_path: Any) -> None:
+    """kvtier.Engine normalises tokens (kvtier.engine._tokens) before the
+    bindings see them: a float array must fail there too, not be truncated."""
+    e = Engine({"chunk_size": CHUNK, "cpu_capacity": "16MiB", "disk_path": "none"}, Namespace(model="m"))
+    try:
+        with pytest.raises(TypeError, match="dtype float32"):
+            e.lookup(np.arange(32, dtype=np.float32))
+        with pytest.raises(TypeError, match="dtype float64"):
+            e.lookup(np.array([1.5, 2.0]))
+        assert e.lookup([]) == 0
+        assert e.lookup(np.arange(32, dtype=np.uint16)) == 0
+    finally:
+        e.close()

@@ -45,9 +45,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
         print(f"kvtier: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.json:
+        # The engine's form where it has one (sizes in bytes); Python-only
+        # keys (cpu_capacity_clamp) as configured.
         native = config.to_native()
-        print(json.dumps({k: {"value": native[k], "source": sources[k]} for k in native},
-                         indent=2))
+        values = {k: native[k] if k in native else getattr(config, k) for k in sources}
+        print(json.dumps({k: {"value": v, "source": sources[k]} for k, v in values.items()}, indent=2))
     else:
         print(config.describe(sources))
     return 0

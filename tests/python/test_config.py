@@ -396,9 +396,11 @@ def test_cli_config_shows_sources(tmp_path: Path) -> None:
 
 
 def test_cli_config_json(tmp_path: Path) -> None:
-    result = run_cli("config", "--json", env={"KVTIER_CPU_CAPACITY": "1GiB"})
+    result = run_cli("config", "--json", env={"KVTIER_CPU_CAPACITY": "1GiB", "KVTIER_CPU_CAPACITY_CLAMP": "true"})
     data = json.loads(result.stdout)
     assert data["cpu_capacity"] == {"value": GIB, "source": "env KVTIER_CPU_CAPACITY"}
+    # Python-only keys are listed too, not only what the engine takes.
+    assert data["cpu_capacity_clamp"] == {"value": True, "source": "env KVTIER_CPU_CAPACITY_CLAMP"}
 
 
 def test_cli_config_error_exit_code() -> None:

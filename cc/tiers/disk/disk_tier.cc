@@ -82,8 +82,21 @@ IoFault Ask(IoFaults* faults, IoKind kind, uint32_t seg, uint64_t off, uint64_t 
   return faults == nullptr ? IoFault{} : faults->Before(disk::IoRequest{kind, seg, off, len});
 }
 
+// fdatasync of a segment file (DiskTierOptions::sync), asking the test's
+// IoFaults first.
+Status SyncFile(IoFaults* faults, uint32_t seg, int fd, const std::string& what) {
+  const IoFault f = Ask(faults, IoKind::kSync, seg, 0, 0);
+  if (f.action == IoFault::Action::kFail) return ErrnoError("fdatasync " + what, f.error);
+  if (f.action == IoFault::Action::kDrop) return Status::Ok();
+  while (fdatasync(fd) != 0) {
+    if (errno != EINTR) return ErrnoError("fdatasync " + what, errno);
+  }
+  return Status::Ok();
+}
+
+// Writes n bytes at off, then (sync) fdatasyncs the file.
 Status WriteAll(IoFaults* faults, uint32_t seg, int fd, const std::byte* buf, size_t n, uint64_t off,
-                const char* what) {
+                const char* what, bool sync = false) {
   const IoFault f = Ask(faults, IoKind::kWrite, seg, off, n);
   size_t first = n;  // most bytes the first pwrite may take
   switch (f.action) {
@@ -113,7 +126,7 @@ Status WriteAll(IoFaults* faults, uint32_t seg, int fd, const std::byte* buf, si
     n -= static_cast<size_t>(w);
     off += static_cast<uint64_t>(w);
   }
-  return Status::Ok();
+  return sync ? SyncFile(faults, seg, fd, what) : Status::Ok();
 }
 
 Status StatusFromIo(int neg_errno, const std::string& what) {
@@ -142,13 +155,13 @@ RecordHeader MakeHeader(const ChunkKey& key, uint64_t gen, uint64_t fp, uint64_t
 // Rewrites a record's header block with kFlagDead so rebuild skips it (also
 // the filler that closes a sealed segment: null key, payload = the tail).
 Status WriteDeadHeader(IoFaults* faults, uint32_t seg, int fd, uint64_t offset, const ChunkKey& key, uint64_t gen,
-                       uint64_t fp, uint64_t layout, uint32_t tokens, uint64_t payload, uint32_t crc) {
+                       uint64_t fp, uint64_t layout, uint32_t tokens, uint64_t payload, uint32_t crc, bool sync) {
   AlignedBuffer b;
   if (!b.Reserve(kBlock)) return ResourceExhausted("out of memory for a header block");
   std::memset(b.data(), 0, kBlock);
   const RecordHeader h = MakeHeader(key, gen, fp, layout, tokens, payload, crc, disk::kFlagDead);
   std::memcpy(b.data(), &h, sizeof(h));
-  return WriteAll(faults, seg, fd, b.data(), kBlock, offset, "record header");
+  return WriteAll(faults, seg, fd, b.data(), kBlock, offset, "record header", sync);
 }
 
 // What one rebuild worker found in one segment file.
@@ -264,6 +277,22 @@ void ScanSegment(SegmentReader& rd, uint64_t seg_bytes, uint32_t idx, SegmentSca
 }
 
 }  // namespace
+
+StatusOr<DiskSync> ParseDiskSync(std::string_view name) {
+  if (name == "none") return DiskSync::kNone;
+  if (name == "batch") return DiskSync::kBatch;
+  if (name == "always") return DiskSync::kAlways;
+  return InvalidArgument("disk_sync must be one of none, batch, always; got '" + std::string(name) + "'");
+}
+
+const char* DiskSyncName(DiskSync sync) {
+  switch (sync) {
+    case DiskSync::kNone: return "none";
+    case DiskSync::kBatch: return "batch";
+    case DiskSync::kAlways: return "always";
+  }
+  return "?";
+}
 
 struct DiskTier::RingCtx {
   std::unique_ptr<IoRing> ring;
@@ -780,7 +809,8 @@ Status DiskTier::RollLocked(std::unique_lock<std::mutex>& l) {
       const int fd = old.fd;
       const uint64_t at = old.write_ptr, gen = old.gen;
       l.unlock();
-      (void)WriteDeadHeader(options_.io_faults.get(), idx, fd, at, ChunkKey{}, gen, 0, 0, 0, tail - kBlock, 0);
+      (void)WriteDeadHeader(options_.io_faults.get(), idx, fd, at, ChunkKey{}, gen, 0, 0, 0, tail - kBlock, 0,
+                            options_.sync == DiskSync::kAlways);
       l.lock();
       --segs_[idx].readers;
       cv_.notify_all();
@@ -907,7 +937,10 @@ Status DiskTier::WriteSegmentHeader(int fd, uint32_t idx, uint64_t gen) {
   h.gen = gen;
   disk::SealSegmentHeader(&h);
   std::memcpy(b.data(), &h, sizeof(h));
-  return WriteAll(options_.io_faults.get(), idx, fd, b.data(), kBlock, 0, SegmentPath(idx).c_str());
+  // kBatch: the records that follow in this segment sync the file, header
+  // included, before they are acknowledged.
+  return WriteAll(options_.io_faults.get(), idx, fd, b.data(), kBlock, 0, SegmentPath(idx).c_str(),
+                  options_.sync == DiskSync::kAlways);
 }
 
 uint64_t DiskTier::max_payload_bytes() const { return disk::MaxPayloadBytes(segment_bytes_); }
@@ -1060,6 +1093,8 @@ std::vector<Status> DiskTier::PutBatchImpl(std::span<const ChunkMeta> metas,
   struct Pending {
     size_t i;
     Slot slot;
+    int fd = -1;
+    Status sync;  // the fdatasync that covers this record (DiskTierOptions::sync)
     uint32_t crc = 0;
     std::byte* hdr = nullptr;  // bounce: header block, then tail block or whole payload
     size_t first_op = 0, num_ops = 0;
@@ -1120,6 +1155,7 @@ std::vector<Status> DiskTier::PutBatchImpl(std::span<const ChunkMeta> metas,
         Pending& p = pending[pi];
         const auto d = datas[p.i];
         const int fd = segs_[p.slot.seg].fd;  // fd of an open segment never changes while writers > 0
+        p.fd = fd;
         p.hdr = b;
         p.first_op = ops.size();
         if (IsAligned(d.data())) {
@@ -1173,7 +1209,36 @@ std::vector<Status> DiskTier::PutBatchImpl(std::span<const ChunkMeta> metas,
           std::memset(p.hdr + kBlock + d.size(), 0, rec - kBlock - d.size());
         }
       };
-      ctx.ring->Run(ops, prepare);
+      auto written = [&](const Pending& p) {
+        for (size_t k = p.first_op; k < p.first_op + p.num_ops; ++k) {
+          if (ops[k].result != 0) return false;
+        }
+        return true;
+      };
+      IoFaults* faults = options_.io_faults.get();
+      if (options_.sync == DiskSync::kAlways) {
+        // Record by record: each is on stable storage before the next is written.
+        for (Pending& p : pending) {
+          ctx.ring->Run(std::span<IoOp>(ops).subspan(p.first_op, p.num_ops),
+                        [&](size_t k) { prepare(p.first_op + k); });
+          if (written(p)) p.sync = SyncFile(faults, p.slot.seg, p.fd, SegmentPath(p.slot.seg));
+        }
+      } else {
+        ctx.ring->Run(ops, prepare);
+        if (options_.sync == DiskSync::kBatch) {
+          // One fdatasync per segment file this batch wrote, after every
+          // write finished and before anything is published.
+          std::vector<uint32_t> synced;
+          for (const Pending& p : pending) {
+            if (!written(p) || std::find(synced.begin(), synced.end(), p.slot.seg) != synced.end()) continue;
+            synced.push_back(p.slot.seg);
+            const Status st = SyncFile(faults, p.slot.seg, p.fd, SegmentPath(p.slot.seg));
+            for (Pending& q : pending) {
+              if (q.slot.seg == p.slot.seg) q.sync = st;
+            }
+          }
+        }
+      }
     }
     ReleaseRing(std::move(*ctx_or));
   }
@@ -1184,6 +1249,7 @@ std::vector<Status> DiskTier::PutBatchImpl(std::span<const ChunkMeta> metas,
     for (size_t k = p.first_op; st.ok() && k < p.first_op + p.num_ops; ++k) {
       if (ops[k].result != 0) st = StatusFromIo(ops[k].result, "writing " + SegmentPath(p.slot.seg));
     }
+    if (st.ok()) st = p.sync;
     Segment& s = segs_[p.slot.seg];
     --s.writers;
     auto it = map_.find(metas[p.i].key);
@@ -1430,7 +1496,7 @@ Status DiskTier::RemoveImpl(const ChunkKey& key) {
     EraseEntryLocked(it);
   }
   Status s = WriteDeadHeader(options_.io_faults.get(), e.seg, fd, e.offset, key, e.gen, e.fingerprint, e.layout_id,
-                             e.num_tokens, e.payload_bytes, e.payload_crc);
+                             e.num_tokens, e.payload_bytes, e.payload_crc, options_.sync != DiskSync::kNone);
   std::lock_guard<std::mutex> g(mu_);
   --segs_[e.seg].readers;
   cv_.notify_all();
@@ -1489,7 +1555,16 @@ void DiskTier::ClearImpl() {
   for (const Dead& d : dead) {
     results.push_back(WriteDeadHeader(options_.io_faults.get(), d.e.seg, d.fd, d.e.offset, d.key, d.e.gen,
                                       d.e.fingerprint, d.e.layout_id, d.e.num_tokens, d.e.payload_bytes,
-                                      d.e.payload_crc));
+                                      d.e.payload_crc, options_.sync == DiskSync::kAlways));
+  }
+  if (options_.sync == DiskSync::kBatch) {
+    // One fdatasync per file written (kAlways synced each write already).
+    std::vector<std::pair<uint32_t, int>> files;
+    for (uint32_t i : whole) files.emplace_back(i, segs_[i].fd);
+    for (const Dead& d : dead) files.emplace_back(d.e.seg, d.fd);
+    std::sort(files.begin(), files.end());
+    files.erase(std::unique(files.begin(), files.end()), files.end());
+    for (const auto& [seg, fd] : files) results.push_back(SyncFile(options_.io_faults.get(), seg, fd, SegmentPath(seg)));
   }
   std::lock_guard<std::mutex> g(mu_);
   for (uint32_t i : whole) {

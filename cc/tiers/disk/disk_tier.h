@@ -23,9 +23,28 @@
 // - Open() takes an exclusive flock on <path>/LOCK. A second DiskTier on the
 //   same directory, in this or another process, gets kFailedPrecondition
 //   naming the holder's pid. The lock dies with the process (kill -9 too).
-// - Durability: a Put that returned kOk has its bytes in the device (O_DIRECT
-//   write completed) and survives a process crash. It is not fsync'ed, so a
-//   power cut may lose it; the checksum then makes it a miss, never bad data.
+// - Durability (DiskTierOptions::sync): in every mode a Put that returned kOk
+//   has its bytes in the device (O_DIRECT write completed) and survives a
+//   process crash (kill -9 included). What survives a power cut depends on
+//   the mode:
+//   kNone (the default, and the only behaviour before the option existed):
+//     no fsync/fdatasync is ever issued. Recent chunks may be lost (the
+//     device's volatile cache, and extents of preallocated segments not yet
+//     marked written in the file system's journal); a removed chunk may
+//     come back.
+//   kBatch: every PutBatch (a single Put is a batch of one) issues one
+//     fdatasync per segment file its records went to, after all its writes
+//     completed and before any of its chunks is published (visible to Get)
+//     or acknowledged (kOk). Remove and Clear sync each file they wrote
+//     once before returning. An acknowledged chunk survives a power cut
+//     where the device honours cache flushes.
+//   kAlways: an fdatasync after every write the tier makes: each record of
+//     a batch is written and synced before the next one is written (no
+//     overlap inside a batch), and so is every header the tier rewrites
+//     (segment header, sealing filler, Remove's and Clear's dead headers).
+//   A failed fdatasync fails the records it covered (kIoError, not
+//   published; their space is a hole). In every mode a chunk lost or torn
+//   by a power cut is a miss (checksums), never bad data.
 // - Atomic publish: a chunk is visible (Get, SizeOf, Pin, ForEachChunk,
 //   rebuild) only after its whole record was written. While it is written,
 //   Get returns kFailedPrecondition and a second Put of the key
@@ -70,6 +89,7 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -83,6 +103,14 @@ namespace disk {
 class IoFaults;
 class IoRing;
 }
+
+// When the disk tier calls fdatasync (see Durability in DiskTier's contract).
+enum class DiskSync : uint8_t { kNone, kBatch, kAlways };
+
+// "none", "batch" or "always" (the config key disk_sync); kInvalidArgument
+// naming the allowed values otherwise.
+StatusOr<DiskSync> ParseDiskSync(std::string_view name);
+const char* DiskSyncName(DiskSync sync);
 
 struct DiskTierOptions {
   std::string path;             // directory; created if missing
@@ -107,6 +135,7 @@ struct DiskTierOptions {
   uint32_t queue_depth = 64;    // io_uring SQ entries per ring
   uint32_t rebuild_threads = 2;
   bool use_gds = false;         // try cuFile; falls back to io_uring (logged once)
+  DiskSync sync = DiskSync::kNone;  // fdatasync policy (config key disk_sync)
   // Tests only: asked before every I/O (disk/io_faults.h). Null in production.
   std::shared_ptr<disk::IoFaults> io_faults;
 };

@@ -2,11 +2,12 @@
 //
 // Every I/O the disk tier issues asks the IoFaults it was opened with (if any)
 // what to do first: segment reads and writes through io_uring, io_uring
-// submits and ring set-up, header pwrites, fallocate, start-up preads, and
-// opening the directory's files. A test can so make the tier meet EIO,
-// ENOSPC in the middle of a batch, short transfers, a failing io_uring_submit
-// or a read-only directory without privileges or a real broken disk, and can
-// drop or tear writes to simulate what a power cut loses (see
+// submits and ring set-up, header pwrites, fallocate, fdatasync, start-up
+// preads, and opening the directory's files. A test can so make the tier meet
+// EIO, ENOSPC in the middle of a batch, short transfers, a failing
+// io_uring_submit or fdatasync, or a read-only directory without privileges
+// or a real broken disk, can see where syncs are issued, and can drop or
+// tear writes to simulate what a power cut loses (see
 // disk_tier_io_fault_test.cc). In production no IoFaults is set, and the
 // cost is one pointer test per I/O.
 //
@@ -31,6 +32,9 @@ enum class IoKind : uint8_t {
   kRingInit,   // io_uring_queue_init (a new ring, or its rebuild after a failed submit)
   kFallocate,  // preallocating a new segment file
   kOpen,       // open() of a segment file, or of LOCK (segment = kNoSegment)
+  kSync,       // fdatasync of a segment file (DiskTierOptions::sync; length 0).
+               // kFail fails it with `error`; kDrop skips it and reports
+               // success (a device that ignores cache flushes)
 };
 
 struct IoRequest {

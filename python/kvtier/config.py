@@ -262,6 +262,7 @@ class Config:
     disk_segment_size: int = 0
     disk_queue_depth: int = 64
     gds: str = "auto"
+    disk_sync: str = "none"
     write_behind: bool = True
     write_behind_queue: int = 1024
     io_threads: int = 2
@@ -363,6 +364,7 @@ _KEYS: dict[str, _Key] = {
                               _segment_ok),
     "disk_queue_depth": _int_range(1, 4096),
     "gds": _choice("auto", "on", "off"),
+    "disk_sync": _choice("none", "batch", "always"),
     "write_behind": _Key(_parse_bool, "a boolean: true/false, 1/0, yes/no, on/off"),
     "write_behind_queue": _int_range(1, 1_000_000, "an integer number of chunks in [1, 1000000]"),
     "io_threads": _int_range(1, 64),

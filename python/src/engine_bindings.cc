@@ -164,6 +164,7 @@ const std::set<std::string>& KnownKeys() {
       "chunk_size", "partial_chunks", "cpu_capacity", "cpu_high_watermark", "cpu_low_watermark",
       "eviction_policy", "ttl_seconds", "index_capacity", "huge_pages", "numa_node", "disk_path",
       "disk_capacity", "disk_segment_size", "disk_queue_depth", "gds", "write_behind", "write_behind_queue",
+      "disk_sync",
       "io_threads", "copy_threads", "namespace", "log_level", "model", "dtype", "layout", "rank",
       "world_size", "chunk_bytes", "catalogue_shm_name"};
   return keys;
@@ -215,6 +216,9 @@ EngineOptions ParseOptions(const pyb::dict& d) {
     ThrowStatus(InvalidArgument("gds must be one of auto, on, off; got '" + gds + "'"));
   }
   o.disk.use_gds = gds != "off";
+  const StatusOr<DiskSync> sync = ParseDiskSync(Get<std::string>(d, "disk_sync", "none"));
+  if (!sync.ok()) ThrowStatus(sync.status());
+  o.disk.sync = *sync;
   o.write_behind = Get<bool>(d, "write_behind", true);
   o.write_behind_queue = Get<size_t>(d, "write_behind_queue", 1024);
   o.copy_threads = Get<size_t>(d, "copy_threads", 2);

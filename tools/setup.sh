@@ -33,6 +33,10 @@ APT_PACKAGES=(
   openssl
   redis-server
   redis-tools
+  # libFuzzer targets (bazel --config=fuzz, tools/fuzz.sh): clang and its
+  # fuzzer/sanitizer runtimes
+  clang
+  libclang-rt-14-dev
 )
 
 # hiredis C sources, built by Bazel (third_party/hiredis): the ones vendored

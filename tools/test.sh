@@ -5,6 +5,7 @@
 #   2. bazel test //...            all C++ (and Bazel py) tests; benchmarks build
 #   3. bazel test --config=asan    tests tagged "concurrency"
 #   4. bazel test --config=tsan    tests tagged "concurrency"
+#      tools/fuzz.sh --smoke       every libFuzzer target, briefly
 #   5. bazel build //python:wheel  optimised, with CUDA when available
 #   6. pip install the wheel       into ./.venv (--force-reinstall --no-deps)
 #   7. pytest tests/python tests/gpu tests/e2e, against the INSTALLED package
@@ -125,6 +126,10 @@ bazel_test_tagged "concurrency tests under asan" --config=asan --platform_suffix
   --build_tests_only --test_tag_filters=concurrency //...
 bazel_test_tagged "concurrency tests under tsan" --config=tsan --platform_suffix=tsan \
   --build_tests_only --test_tag_filters=concurrency //...
+# Each libFuzzer target for 5000 executions or 5 s from its seeds (clang,
+# ASan, UBSan): the fuzzers build and find nothing quickly. Long runs:
+# tools/fuzz.sh (FUZZING.md).
+run "fuzz smoke (tools/fuzz.sh --smoke)" bash tools/fuzz.sh --smoke
 
 # --- 5-6. wheel -------------------------------------------------------------
 WHEEL=""

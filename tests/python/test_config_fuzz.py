@@ -143,6 +143,8 @@ KNOWN_ESCAPES: dict[str, str] = {
     "OverflowError": "an integer beyond float range for a float key: float(int) raises OverflowError",
     "yaml": "PyYAML's constructors raise ValueError/IndexError (not YAMLError) for tags such as "
             "'!!int word' or an empty '!!float'",
+    "embedded null byte": "a NUL in remote_password_file: open() raises ValueError, _read_secret_file "
+                          "catches OSError only (to_native)",
 }
 
 
@@ -151,7 +153,7 @@ class KnownFinding(AssertionError):
 
 
 def _known(exc: BaseException) -> bool:
-    if type(exc).__name__ in KNOWN_ESCAPES:
+    if type(exc).__name__ in KNOWN_ESCAPES or str(exc) in KNOWN_ESCAPES:
         return True
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
@@ -185,6 +187,7 @@ REGRESSIONS: dict[str, Case] = {
     "deeply_nested_yaml": Case(yaml_bytes=b"chunk_size: " + b"[" * 2000 + b"]" * 2000 + b"\n"),
     "yaml_int_tag_on_a_word": Case(yaml_bytes=b"!!int gds: 1\n"),
     "yaml_empty_float_tag": Case(yaml_bytes=b"!!float "),
+    "nul_in_password_file_path": Case(overrides={"remote_password_file": "a\x00b"}),
 }
 
 

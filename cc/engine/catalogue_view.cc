@@ -1,5 +1,7 @@
 #include "cc/engine/catalogue_view.h"
 
+#include "cc/tiers/remote/remote_record.h"
+
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -50,8 +52,61 @@ StatusOr<std::unique_ptr<CatalogueView>> CatalogueView::Create(const CatalogueVi
     auto hasher = ChunkHasher::Create(spec.ns, options.chunk_tokens, options.partial);
     if (!hasher.ok()) return hasher.status().Annotate("rank " + std::to_string(i));
     view->ranks_.push_back(Rank{spec, std::move(hasher).value(), nullptr, 0, 0, 0});
+    view->remote_digests_.push_back(remote::NamespaceDigest(spec.ns, options.chunk_tokens));
+  }
+  view->chunk_tokens_ = options.chunk_tokens;
+  if (!options.remote.url.empty()) {
+    const remote::RemoteTierOptions& ro = options.remote;
+    if (ro.timeout.count() <= 0) return InvalidArgument("remote timeout must be > 0 ms");
+    remote::RedisClientOptions co;
+    co.connect_timeout = ro.timeout;
+    co.command_timeout = ro.timeout;
+    co.username = ro.username;
+    co.password = ro.password;
+    co.tls_ca_file = ro.tls_ca_file;
+    co.tls_verify_peer = ro.tls_verify_peer;
+    auto client = remote::RedisClient::Create(ro.url, co);
+    if (!client.ok()) return client.status().Annotate("remote");
+    view->remote_ = std::move(client).value();
   }
   return view;
+}
+
+size_t CatalogueView::LookupWithRemote(std::span<const int32_t> tokens, const KeyExtras* extras,
+                                       size_t* local_tokens) {
+  const size_t local = Lookup(tokens, extras);
+  if (local_tokens != nullptr) *local_tokens = local;
+  if (remote_ == nullptr || local >= tokens.size() || !ValidateKeyExtras(extras).ok()) return local;
+  // Chunks past the local prefix (which ends on a chunk boundary unless it
+  // covers the whole prompt), the same window on every rank.
+  constexpr size_t kWindow = 256;
+  const size_t first = local / chunk_tokens_;
+  std::vector<std::vector<ChunkHash>> per_rank(ranks_.size());
+  std::vector<std::string> keys;
+  size_t window = 0;
+  for (size_t r = 0; r < ranks_.size(); ++r) {
+    ranks_[r].hasher.Hash(tokens, &per_rank[r], extras);
+    if (first >= per_rank[r].size()) return local;
+    window = std::min(kWindow, per_rank[r].size() - first);
+  }
+  for (size_t j = 0; j < window; ++j) {
+    for (size_t r = 0; r < ranks_.size(); ++r) keys.push_back(remote::RemoteKey(remote_digests_[r], per_rank[r][first + j].key));
+  }
+  std::vector<std::string_view> views(keys.begin(), keys.end());
+  std::vector<remote::KeyResult> results;
+  // A failed call still fills one result per key (kError for those it
+  // could not ask): they are simply not hits.
+  (void)remote_->ExistsMany(views, &results);
+  if (results.size() != views.size()) return local;
+  size_t n = 0;  // chunks past `first` held by every rank
+  for (; n < window; ++n) {
+    bool all = true;
+    for (size_t r = 0; r < ranks_.size() && all; ++r) all = results[n * ranks_.size() + r] == remote::KeyResult::kHit;
+    if (!all) break;
+  }
+  if (n == 0) return local;
+  const ChunkHash& last = per_rank[0][first + n - 1];
+  return last.begin + last.num_tokens;
 }
 
 std::shared_ptr<const ChunkIndex> CatalogueView::IndexOf(Rank& r) {

@@ -25,6 +25,12 @@
 //   The view notices by the object's inode (checked at most every
 //   recheck_ms per rank, one stat(2)) and remaps; a name that cannot be
 //   opened is retried on the same schedule.
+// - Remote tier (options.remote.url set): LookupWithRemote continues past
+//   the local prefix in the shared remote store, asking EXISTS for every
+//   rank's key of the following chunks (up to 256) in one pipelined round
+//   trip, bounded by options.remote.timeout; a chunk counts when every rank's
+//   copy is there. The same hint rule: workers fetch and check each chunk,
+//   so a stale answer is a miss. A remote that is down or slow adds nothing.
 // - Thread safety: Lookup may be called from any thread; rank mappings are
 //   swapped under a mutex held only for the pointer exchange and the stat.
 //   ChunkIndex reads themselves take no lock (see chunk_index.h).
@@ -41,6 +47,8 @@
 #include "cc/common/status.h"
 #include "cc/hash/chunk_hash.h"
 #include "cc/index/chunk_index.h"
+#include "cc/tiers/remote/redis_client.h"
+#include "cc/tiers/remote/remote_tier.h"
 
 namespace kvtier {
 
@@ -67,6 +75,8 @@ struct CatalogueViewOptions {
   uint32_t chunk_tokens = 256;
   PartialChunkPolicy partial = PartialChunkPolicy::kKeep;
   int64_t recheck_ms = 1000;  // how often a rank's shm object is re-stat'ed
+  // url empty: no remote. Only url, timeout, credentials and TLS are used.
+  remote::RemoteTierOptions remote;
 };
 
 class CatalogueView {
@@ -79,6 +89,12 @@ class CatalogueView {
   // Tokens cached as a prefix on every rank (see the contract). Invalid
   // extras count 0, as in Engine::Lookup.
   size_t Lookup(std::span<const int32_t> tokens, const KeyExtras* extras = nullptr);
+  // Lookup, then the remote past it (see the contract): the tokens cached
+  // as a prefix on every rank locally or in the remote; *local_tokens (if
+  // given) gets the local part. Without a remote, Lookup.
+  size_t LookupWithRemote(std::span<const int32_t> tokens, const KeyExtras* extras = nullptr,
+                          size_t* local_tokens = nullptr);
+  bool has_remote() const { return remote_ != nullptr; }
   // The same for one rank; 0 for an unknown rank.
   size_t LookupRank(size_t rank, std::span<const int32_t> tokens, const KeyExtras* extras = nullptr);
   // Ranks whose catalogue is mapped now.
@@ -101,6 +117,9 @@ class CatalogueView {
   const int64_t recheck_ms_;
   std::mutex mu_;  // guards every Rank's index / dev / ino / next_check_ms
   std::vector<Rank> ranks_;
+  std::unique_ptr<remote::RedisClient> remote_;  // thread-safe itself
+  std::vector<uint64_t> remote_digests_;          // per rank: NamespaceDigest
+  uint32_t chunk_tokens_ = 0;
 };
 
 }  // namespace kvtier

@@ -1,5 +1,7 @@
 #include "cc/engine/engine.h"
 
+#include "cc/tiers/remote/remote_record.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -141,13 +143,32 @@ Status Engine::Init() {
     }
   }
   KVT_ASSIGN_OR_RETURN(copy_pool_, ThreadPool::Create(options_.copy_threads, options_.store_queue, "kvt-copy"));
+  if (!options_.remote.url.empty()) {
+    remote::RemoteTierOptions ro = options_.remote;
+    ro.namespace_digest = remote::NamespaceDigest(options_.hash_namespace, options_.chunk_tokens);
+    ro.max_payload_bytes = cpu_chunk_bytes_;
+    // The uploader reads a chunk from the CPU tier when its turn comes; one
+    // that is gone by then is skipped (the queue holds keys, not bytes).
+    auto read = [this](const ChunkMeta& m, const std::function<void(std::span<const std::byte>)>& use) {
+      CpuTier* t = cpu();
+      if (t == nullptr) return false;
+      auto lease = t->Acquire(m.key, m.fingerprint);
+      if (!lease.ok() || lease->meta().layout_id != m.layout_id) return false;
+      use(lease->data());
+      return true;
+    };
+    auto tier = remote::RemoteTier::Create(ro, std::move(read));
+    if (!tier.ok()) return tier.status().Annotate("remote tier");
+    remote_ = std::move(tier).value();
+  }
   return Status();
 }
 
 Engine::~Engine() {
-  // Order matters: finish copies (they enqueue write-behind), then drain
-  // write-behind, then tear the tiers down.
+  // Order matters: finish copies (they enqueue write-behind and uploads),
+  // stop the uploader, drain write-behind, then tear the tiers down.
   if (copy_pool_) copy_pool_->Shutdown();
+  remote_.reset();
   {
     std::lock_guard<std::mutex> lock(wb_mu_);
     wb_stop_ = true;
@@ -174,6 +195,7 @@ Status Engine::SetChunkBytes(size_t max_chunk_bytes) {
   cpu_ = std::move(tier).value();
   cpu_chunk_bytes_ = max_chunk_bytes;
   cpu_->SetEvictionListener([this](const ChunkKey& k) { OnTierEvicted(kTierBitCpu, k); });
+  if (remote_) remote_->SetMaxPayloadBytes(max_chunk_bytes);
   cpu_ready_.store(true, std::memory_order_release);  // pairs with the acquire in cpu()
   return Status();
 }
@@ -397,6 +419,7 @@ void Engine::StoreOne(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, 
     // with the disk's error (the chunk then stays CPU-only).
     return done(WriteThrough(meta, data), true);
   }
+  if (remote_) remote_->Enqueue(meta);
   EnqueueWriteBehind(meta);
   done(Status(), true);
 }
@@ -863,7 +886,90 @@ EngineStats Engine::Stats() const {
     s.has_disk = true;
     s.disk = disk_->Stats();
   }
+  s.chunks_fetched_remote = ld(chunks_fetched_remote_);
+  if (remote_) {
+    s.has_remote = true;
+    s.remote = remote_->Stats();
+  }
   return s;
+}
+
+// ---------------------------------------------------------------------------
+// Remote tier
+
+namespace {
+// Chunks asked of the remote at once past the local prefix: bounds one
+// lookup's round trip and one fetch's memory (the largest chunk each).
+constexpr size_t kRemoteWindowChunks = 256;
+}  // namespace
+
+size_t Engine::LookupRemote(std::span<const int32_t> tokens, const KeyExtras* extras) {
+  if (!ValidateKeyExtras(extras).ok()) return 0;
+  std::vector<ChunkHash> chunks;
+  hasher_.Hash(tokens, &chunks, extras);
+  std::vector<ChunkKey> keys(chunks.size());
+  std::vector<uint64_t> fps(chunks.size());
+  for (size_t i = 0; i < chunks.size(); ++i) keys[i] = chunks[i].key, fps[i] = chunks[i].fingerprint;
+  size_t n = index_->LookupPrefix(keys, fps);
+  if (remote_ != nullptr && n < chunks.size()) {
+    std::vector<ChunkMeta> rest;
+    for (size_t i = n; i < chunks.size() && rest.size() < kRemoteWindowChunks; ++i) rest.push_back(MetaOf(chunks[i], 0));
+    n += remote_->ContainsPrefix(rest);
+  }
+  return TokensCovered(chunks, n);
+}
+
+size_t Engine::FetchRemote(std::span<const int32_t> tokens, uint64_t layout_id, const KeyExtras* extras) {
+  if (!ValidateKeyExtras(extras).ok()) return 0;
+  std::vector<ChunkHash> chunks;
+  hasher_.Hash(tokens, &chunks, extras);
+  std::vector<ChunkKey> keys(chunks.size());
+  std::vector<uint64_t> fps(chunks.size());
+  for (size_t i = 0; i < chunks.size(); ++i) keys[i] = chunks[i].key, fps[i] = chunks[i].fingerprint;
+  const size_t local = index_->LookupPrefix(keys, fps);
+  CpuTier* tier = cpu();
+  if (remote_ == nullptr || tier == nullptr || local == chunks.size()) return TokensCovered(chunks, local);
+  std::vector<ChunkMeta> rest;
+  for (size_t i = local; i < chunks.size() && rest.size() < kRemoteWindowChunks; ++i) {
+    rest.push_back(MetaOf(chunks[i], layout_id));
+  }
+  // Each valid chunk is filed like a store of it: catalogue (kWriting),
+  // CPU slab, commit, catalogue (kReady), write-behind. A chunk someone
+  // else is writing right now ends the prefix (its bytes are not ours).
+  const size_t fetched = remote_->Fetch(rest, layout_id, [&](size_t i, std::span<const std::byte> payload) -> Status {
+    const ChunkMeta& m = rest[i];
+    Status ins = index_->Insert(m.key, m.fingerprint, m.num_tokens, static_cast<uint32_t>(payload.size()));
+    if (ins.code() == StatusCode::kAlreadyExists) {
+      auto e = index_->Find(m.key);
+      return e && e->state == EntryState::kReady ? Status::Ok() : Unavailable("chunk being written");
+    }
+    KVT_RETURN_IF_ERROR(ins);
+    auto fail = [&](const Status& s) {
+      (void)index_->Remove(m.key);
+      return s;
+    };
+    if (payload.size() > cpu_chunk_bytes_) return fail(InvalidArgument("remote chunk larger than the CPU tier's"));
+    auto lease = tier->BeginPut(m, payload.size());
+    if (!lease.ok()) return fail(lease.status());
+    std::memcpy(lease->data().data(), payload.data(), payload.size());
+    (void)index_->UpdateTiers(m.key, kTierBitCpu, 0);
+    // Held for write-behind, which takes the hold over (write-through mode
+    // leaves fetched chunks CPU-only: nothing here waits for a disk).
+    const bool to_disk = disk_ != nullptr && options_.write_behind;
+    Status c = tier->Commit(std::move(lease).value(), /*held=*/to_disk);
+    if (!c.ok()) return fail(c);
+    (void)index_->Publish(m.key);
+    auto e = index_->Find(m.key);
+    if (e && e->tier_mask == 0 && index_->BeginEvict(m.key).ok()) (void)index_->Remove(m.key);
+    chunks_fetched_remote_.fetch_add(1, std::memory_order_relaxed);
+    EnqueueWriteBehind(m);
+    return Status::Ok();
+  });
+  return TokensCovered(chunks, local + fetched);
+}
+
+void Engine::FlushRemote() {
+  if (remote_) remote_->Flush();
 }
 
 }  // namespace kvtier

@@ -1,5 +1,6 @@
 // Engine: the kvtier facade. Lookup / store / retrieve / pin / clear / stats
-// over the chunk index (the catalogue) and the tiers (CPU DRAM, local disk).
+// over the chunk index (the catalogue) and the tiers (CPU DRAM, local disk,
+// and a shared remote store: Redis / Valkey).
 // Usable from C++ with no Python (see cc/engine/example_embed.cc).
 //
 // Data model
@@ -30,6 +31,14 @@
 //   A full queue leaves the chunk CPU-only and counts write_behind_dropped.
 //   When the CPU tier is full of chunks pinned for write-behind, a store
 //   waits for the writer (back-pressure, bounded) instead of failing.
+//
+// Remote tier (optional; cc/tiers/remote/remote_tier.h)
+//   The catalogue lists local chunks only; the remote is asked explicitly.
+//   Every chunk committed to the CPU tier by a store is also queued for
+//   upload (bounded; a full queue drops it, counted). LookupRemote and
+//   FetchRemote look past the local prefix; a fetched chunk is checked (key,
+//   fingerprint, layout, checksums) and then stored in the CPU tier like a
+//   promoted one, so Retrieve serves it from there.
 //
 // Retrieve path (synchronous on the caller's thread)
 //   For chunks in prefix order: CPU hit -> ReadLease (pins) -> consume(src);
@@ -91,6 +100,7 @@
 #include "cc/index/chunk_index.h"
 #include "cc/tiers/cpu/cpu_tier.h"
 #include "cc/tiers/disk/disk_tier.h"
+#include "cc/tiers/remote/remote_tier.h"
 
 namespace kvtier {
 
@@ -118,6 +128,10 @@ struct EngineOptions {
   // Disk tier; disabled when disk.path is empty. Init raises
   // disk.max_chunk_bytes to cpu.chunk_bytes, so auto segments hold a chunk.
   DiskTierOptions disk;
+  // Remote tier (Redis / Valkey); disabled when remote.url is empty. Init
+  // sets remote.namespace_digest from hash_namespace and chunk_tokens and
+  // max_payload_bytes from the chunk size.
+  remote::RemoteTierOptions remote;
   // true: stores return once chunks are in the CPU tier and a background
   // thread files them to disk. false (write-through): a store's handle
   // completes only once its chunks are on disk too (or with the disk's
@@ -151,8 +165,10 @@ struct EngineStats {
   uint64_t catalogue_entries = 0;
   uint64_t internal_errors = 0;  // exceptions caught at the engine's thread boundaries (bugs)
   uint64_t store_latency_us_total = 0, retrieve_latency_us_total = 0;
-  bool has_cpu = false, has_disk = false;
+  uint64_t chunks_fetched_remote = 0;  // brought from the remote tier into the CPU tier
+  bool has_cpu = false, has_disk = false, has_remote = false;
   TierStats cpu, disk;
+  remote::RemoteTierStats remote;
 };
 
 // Completion of one asynchronous Store(). Shared between the caller and the
@@ -251,6 +267,19 @@ class Engine {
   };
   StatusOr<PrefixLeases> AcquirePrefix(std::span<const int32_t> tokens, size_t skip_tokens, uint64_t layout_id,
                                        const KeyExtras* extras = nullptr);
+
+  // Remote tier (no-ops without one). LookupRemote: tokens cached as a
+  // prefix locally or, after the local prefix, in the remote (one pipelined
+  // EXISTS round trip, bounded by the remote timeout). FetchRemote: brings
+  // the chunks after the local prefix that the remote holds into the CPU
+  // tier (and the catalogue; write-behind files them to disk), checked
+  // before they count; returns the tokens now cached locally as a prefix.
+  // A remote that is down, slow or holds garbage is a miss, never an error.
+  // layout_id: the caller's KV layout (another layout's chunk is a miss).
+  size_t LookupRemote(std::span<const int32_t> tokens, const KeyExtras* extras = nullptr);
+  size_t FetchRemote(std::span<const int32_t> tokens, uint64_t layout_id, const KeyExtras* extras = nullptr);
+  // Waits until every queued remote upload has been attempted.
+  void FlushRemote();
 
   // Promotes the cached prefix of tokens from disk to CPU in the background.
   // Returns the number of chunks queued.
@@ -373,8 +402,13 @@ class Engine {
   std::atomic<uint64_t> wb_written_{0}, wb_retries_{0}, wb_failed_{0}, wb_dropped_{0};
   std::atomic<uint64_t> store_latency_us_{0}, retrieve_latency_us_{0};
   std::atomic<uint64_t> internal_errors_{0};
+  std::atomic<uint64_t> chunks_fetched_remote_{0};
   std::atomic<bool> internal_error_logged_{false};
   std::atomic<int64_t> last_disk_failure_log_ms_{0};  // LogPermanentDiskFailure's rate limit
+
+  // Last member: destroyed first, so its uploader (which reads the CPU tier)
+  // stops before the tiers go.
+  std::unique_ptr<remote::RemoteTier> remote_;
 };
 
 }  // namespace kvtier

@@ -65,8 +65,13 @@ class CatalogueView:
             )
             for name, ns in ranks
         ]
+        remote: dict[str, Any] = {}
+        if config.remote_enabled:
+            options = config.to_native()
+            remote = {k: options[k] for k in ("remote_url", "remote_timeout_ms", "remote_username",
+                                               "remote_password", "remote_tls_ca_file")}
         self._native = _kvtier.CatalogueView(
-            native, int(config.chunk_size), str(config.partial_chunks), int(recheck_ms)
+            native, int(config.chunk_size), str(config.partial_chunks), int(recheck_ms), remote
         )
 
     @property
@@ -76,6 +81,19 @@ class CatalogueView:
     def lookup(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
         """Leading tokens of ``tokens`` cached on every rank."""
         return int(self._native.lookup(_tokens(tokens), extras=_extras(extras)))
+
+    @property
+    def has_remote(self) -> bool:
+        return bool(self._native.has_remote)
+
+    def lookup_with_remote(
+        self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None
+    ) -> tuple[int, int]:
+        """(tokens cached as a prefix on every rank, locally or past that in
+        the remote tier; of which cached locally). Without a remote tier
+        both are lookup()."""
+        total, local = self._native.lookup_with_remote(_tokens(tokens), extras=_extras(extras))
+        return int(total), int(local)
 
     def lookup_rank(self, rank: int, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
         """Leading tokens cached on one rank (0 for an unknown rank)."""

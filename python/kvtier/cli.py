@@ -18,7 +18,12 @@ import sys
 from collections.abc import Sequence
 
 from kvtier._version import __version__
-from kvtier.config import ENV_CONFIG_FILE, ConfigError, load_config_with_sources
+from kvtier.config import (
+    ENV_CONFIG_FILE,
+    ConfigError,
+    load_config_with_sources,
+    redact_url,
+)
 
 EXIT_USAGE = 2
 
@@ -49,6 +54,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
         # keys (cpu_capacity_clamp) as configured.
         native = config.to_native()
         values = {k: native[k] if k in native else getattr(config, k) for k in sources}
+        for k in ("remote_password",):  # secrets are never printed
+            if values.get(k):
+                values[k] = "***"
+        if values.get("remote_url"):
+            values["remote_url"] = redact_url(str(values["remote_url"]))
         print(json.dumps({k: {"value": v, "source": sources[k]} for k, v in values.items()}, indent=2))
     else:
         print(config.describe(sources))

@@ -269,16 +269,33 @@ class Config:
     copy_threads: int = 0
     namespace: str = ""
     log_level: str = "info"
+    remote_url: str = ""
+    remote_ttl_seconds: int = 0
+    remote_timeout_ms: int = 200
+    remote_write: bool = True
+    remote_queue: int = 256
+    remote_username: str = ""
+    remote_password: str = dataclasses.field(default="", repr=False)
+    remote_password_file: str = ""
+    remote_tls_ca_file: str = ""
 
     @property
     def disk_enabled(self) -> bool:
         return self.disk_path != ""
 
+    @property
+    def remote_enabled(self) -> bool:
+        return self.remote_url != ""
+
     def to_native(self) -> dict[str, int | float | str | bool]:
         """Plain Python scalars, keyed by field name, for the C++ engine
-        (less the keys applied here, in Python, which it does not take)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in _PYTHON_ONLY_KEYS}
+        (less the keys applied here, in Python, which it does not take).
+        remote_password_file is read here: the engine gets the password."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in _PYTHON_ONLY_KEYS}
+        if self.remote_password_file and not self.remote_password:
+            out["remote_password"] = _read_secret_file(self.remote_password_file)
+        return out
 
     def describe(self, sources: Mapping[str, str] | None = None) -> str:
         """One ``key = value`` line per key; with ``sources``, where it came from."""
@@ -293,11 +310,53 @@ class Config:
 
 
 _SIZE_KEYS = frozenset({"cpu_capacity", "disk_capacity", "disk_segment_size"})
-# Applied while loading (cpu_capacity is already clamped): not engine options.
-_PYTHON_ONLY_KEYS = frozenset({"cpu_capacity_clamp"})
+# Applied while loading (cpu_capacity is already clamped), or read into
+# another key by to_native: not engine options.
+_PYTHON_ONLY_KEYS = frozenset({"cpu_capacity_clamp", "remote_password_file"})
+# Never shown: describe(), `kvtier config` and errors print "***".
+_SECRET_KEYS = frozenset({"remote_password"})
+
+
+def _read_secret_file(path: str) -> str:
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"remote_password_file {path!r} cannot be read: {exc.strerror}") from None
+
+
+_REMOTE_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")
+
+
+def _parse_remote_url(value: object) -> str:
+    text = _parse_str(value).strip()
+    if text.lower() in ("", "none"):
+        return ""
+    if not text.startswith(_REMOTE_SCHEMES):
+        raise ValueError("not a redis://, rediss://, redis+cluster:// or rediss+cluster:// URL")
+    hosts = text.split("://", 1)[1].rsplit("@", 1)[-1].split("/", 1)[0]
+    if not hosts or any(not h.strip() for h in hosts.split(",")):
+        raise ValueError("no host in the URL")
+    return text
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    cred, host = rest.split("@", 1)
+    user = cred.split(":", 1)[0] if ":" in cred else ""
+    return f"{scheme}://{user}:***@{host}" if ":" in cred else f"{scheme}://***@{host}"
 
 
 def _display(name: str, value: object) -> str:
+    if name in _SECRET_KEYS:
+        return "***" if value else "''"
+    if name == "remote_url" and isinstance(value, str) and value:
+        return redact_url(value)
+    if name == "remote_url" and value == "":
+        return "none (remote tier disabled)"
     if name in _SIZE_KEYS and isinstance(value, int):
         return format_size(value)
     if name == "disk_path" and value == "":
@@ -371,6 +430,17 @@ _KEYS: dict[str, _Key] = {
     "copy_threads": _int_range(0, 256, "0 (auto) or an integer in [1, 256]"),
     "namespace": _Key(_parse_str, "a string"),
     "log_level": _choice("debug", "info", "warning", "error"),
+    "remote_url": _Key(_parse_remote_url,
+                       "'' / 'none' (no remote tier), redis://[user:pass@]host:port[/db], rediss://... (TLS), "
+                       "redis+cluster://host:port[,host:port...]"),
+    "remote_ttl_seconds": _int_range(0, 10 * 365 * 86400, "0 (no expiry) or seconds in [1, 315360000]"),
+    "remote_timeout_ms": _int_range(1, 60_000),
+    "remote_write": _Key(_parse_bool, "a boolean: true/false, 1/0, yes/no, on/off"),
+    "remote_queue": _int_range(1, 1_000_000, "an integer number of chunks in [1, 1000000]"),
+    "remote_username": _Key(_parse_str, "a string (ACL user; empty: the default user)"),
+    "remote_password": _Key(_parse_str, "a string"),
+    "remote_password_file": _Key(_parse_str, "a path to a file holding the password"),
+    "remote_tls_ca_file": _Key(_parse_str, "a path to a PEM CA file (rediss://)"),
 }
 
 KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
@@ -392,13 +462,16 @@ def _unknown_key_error(key: object, source: str) -> ConfigError:
 
 def _parse_value(key: str, raw: object, source: str) -> object:
     spec = _KEYS[key]
+    # Secrets never reach an error message (nor the log it may end up in).
+    shown = "'***'" if key in _SECRET_KEYS else (
+        repr(redact_url(raw)) if key == "remote_url" and isinstance(raw, str) else repr(raw))
     try:
         value = spec.parse(raw)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad value for {key!r} (from {source}): {raw!r}: {exc}; "
+        raise ConfigError(f"bad value for {key!r} (from {source}): {shown}: {exc}; "
                           f"allowed: {spec.allowed}") from None
     if not spec.check(value):
-        raise ConfigError(f"bad value for {key!r} (from {source}): {raw!r} is out of range; "
+        raise ConfigError(f"bad value for {key!r} (from {source}): {shown} is out of range; "
                           f"allowed: {spec.allowed}")
     return value
 

@@ -370,8 +370,11 @@ class Engine:
         skip_tokens: int = 0,
         *,
         extras: KeyExtras | None = None,
+        fetch_remote: bool = False,
     ) -> Future[int]:
-        """retrieve() on a loader thread (the native call releases the GIL)."""
+        """retrieve() on a loader thread (the native call releases the GIL).
+        fetch_remote: first bring what the remote tier holds past the local
+        prefix into the CPU tier (fetch_remote()), on the same thread."""
         self._check_open()
         toks = _tokens(tokens)
         key_extras = _extras(extras)
@@ -383,13 +386,36 @@ class Engine:
             if self._loader is None:
                 self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
             loader = self._loader
-        return loader.submit(
-            lambda: int(
-                self._native.retrieve_paged(
-                    toks, slots, int(skip_tokens), layout, self._threads, stream, extras=key_extras
-                )
-            )
-        )
+        native = self._native
+
+        def load() -> int:
+            if fetch_remote:
+                native.fetch_remote(toks, int(layout.layout_id), extras=key_extras)
+            return int(native.retrieve_paged(toks, slots, int(skip_tokens), layout, self._threads, stream, extras=key_extras))
+
+        return loader.submit(load)
+
+    # -- remote tier -----------------------------------------------------
+    def lookup_remote(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
+        """Leading tokens cached locally or, past the local prefix, in the
+        remote tier (one pipelined EXISTS round trip, bounded by
+        remote_timeout_ms; a remote that is down or slow answers 0)."""
+        self._check_open()
+        return int(self._native.lookup_remote(_tokens(tokens), extras=_extras(extras)))
+
+    def fetch_remote(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
+        """Bring the chunks past the local prefix that the remote tier holds
+        into the CPU tier, each checked (key, fingerprint, layout, checksums)
+        before it counts; returns the leading tokens now cached locally.
+        Needs registered KV caches (the layout decides what is valid)."""
+        self._check_open()
+        layout = self._require_layout()
+        return int(self._native.fetch_remote(_tokens(tokens), int(layout.layout_id), extras=_extras(extras)))
+
+    def flush_remote(self) -> None:
+        """Wait until every queued upload to the remote tier was attempted."""
+        self._check_open()
+        self._native.flush_remote()
 
     # -- management ------------------------------------------------------
     def prefetch(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:

@@ -166,7 +166,8 @@ const std::set<std::string>& KnownKeys() {
       "disk_capacity", "disk_segment_size", "disk_queue_depth", "gds", "write_behind", "write_behind_queue",
       "disk_sync",
       "io_threads", "copy_threads", "namespace", "log_level", "model", "dtype", "layout", "rank",
-      "world_size", "chunk_bytes", "catalogue_shm_name"};
+      "world_size", "chunk_bytes", "catalogue_shm_name", "remote_url", "remote_ttl_seconds", "remote_timeout_ms",
+      "remote_write", "remote_queue", "remote_username", "remote_password", "remote_tls_ca_file"};
   return keys;
 }
 
@@ -223,6 +224,14 @@ EngineOptions ParseOptions(const pyb::dict& d) {
   o.write_behind_queue = Get<size_t>(d, "write_behind_queue", 1024);
   o.copy_threads = Get<size_t>(d, "copy_threads", 2);
   if (o.copy_threads == 0) o.copy_threads = 2;
+  o.remote.url = Get<std::string>(d, "remote_url", "");
+  o.remote.ttl = std::chrono::seconds(Get<int64_t>(d, "remote_ttl_seconds", 0));
+  o.remote.timeout = std::chrono::milliseconds(Get<int64_t>(d, "remote_timeout_ms", 200));
+  o.remote.write = Get<bool>(d, "remote_write", true);
+  o.remote.queue = Get<size_t>(d, "remote_queue", 256);
+  o.remote.username = Get<std::string>(d, "remote_username", "");
+  o.remote.password = Get<std::string>(d, "remote_password", "");
+  o.remote.tls_ca_file = Get<std::string>(d, "remote_tls_ca_file", "");
   return o;
 }
 
@@ -277,6 +286,35 @@ pyb::dict StatsDict(const EngineStats& s) {
   if (s.has_cpu) tiers["cpu"] = TierStatsDict(s.cpu);
   if (s.has_disk) tiers["disk"] = TierStatsDict(s.disk);
   d["tiers"] = tiers;
+  d["chunks_fetched_remote"] = s.chunks_fetched_remote;
+  if (s.has_remote) {
+    pyb::dict r;
+#define KVT_REMOTE(name) r[#name] = s.remote.name
+    KVT_REMOTE(lookups);
+    KVT_REMOTE(lookup_chunks);
+    KVT_REMOTE(lookup_hit_chunks);
+    KVT_REMOTE(fetches);
+    KVT_REMOTE(fetch_hits);
+    KVT_REMOTE(fetch_misses);
+    KVT_REMOTE(bytes_in);
+    KVT_REMOTE(corrupt);
+    KVT_REMOTE(layout_mismatches);
+    KVT_REMOTE(uploads);
+    KVT_REMOTE(upload_present);
+    KVT_REMOTE(bytes_out);
+    KVT_REMOTE(upload_dropped);
+    KVT_REMOTE(upload_skipped);
+    KVT_REMOTE(upload_failed);
+    KVT_REMOTE(upload_queue_depth);
+    KVT_REMOTE(errors);
+    KVT_REMOTE(timeouts);
+    KVT_REMOTE(lookup_latency_us_total);
+    KVT_REMOTE(fetch_latency_us_total);
+    KVT_REMOTE(upload_latency_us_total);
+    KVT_REMOTE(connected);
+#undef KVT_REMOTE
+    d["remote"] = r;
+  }
   return d;
 }
 
@@ -453,6 +491,37 @@ void RegisterEngine(pyb::module_& m) {
           },
           pyb::arg("tokens"), pyb::arg("buffers"), pyb::arg("layout_id") = 0, pyb::kw_only(), pyb::arg("extras") = pyb::none(),
           "Load cached chunks into writable buffers (one per chunk); returns tokens loaded.")
+      .def(
+          "lookup_remote",
+          [](PyEngine& e, const TokenArray& tokens, const pyb::object& extras) {
+            auto eng = EngineRef(e);
+            std::vector<int32_t> t = CopyTokens(tokens);
+            const std::optional<KeyExtras> x = ExtrasOf(extras);
+            pyb::gil_scoped_release nogil;
+            return eng->LookupRemote(t, ExtrasPtr(x));
+          },
+          pyb::arg("tokens"), pyb::kw_only(), pyb::arg("extras") = pyb::none(),
+          "Leading tokens cached locally or, past the local prefix, in the remote tier.")
+      .def(
+          "fetch_remote",
+          [](PyEngine& e, const TokenArray& tokens, uint64_t layout_id, const pyb::object& extras) {
+            auto eng = EngineRef(e);
+            std::vector<int32_t> t = CopyTokens(tokens);
+            const std::optional<KeyExtras> x = ExtrasOf(extras);
+            pyb::gil_scoped_release nogil;
+            return eng->FetchRemote(t, layout_id, ExtrasPtr(x));
+          },
+          pyb::arg("tokens"), pyb::arg("layout_id"), pyb::kw_only(), pyb::arg("extras") = pyb::none(),
+          "Bring the chunks past the local prefix that the remote tier holds into the CPU tier; returns "
+          "the leading tokens now cached locally.")
+      .def(
+          "flush_remote",
+          [](PyEngine& e) {
+            auto eng = EngineRef(e);
+            pyb::gil_scoped_release nogil;
+            eng->FlushRemote();
+          },
+          "Wait until every queued remote upload has been attempted.")
       .def(
           "prefetch",
           [](PyEngine& e, const TokenArray& tokens, const pyb::object& extras) {

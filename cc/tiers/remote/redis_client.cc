@@ -151,12 +151,13 @@ struct RedisClient::Node {
 };
 
 struct RedisClient::Batch {
-  enum class Op { kGet, kSetNx, kExists, kDel };
+  enum class Op { kGet, kGetRange, kSetNx, kExists, kDel };
   Op op = Op::kGet;
   size_t size = 0;
   std::span<const std::string_view> keys;
   std::span<const KeyValue> items;
   std::string ttl;  // SET NX: seconds as text, empty = no EX
+  std::string range_end;  // GETRANGE: last byte offset as text
   const ValueFn* on_value = nullptr;
   std::vector<KeyResult>* results = nullptr;
   uint64_t value_bytes = 0;
@@ -183,6 +184,12 @@ struct RedisClient::Batch {
     };
     switch (op) {
       case Op::kGet: add("GET"); add(keys[i]); break;
+      case Op::kGetRange:
+        add("GETRANGE");
+        add(keys[i]);
+        add("0");
+        add(range_end);
+        break;
       case Op::kExists: add("EXISTS"); add(keys[i]); break;
       case Op::kDel: add("DEL"); add(keys[i]); break;
       case Op::kSetNx:
@@ -212,6 +219,18 @@ struct RedisClient::Batch {
         }
         if (r->type == REDIS_REPLY_NIL) {
           out = KeyResult::kMiss;
+          return Status::Ok();
+        }
+        break;
+      case Op::kGetRange:
+        if (r->type == REDIS_REPLY_STRING) {
+          if (r->len == 0) {  // GETRANGE of a missing key (or of an empty value)
+            out = KeyResult::kMiss;
+            return Status::Ok();
+          }
+          value_bytes += r->len;
+          if (on_value != nullptr && *on_value) (*on_value)(i, std::string_view(r->str, r->len));
+          out = KeyResult::kHit;
           return Status::Ok();
         }
         break;
@@ -714,7 +733,7 @@ Status RedisClient::RunBatch(Batch& b, Clock::time_point deadline) {
     pending.swap(next);
   }
   for (auto& n : nodes_) n->round.clear();
-  if (b.op == Batch::Op::kGet) stats_.bytes_in += b.value_bytes;
+  if (b.op == Batch::Op::kGet || b.op == Batch::Op::kGetRange) stats_.bytes_in += b.value_bytes;
   return first;
 }
 
@@ -746,6 +765,16 @@ Status RedisClient::GetMany(std::span<const std::string_view> keys, const ValueF
                             std::vector<KeyResult>* results, Clock::time_point deadline) {
   std::lock_guard<std::mutex> lock(mu_);
   Batch b = Batch::Keys(Batch::Op::kGet, keys, results);
+  b.on_value = &on_value;
+  return RunBatch(b, Deadline(deadline));
+}
+
+Status RedisClient::GetRangeMany(std::span<const std::string_view> keys, size_t max_bytes, const ValueFn& on_value,
+                                 std::vector<KeyResult>* results, Clock::time_point deadline) {
+  if (max_bytes == 0) return InvalidArgument("GETRANGE of 0 bytes");
+  std::lock_guard<std::mutex> lock(mu_);
+  Batch b = Batch::Keys(Batch::Op::kGetRange, keys, results);
+  b.range_end = std::to_string(max_bytes - 1);
   b.on_value = &on_value;
   return RunBatch(b, Deadline(deadline));
 }

@@ -50,7 +50,7 @@
 //                        noeviction)
 //   kIoError             any other error reply, or a reply of the wrong type
 //                        (e.g. WRONGTYPE: the key is not a string)
-//   kInvalidArgument     from Create only: bad URL or options
+//   kInvalidArgument     from Create: bad URL or options; GetRangeMany of 0 bytes
 #pragma once
 
 #include <chrono>
@@ -145,6 +145,12 @@ class RedisClient {
   // GET each key; on_value(i, bytes) for each hit. results[i] per key.
   Status GetMany(std::span<const std::string_view> keys, const ValueFn& on_value,
                  std::vector<KeyResult>* results, Clock::time_point deadline = {});
+  // GETRANGE key 0 max_bytes-1 for each key: at most max_bytes of each value
+  // (a value longer than expected is cut, so a reader that knows its
+  // largest value never allocates more than that for a foreign one). Redis
+  // answers an empty string for a missing key: an empty value is kMiss.
+  Status GetRangeMany(std::span<const std::string_view> keys, size_t max_bytes, const ValueFn& on_value,
+                      std::vector<KeyResult>* results, Clock::time_point deadline = {});
   // Convenience: values copied out; missing and failed keys are empty optionals.
   Status GetMany(std::span<const std::string_view> keys,
                  std::vector<std::optional<std::string>>* values,

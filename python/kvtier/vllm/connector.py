@@ -281,6 +281,9 @@ class LoadSpec:
     block_ids: list[int]
     is_async: bool
     extras: dict[str, Any] | None = None  # request_key_extras(request)
+    # Part of the promised prefix is in the remote tier only: the worker
+    # fetches it (asynchronously) before it loads.
+    remote: bool = False
 
 
 @dataclasses.dataclass
@@ -311,6 +314,7 @@ _COUNTERS = (
     "chunks_saved",
     "save_seconds",
     "unsupported_requests",
+    "remote_lookups",
     "layerwise_loads",
     "layerwise_store_passes",
     "layerwise_stores_aborted",
@@ -733,6 +737,8 @@ class KVTierConnector(KVConnectorBase_V1):
         self._reqs: dict[str, _ReqState] = {}
         self._pending_loads: list[LoadSpec] = []
         self._lookup_local: dict[str, int] = {}
+        # Requests whose promised prefix needs the remote tier.
+        self._needs_remote: set[str] = set()
         # Requests counted in unsupported_requests (once each); logged once.
         self._unsupported: set[str] = set()
         self._unsupported_logged = False
@@ -811,11 +817,27 @@ class KVTierConnector(KVConnectorBase_V1):
         self._lookup_local[request.request_id] = num_computed_tokens
         tokens = request.all_token_ids
         # vLLM samples from the last token's logits, so it must compute it.
-        hit = min(int(self._view.lookup(tokens, extras=key_extras(extras))), len(tokens) - 1)
+        if self._view.has_remote:
+            # Past every rank's local prefix, the remote tier (one pipelined
+            # round trip, bounded by remote_timeout_ms). A prefix that needs
+            # the remote loads asynchronously: the request waits in
+            # WAITING_FOR_REMOTE_KVS while its workers fetch, and a slow
+            # remote never holds up the step of the other requests.
+            total, local = self._view.lookup_with_remote(tokens, extras=key_extras(extras))
+            hit = min(total, len(tokens) - 1)
+            needs_remote = hit > local
+        else:
+            hit = min(int(self._view.lookup(tokens, extras=key_extras(extras))), len(tokens) - 1)
+            needs_remote = False
         external = hit - num_computed_tokens
         if external <= 0:
+            self._needs_remote.discard(request.request_id)
             return 0, False
-        return external, self._async_load
+        if needs_remote:
+            self._needs_remote.add(request.request_id)
+        else:
+            self._needs_remote.discard(request.request_id)
+        return external, self._async_load or needs_remote
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -824,6 +846,8 @@ class KVTierConnector(KVConnectorBase_V1):
         if not self._loads_enabled:
             return
         local = self._lookup_local.pop(request.request_id, None)
+        remote = request.request_id in self._needs_remote
+        self._needs_remote.discard(request.request_id)
         if num_external_tokens <= 0:
             if local is not None:
                 self._count(lookups=1, miss_requests=1)
@@ -844,10 +868,13 @@ class KVTierConnector(KVConnectorBase_V1):
                 skip_tokens=local,
                 need_tokens=need,
                 block_ids=block_ids,
-                is_async=self._async_load,
+                is_async=self._async_load or remote,
                 extras=extras,
+                remote=remote,
             )
         )
+        if remote:
+            self._count(remote_lookups=1)
         self._count(lookups=1, hit_requests=1, hit_tokens=num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -913,6 +940,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         self._lookup_local.pop(request.request_id, None)
+        self._needs_remote.discard(request.request_id)
         self._unsupported.discard(request.request_id)
         state = self._reqs.pop(request.request_id, None)
         # The worker reports finished_sending for exactly these requests.
@@ -941,7 +969,11 @@ class KVTierConnector(KVConnectorBase_V1):
             if spec.is_async:
                 try:
                     handle = self.engine.retrieve_async(
-                        spec.tokens, spec.slots, skip_tokens=spec.skip_tokens, extras=key_extras(spec.extras)
+                        spec.tokens,
+                        spec.slots,
+                        skip_tokens=spec.skip_tokens,
+                        extras=key_extras(spec.extras),
+                        fetch_remote=spec.remote,
                     )
                 except Exception:
                     logger.exception("kvtier retrieve_async failed for %s", spec.req_id)

@@ -174,7 +174,10 @@ def _parse_float(value: object) -> float:
         raise TypeError("expected a number, got a boolean")
     result: float | None = None
     if isinstance(value, (int, float)):
-        result = float(value)
+        try:
+            result = float(value)
+        except OverflowError:  # an int beyond float range (10**400)
+            result = None
     elif isinstance(value, str):
         try:
             result = float(value.strip())
@@ -323,6 +326,8 @@ def _read_secret_file(path: str) -> str:
             return f.read().strip()
     except OSError as exc:
         raise ConfigError(f"remote_password_file {path!r} cannot be read: {exc.strerror}") from None
+    except ValueError as exc:  # a NUL in the path
+        raise ConfigError(f"remote_password_file {path!r} cannot be read: {exc}") from None
 
 
 _REMOTE_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")
@@ -491,6 +496,12 @@ def _read_yaml(path: str) -> Mapping[object, object]:
             data = yaml.safe_load(f)
     except yaml.YAMLError as exc:
         raise ConfigError(f"malformed YAML in config file {path}: {exc}") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError(f"malformed YAML in config file {path}: nested too deeply") from None
+    except (ValueError, IndexError, TypeError, OverflowError) as exc:
+        # PyYAML's constructors raise these (not YAMLError) for tags such as
+        # "!!int word" or an empty "!!float".
+        raise ConfigError(f"malformed YAML in config file {path}: {type(exc).__name__}: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     if data is None:  # an empty file (or only comments) sets nothing

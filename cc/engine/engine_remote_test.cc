@@ -271,6 +271,38 @@ TEST(EngineRemote, ClusterSharesAcrossInstances) {
   EXPECT_EQ(bad, 0u);
 }
 
+// A remote that evicts (maxmemory with allkeys-lru): what it dropped is a
+// miss, what it kept is served, and nothing is an error.
+TEST(EngineRemote, EvictingRemoteIsMissesNotErrors) {
+  auto server = RedisServer::Start({"--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru"});
+  ASSERT_NE(server, nullptr);
+  auto a = Make(Options(Url(*server)));
+  const auto t = Tokens(200 * kChunk, 1);  // ~860 KB of values per 200 chunks ...
+  for (int round = 0; round < 4; ++round) {  // ... four prompts: more than fits
+    Store(*a, Tokens(200 * kChunk, 1 + round * 100000));
+  }
+  auto b = Make(Options(Url(*server)));
+  const size_t remote = b->LookupRemote(t);  // the oldest prompt: (partly) evicted
+  const size_t fetched = b->FetchRemote(t, kLayout);
+  EXPECT_LE(fetched, remote);
+  EXPECT_LT(remote, t.size());
+  size_t bad = 0;
+  EXPECT_EQ(RetrieveChecked(*b, t, &bad), fetched);
+  EXPECT_EQ(bad, 0u);
+  // The newest chunk is kept (LRU) and served whole.
+  const auto newest = Tokens(200 * kChunk, 1 + 3 * 100000);
+  std::vector<ChunkHash> chunks;
+  a->hasher().Hash(newest, &chunks);
+  const uint64_t ns = remote::NamespaceDigest(Options("").hash_namespace, kChunk);
+  EXPECT_EQ(server->Cli({"exists", remote::RemoteKey(ns, chunks.back().key)}), "1");
+  const long keys = std::stol(server->Cli({"dbsize"}));
+  EXPECT_GT(keys, 0);
+  EXPECT_LT(keys, 800);  // something was evicted
+  EXPECT_EQ(b->Stats().remote.errors, 0u);
+  EXPECT_EQ(b->Stats().remote.corrupt, 0u);
+  EXPECT_EQ(a->Stats().remote.upload_failed, 0u);  // allkeys-lru makes room: no OOM errors
+}
+
 // The scheduler's view under `vllm serve`: past the ranks' local prefix, a
 // chunk counts only when every rank's copy is in the remote.
 TEST(EngineRemote, SchedulerViewNeedsEveryRanksCopy) {

@@ -131,6 +131,12 @@ bazel_test_tagged "concurrency tests under tsan" --config=tsan --platform_suffix
 # tools/fuzz.sh (FUZZING.md).
 run "fuzz smoke (tools/fuzz.sh --smoke)" bash tools/fuzz.sh --smoke
 
+# Crash loop (issue 13, RELIABILITY.md): 5 SIGKILLs of a writer through the
+# real engine and disk tier, each checked after a restart, plus the loop's
+# self-test (a writer that acknowledges too early must be caught). ~20 s.
+run "crash loop (tools/crash_loop.sh 5; --self-test)" \
+  bash -c 'tools/crash_loop.sh 5 && tools/crash_loop.sh 3 --self-test'
+
 # --- 5-6. wheel -------------------------------------------------------------
 WHEEL=""
 if CUDA=$(cuda_flags); then

@@ -183,45 +183,54 @@ size_t RemoteTier::Fetch(std::span<const ChunkMeta> chunks, uint64_t layout_id, 
   if (max_payload == 0) return 0;  // the layout is not known yet: nothing can be checked
   const uint64_t start = NowUs();
   fetches_.fetch_add(1, std::memory_order_relaxed);
-  std::vector<std::string> keys;
-  keys.reserve(chunks.size());
-  for (const ChunkMeta& m : chunks) keys.push_back(RemoteKey(options_.namespace_digest, m.key));
-  std::vector<std::string_view> views(keys.begin(), keys.end());
-  // Values stay in the client's reply buffers only during the callback, so
-  // each is checked and handed to the sink there. In a cluster the replies
-  // come node by node, not in key order: every valid chunk goes to the sink
-  // as it arrives, and the prefix is the run of leading chunks that did (a
-  // valid chunk past a gap is filed too, harmlessly: it is the right KV for
-  // its key, only not reachable by this prompt's prefix).
+  // Round trips of at most ~16 MiB each, each with its own deadline: a
+  // slow but working remote still delivers a long prefix, a stalled one
+  // costs one timeout (and the prefix ends there).
+  const size_t per_trip = std::max<size_t>(1, (size_t{16} << 20) / RemoteRecordMaxBytes(max_payload));
   std::vector<bool> ok(chunks.size(), false);
-  const RedisClient::ValueFn on_value = [&](size_t i, std::string_view value) {
-    if (i >= chunks.size()) return;
-    bytes_in_.fetch_add(value.size(), std::memory_order_relaxed);
-    std::span<const std::byte> payload;
-    uint64_t value_layout = 0;
-    Status c = CheckRemoteRecord(value, chunks[i], max_payload, &payload, &value_layout);
-    if (!c.ok()) {
-      if (c.code() == StatusCode::kDataLoss) corrupt_.fetch_add(1, std::memory_order_relaxed);
-      return;
-    }
-    if (value_layout != layout_id) {
-      layout_mismatches_.fetch_add(1, std::memory_order_relaxed);
-      return;
-    }
-    ok[i] = sink(i, payload).ok();
-  };
+  std::vector<std::string> keys;
   std::vector<KeyResult> results;
-  // One byte more than the largest valid value: a longer one shows itself
-  // (and fails the length check) without being read whole.
-  Status s = fg_->GetRangeMany(views, RemoteRecordMaxBytes(max_payload) + 1, on_value, &results);
-  fetch_us_.fetch_add(NowUs() - start, std::memory_order_relaxed);
-  if (!s.ok()) {
-    CountError(s);
-  } else {
-    connected_.store(true, std::memory_order_relaxed);
-  }
   size_t delivered = 0;
-  while (delivered < ok.size() && ok[delivered]) ++delivered;
+  for (size_t begin = 0; begin < chunks.size(); begin += per_trip) {
+    const size_t end = std::min(chunks.size(), begin + per_trip);
+    keys.clear();
+    for (size_t i = begin; i < end; ++i) keys.push_back(RemoteKey(options_.namespace_digest, chunks[i].key));
+    std::vector<std::string_view> views(keys.begin(), keys.end());
+    // Values stay in the client's reply buffers only during the callback,
+    // so each is checked and handed to the sink there. In a cluster the
+    // replies come node by node, not in key order: every valid chunk goes to
+    // the sink as it arrives, and the prefix is the run of leading chunks
+    // that did (a valid chunk past a gap is filed too, harmlessly: it is the
+    // right KV for its key, only not reachable by this prompt's prefix).
+    const RedisClient::ValueFn on_value = [&](size_t j, std::string_view value) {
+      const size_t i = begin + j;
+      if (i >= end) return;
+      bytes_in_.fetch_add(value.size(), std::memory_order_relaxed);
+      std::span<const std::byte> payload;
+      uint64_t value_layout = 0;
+      Status c = CheckRemoteRecord(value, chunks[i], max_payload, &payload, &value_layout);
+      if (!c.ok()) {
+        if (c.code() == StatusCode::kDataLoss) corrupt_.fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+      if (value_layout != layout_id) {
+        layout_mismatches_.fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+      ok[i] = sink(i, payload).ok();
+    };
+    // One byte more than the largest valid value: a longer one shows itself
+    // (and fails the length check) without being read whole.
+    Status s = fg_->GetRangeMany(views, RemoteRecordMaxBytes(max_payload) + 1, on_value, &results);
+    if (!s.ok()) {
+      CountError(s);
+    } else {
+      connected_.store(true, std::memory_order_relaxed);
+    }
+    while (delivered < end && ok[delivered]) ++delivered;
+    if (delivered < end) break;  // the prefix ended in this trip
+  }
+  fetch_us_.fetch_add(NowUs() - start, std::memory_order_relaxed);
   fetch_hits_.fetch_add(delivered, std::memory_order_relaxed);
   fetch_misses_.fetch_add(chunks.size() - delivered, std::memory_order_relaxed);
   return delivered;

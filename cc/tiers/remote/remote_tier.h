@@ -23,9 +23,11 @@
 //   are misses.
 //
 // Failure model
-//   Every foreground call (ContainsPrefix, Fetch) has a deadline of
-//   options.timeout from its start: past it, it is a miss (kUnavailable
-//   inside, counted as a timeout), never a wait. The client fails fast while
+//   Every foreground round trip has a deadline of options.timeout from its
+//   start: past it, it is a miss (kUnavailable inside, counted as a
+//   timeout), never a wait. ContainsPrefix is one round trip; Fetch takes
+//   one per ~16 MiB of values, so a slow but working remote still delivers
+//   a long prefix while a stalled one costs one timeout. The client fails fast while
 //   a dead node waits for its reconnect attempt (exponential backoff with
 //   jitter, see RedisClient), so a dead remote costs a branch, not a round
 //   trip; once it is back, the next call reconnects and uploads resume. The

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 SUBCOMMANDS = {
     "ttft": "kvtier.bench.ttft",
     "serve-ttft": "kvtier.bench.serve_ttft",
+    "remote-ttft": "kvtier.bench.remote_ttft",
     "demo": "kvtier.bench.demo",
     "gpu-recompute": "kvtier.bench.gpu_recompute",
 }
@@ -21,6 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(kvtier vs ExampleConnector vs none)", file=sys.stderr)
         print("  serve-ttft  TTFT through `vllm serve` (streaming, OpenAI client), kvtier vs vLLM alone, "
               "TP=1 and TP=2", file=sys.stderr)
+        print("  remote-ttft  TTFT of a second `vllm serve` instance served through Redis / a Redis "
+              "Cluster from what the first stored", file=sys.stderr)
         print("  demo  the demo workload with per-request TTFT and a PNG plot", file=sys.stderr)
         print("  gpu-recompute  on a GPU: loading a prefix's KV from kvtier vs recomputing it "
               "(Llama shapes, transformers)", file=sys.stderr)

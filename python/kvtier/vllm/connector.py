@@ -739,6 +739,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._lookup_local: dict[str, int] = {}
         # Requests whose promised prefix needs the remote tier.
         self._needs_remote: set[str] = set()
+        self._remote_tried: set[str] = set()
         # Requests counted in unsupported_requests (once each); logged once.
         self._unsupported: set[str] = set()
         self._unsupported_logged = False
@@ -817,7 +818,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._lookup_local[request.request_id] = num_computed_tokens
         tokens = request.all_token_ids
         # vLLM samples from the last token's logits, so it must compute it.
-        if self._view.has_remote:
+        if self._view.has_remote and request.request_id not in self._remote_tried:
             # Past every rank's local prefix, the remote tier (one pipelined
             # round trip, bounded by remote_timeout_ms). A prefix that needs
             # the remote loads asynchronously: the request waits in
@@ -835,6 +836,11 @@ class KVTierConnector(KVConnectorBase_V1):
             return 0, False
         if needs_remote:
             self._needs_remote.add(request.request_id)
+            # One remote attempt per request: a load that fails (remote gone
+            # or slow) sends the request back here, and it then takes what
+            # the attempt filed locally and recomputes the rest instead of
+            # waiting on the remote again.
+            self._remote_tried.add(request.request_id)
         else:
             self._needs_remote.discard(request.request_id)
         return external, self._async_load or needs_remote
@@ -941,6 +947,7 @@ class KVTierConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         self._lookup_local.pop(request.request_id, None)
         self._needs_remote.discard(request.request_id)
+        self._remote_tried.discard(request.request_id)
         self._unsupported.discard(request.request_id)
         state = self._reqs.pop(request.request_id, None)
         # The worker reports finished_sending for exactly these requests.

@@ -79,7 +79,15 @@ def disk_segment_seeds() -> dict[str, bytes]:
     })
     # Three files, capacity 2: the third is beyond the capacity and removed.
     third = segment({0: segment_header(2, 9), 1: record_header(9, (5, 5), 1), 2: payload_head(8)})
+    # The largest generation a header can carry: the next one must not wrap
+    # to 0 (= empty) or below the live ones.
+    last_gen = segment({
+        0: segment_header(0, 2**64 - 1),
+        1: record_header(2**64 - 1, (3, 300), 8000),
+        2: payload_head(9), 3: payload_head(10),
+    })
     return {
+        "seed_max_generation": bytes([reseal | 0]) + last_gen,
         "seed_one_segment": bytes([reseal | 0]) + one,
         "seed_two_segments": bytes([reseal | 1 | 0x80]) + older + newer,
         "seed_three_files_capacity_two": bytes([reseal | 2]) + one + newer + third,

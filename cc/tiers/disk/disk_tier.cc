@@ -1166,36 +1166,45 @@ std::vector<Status> DiskTier::PutBatchImpl(std::span<const ChunkMeta> metas,
           const int fixed = body > 0 ? ctx.ring->FixedIndexFor(d.data(), body) : -1;
           auto* body_ptr = const_cast<std::byte*>(d.data());  // written from, never to
           if (fixed >= 0) {
-            ops.push_back(IoOp{IoOp::Kind::kWrite, fd, p.slot.offset, {{p.hdr, kBlock}}, 1});
             ops.push_back(IoOp{IoOp::Kind::kWrite, fd, p.slot.offset + kBlock, {{body_ptr, body}}, 1, fixed});
             if (tail > 0) ops.push_back(IoOp{IoOp::Kind::kWrite, fd, p.slot.offset + kBlock + body, {{tail_block, kBlock}}, 1});
           } else {
-            IoOp op{IoOp::Kind::kWrite, fd, p.slot.offset, {{p.hdr, kBlock}}, 1};
+            IoOp op{IoOp::Kind::kWrite, fd, p.slot.offset + kBlock, {}, 0};
             if (body > 0) op.iov[op.niov++] = iovec{body_ptr, body};
             if (tail > 0) op.iov[op.niov++] = iovec{tail_block, kBlock};
             ops.push_back(op);
           }
         } else {
           const size_t rec = RecordBytes(d.size());
-          ops.push_back(IoOp{IoOp::Kind::kWrite, fd, p.slot.offset, {{p.hdr, rec}}, 1});
+          ops.push_back(IoOp{IoOp::Kind::kWrite, fd, p.slot.offset + kBlock, {{p.hdr + kBlock, rec - kBlock}}, 1});
           b += rec;
         }
+        // The header block last: it holds the payload's CRC, computed while
+        // the payload's write is already in flight (prepare below).
+        ops.push_back(IoOp{IoOp::Kind::kWrite, fd, p.slot.offset, {{p.hdr, kBlock}}, 1});
         p.num_ops = ops.size() - p.first_op;
         for (size_t k = p.first_op; k < ops.size(); ++k) ops[k].segment = p.slot.seg;
         owner.resize(ops.size(), pi);
       }
-      // Checksums and bounce copies happen op by op as the ring takes them,
-      // so record k's CRC overlaps record k-1's write.
+      // Each record's payload is written first and its header block last
+      // (ops are queued in that order, each right after its prepare): the
+      // payload's CRC, which the header holds, is computed while the payload
+      // is being written, so a single Put costs about max(write, CRC), not
+      // their sum. Torn records stay safe: a header whose payload did not
+      // land fails its CRC at Get, as before.
       auto prepare = [&](size_t op) {
         Pending& p = pending[owner[op]];
-        if (op != p.first_op) return;
         const auto d = datas[p.i];
-        const ChunkMeta& m = metas[p.i];
-        p.crc = disk::Crc32c(d);
-        const RecordHeader h =
-            MakeHeader(m.key, p.slot.gen, m.fingerprint, m.layout_id, m.num_tokens, d.size(), p.crc, 0);
-        std::memset(p.hdr, 0, kBlock);
-        std::memcpy(p.hdr, &h, sizeof(h));
+        if (op == p.first_op + p.num_ops - 1) {  // the header block
+          const ChunkMeta& m = metas[p.i];
+          p.crc = disk::Crc32c(d);
+          const RecordHeader h =
+              MakeHeader(m.key, p.slot.gen, m.fingerprint, m.layout_id, m.num_tokens, d.size(), p.crc, 0);
+          std::memset(p.hdr, 0, kBlock);
+          std::memcpy(p.hdr, &h, sizeof(h));
+          return;
+        }
+        if (op != p.first_op) return;
         if (IsAligned(d.data())) {
           const size_t body = d.size() & ~(kBlock - 1);
           const size_t tail = d.size() - body;
@@ -1216,15 +1225,26 @@ std::vector<Status> DiskTier::PutBatchImpl(std::span<const ChunkMeta> metas,
         return true;
       };
       IoFaults* faults = options_.io_faults.get();
+      // A record whose payload failed while its header landed would be found
+      // by the next start-up (then fail its CRC at Get): mark it dead now.
+      auto bury_failed = [&](const Pending& p) {
+        const size_t hdr_op = p.first_op + p.num_ops - 1;
+        if (ops[hdr_op].result != 0 || written(p)) return;
+        const ChunkMeta& m = metas[p.i];
+        (void)WriteDeadHeader(faults, p.slot.seg, p.fd, p.slot.offset, m.key, p.slot.gen, m.fingerprint, m.layout_id,
+                              m.num_tokens, datas[p.i].size(), p.crc, options_.sync == DiskSync::kAlways);
+      };
       if (options_.sync == DiskSync::kAlways) {
         // Record by record: each is on stable storage before the next is written.
         for (Pending& p : pending) {
           ctx.ring->Run(std::span<IoOp>(ops).subspan(p.first_op, p.num_ops),
                         [&](size_t k) { prepare(p.first_op + k); });
+          bury_failed(p);
           if (written(p)) p.sync = SyncFile(faults, p.slot.seg, p.fd, SegmentPath(p.slot.seg));
         }
       } else {
         ctx.ring->Run(ops, prepare);
+        for (const Pending& p : pending) bury_failed(p);
         if (options_.sync == DiskSync::kBatch) {
           // One fdatasync per segment file this batch wrote, after every
           // write finished and before anything is published.

@@ -161,6 +161,53 @@ TEST(DiskTierIoFault, WriteEioFailsThatChunkOnly) {
   EXPECT_EQ(t->rebuild_stats().chunks, 5u);
 }
 
+// Issue 13 (disk write speed): a record's payload is queued before its
+// header block, whose CRC of the payload is then computed while the payload
+// is being written (a single Put used to checksum first, then write).
+TEST(DiskTierIoFault, PayloadIsWrittenBeforeItsHeaderBlock) {
+  Rig rig("payload_first", 4 << 20);
+  auto t = rig.Open();
+  ASSERT_NE(t, nullptr);
+  ASSERT_TRUE(PutN(*t, 1, kSize).ok());  // creates the segment
+  rig.faults->TakeSeen();
+  constexpr size_t kBig = (1 << 20) + 100;  // aligned body and a sub-block tail
+  ASSERT_TRUE(PutN(*t, 2, kBig).ok());
+  const DiskLocation loc = *t->LocationOf(KeyFor(2));
+  std::vector<IoRequest> writes;
+  for (const IoRequest& io : rig.faults->TakeSeen()) {
+    if (io.kind == IoKind::kWrite) writes.push_back(io);
+  }
+  ASSERT_EQ(writes.size(), 2u);
+  EXPECT_EQ(writes[0].offset, loc.offset + disk::kBlock);
+  EXPECT_EQ(writes[0].length, loc.record_bytes - disk::kBlock);
+  EXPECT_EQ(writes[1].offset, loc.offset);
+  EXPECT_EQ(writes[1].length, disk::kBlock);
+  EXPECT_TRUE(CheckN(*t, 2, kBig).ok());
+}
+
+// With the header written separately, a payload write that fails while its
+// header lands would leave a valid header over a missing payload; the tier
+// marks it dead, so a restart does not list it (it would fail its CRC at the
+// first Get).
+TEST(DiskTierIoFault, AFailedPayloadUnderAWrittenHeaderIsNotFoundAtRestart) {
+  Rig rig("payload_eio");
+  {
+    auto t = rig.Open();
+    ASSERT_NE(t, nullptr);
+    ASSERT_TRUE(PutN(*t, 1, kSize).ok());
+    rig.faults->Set([](const IoRequest& io) { return IsRecordWrite(io) ? IoFault::Fail(EIO) : IoFault::Run(); });
+    EXPECT_EQ(PutN(*t, 2, kSize).code(), StatusCode::kIoError);
+    rig.faults->Set(nullptr);
+  }
+  auto t = rig.Open();
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(t->rebuild_stats().chunks, 1u);
+  EXPECT_EQ(t->rebuild_stats().corrupt_records, 0u);
+  EXPECT_FALSE(t->Contains(KeyFor(2)));
+  EXPECT_TRUE(CheckN(*t, 1, kSize).ok());
+  EXPECT_EQ(t->batch_counters().checksum_failures, 0u);
+}
+
 TEST(DiskTierIoFault, EnospcInTheMiddleOfABatch) {
   Rig rig("enospc_batch");
   {
@@ -207,7 +254,10 @@ TEST(DiskTierIoFault, ShortTransfersAreCompleted) {
     for (uint64_t i = 0; i < 10; ++i) EXPECT_TRUE(CheckN(*t, i, sizes[i % 5], i % 3 == 0 ? 0 : 40).ok()) << i;
   }
   const int before_restart = shorts.load();
-  EXPECT_GE(before_restart, 20) << "every Put and Get was cut short once";
+  // Every Get, and every Put but the two of 4096 bytes: a record's payload
+  // and header block are separate writes, so those two write single blocks,
+  // which a short transfer of whole blocks cannot cut.
+  EXPECT_GE(before_restart, 18) << "every Put and Get was cut short once";
   auto t = rig.Open();  // start-up preads come back short too
   ASSERT_NE(t, nullptr);
   EXPECT_GT(shorts.load(), before_restart);

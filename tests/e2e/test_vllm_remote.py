@@ -67,6 +67,13 @@ def share_through(store: Any, model_path: str, reference: list[list[int]], tmp_p
 def test_second_instance_serves_from_redis(model_path: str, reference: list[list[int]], tmp_path: Path) -> None:
     with RedisServer() as redis:
         share_through(redis, model_path, reference, tmp_path)
+        url = redis.url
+    # The remote is gone: a third instance serves every request correctly
+    # by recomputing (its lookups fail fast and are misses), and says so.
+    log = tmp_path / "c.log"
+    with VllmServer(model_path, kv_transfer_config=config(tmp_path / "c", url), log_path=log) as c:
+        assert [c.complete(p, MAX_TOKENS) for p in PROMPTS] == reference
+        assert c.metrics().get(HITS, 0.0) == 0
 
 
 def test_second_instance_serves_from_redis_cluster(

@@ -133,19 +133,12 @@ def build_case(pick: Pick) -> Case:
     return case
 
 
-# Findings not fixed yet (FUZZING.md, "Findings"; config.py is outside the
-# fuzzing work): their exception types are reported by run_case as
-# KnownFinding, which the random test tolerates and the strict xfail
-# regressions below pin. Once config.py turns them into ConfigError, those
-# regressions XPASS, which fails them: then empty this set and drop the marks.
-KNOWN_ESCAPES: dict[str, str] = {
-    "RecursionError": "deeply nested YAML: PyYAML's composer recurses per level (not a YAMLError)",
-    "OverflowError": "an integer beyond float range for a float key: float(int) raises OverflowError",
-    "yaml": "PyYAML's constructors raise ValueError/IndexError (not YAMLError) for tags such as "
-            "'!!int word' or an empty '!!float'",
-    "embedded null byte": "a NUL in remote_password_file: open() raises ValueError, _read_secret_file "
-                          "catches OSError only (to_native)",
-}
+# Findings not fixed yet (FUZZING.md, "Findings"): their exception types are
+# reported by run_case as KnownFinding, which the random test tolerates and
+# the strict xfail regressions below would pin. Every finding so far is
+# fixed (config.py turns them into ConfigError), so this is empty and the
+# regressions must pass.
+KNOWN_ESCAPES: dict[str, str] = {}
 
 
 class KnownFinding(AssertionError):
@@ -200,11 +193,7 @@ def _no_kvtier_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-_NOT_FIXED = pytest.mark.xfail(raises=KnownFinding, strict=True,
-                               reason="known finding, see KNOWN_ESCAPES and FUZZING.md")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_NOT_FIXED) for n in sorted(REGRESSIONS)])
+@pytest.mark.parametrize("name", sorted(REGRESSIONS))
 def test_regression(name: str, tmp_path: Path) -> None:
     run_case(REGRESSIONS[name], tmp_path)
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -201,3 +202,68 @@ print("ok")
     if r.returncode != 0 and "Operation not permitted" in r.stderr:
         pytest.skip(f"mount namespaces refused here: {r.stderr.strip()}")
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.stdout, r.stderr)
+
+
+def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
+    def run(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True, cwd=tmp)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    run("openssl", "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=kvtier-ca")
+    (tmp / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("openssl", "req", *ec, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=kvtier-redis")
+    run("openssl", "x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "srv.crt", "-days", "1", "-extfile", "san.ext")
+    return tmp / "ca.crt", tmp / "srv.crt", tmp / "srv.key"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_tls_and_acl_user_through_the_config_keys(tmp_path: Path) -> None:
+    """rediss:// with the server's CA (remote_tls_ca_file) and an ACL user
+    whose password comes from remote_password_file: the configuration a
+    user writes, end to end through the engine. A wrong password is an
+    engine that starts and misses, and the password shows up nowhere."""
+    ca, crt, key = _tls_files(tmp_path)
+    port = free_port()
+    server = RedisServer(
+        "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(crt), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+        "--user", "default", "off", "--user", "alice", "on", ">alice-pw", "~*", "+@all",
+        port=port, workdir=tmp_path / "redis",
+    )
+    server.proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(server.dir),
+         *server.extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        pw = tmp_path / "pw"
+        pw.write_text("alice-pw\n")
+        url = f"rediss://127.0.0.1:{port}"
+        common = {"remote_username": "alice", "remote_password_file": str(pw), "remote_tls_ca_file": str(ca),
+                  "remote_timeout_ms": 2000}
+        a = instance(tmp_path, "a", url, **common)
+        a.register_kv_caches(make_kv(5))
+        tokens = np.arange(64)
+        deadline = time.monotonic() + 20  # the TLS server may still be starting
+        while a.stats()["remote"]["uploads"] == 0 and time.monotonic() < deadline:
+            a.clear()
+            a.store(tokens, np.arange(64)).wait()
+            a.flush_remote()
+        assert a.stats()["remote"]["uploads"] == 2, a.stats()["remote"]
+        b = instance(tmp_path, "b", url, **common)
+        b.register_kv_caches(make_kv(None))
+        assert b.lookup_remote(tokens) == 64
+        assert b.fetch_remote(tokens) == 64
+
+        pw.write_text("wrong-pw\n")
+        c = instance(tmp_path, "c", url, **common)
+        c.register_kv_caches(make_kv(None))
+        assert c.lookup_remote(tokens) == 0
+        stats = c.stats()["remote"]
+        assert stats["errors"] >= 1 and not stats["connected"]
+        assert "wrong-pw" not in repr(c.stats()) and "alice-pw" not in repr(c.config)
+        for e in (a, b, c):
+            e.close()
+    finally:
+        server.stop()

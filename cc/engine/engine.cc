@@ -152,7 +152,7 @@ Status Engine::Init() {
     auto read = [this](const ChunkMeta& m, const std::function<void(std::span<const std::byte>)>& use) {
       CpuTier* t = cpu();
       if (t == nullptr) return false;
-      auto lease = t->Acquire(m.key, m.fingerprint);
+      auto lease = t->AcquireUncounted(m.key, m.fingerprint);
       if (!lease.ok() || lease->meta().layout_id != m.layout_id) return false;
       use(lease->data());
       return true;

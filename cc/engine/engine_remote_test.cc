@@ -89,6 +89,7 @@ TEST(EngineRemote, SecondInstanceServesWhatTheFirstStored) {
   const auto t = Tokens(5 * kChunk + 3, 100);
   Store(*a, t);
   EXPECT_EQ(a->Stats().remote.uploads, 6u);  // 5 chunks + the partial tail
+  EXPECT_EQ(a->Stats().cpu.gets, 0u);  // uploads read the CPU tier uncounted
 
   EXPECT_EQ(b->Lookup(t), 0u);  // nothing local
   EXPECT_EQ(b->LookupRemote(t), t.size());

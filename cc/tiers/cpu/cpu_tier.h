@@ -138,6 +138,10 @@ class CpuTier final : public Tier {
   // kOk, kNotFound (absent, fingerprint mismatch, expired),
   // kFailedPrecondition (in flight). Never kInvalidArgument.
   StatusOr<ReadLease> Acquire(const ChunkKey& key, uint64_t fingerprint);
+  // Acquire for the engine's own copies out of the tier (the remote tier's
+  // uploads): the same lease, not counted as a get, so the tier's hit
+  // statistics count only reads that serve a request.
+  StatusOr<ReadLease> AcquireUncounted(const ChunkKey& key, uint64_t fingerprint);
 
   // The meta of a committed, unexpired entry; kNotFound otherwise. Counts
   // no get (it reads no chunk bytes).
@@ -165,9 +169,8 @@ class CpuTier final : public Tier {
 
   explicit CpuTier(const CpuTierOptions& o) : Tier(TierKind::kCpu, "cpu"), options_(o) {}
 
-  // Commit / Acquire without counting (Put and Get count through Tier).
+  // Commit without counting (Put counts through Tier).
   Status CommitUncounted(WriteLease&& lease, bool held);
-  StatusOr<ReadLease> AcquireUncounted(const ChunkKey& key, uint64_t fingerprint);
   Status PutImpl(const ChunkMeta& meta, std::span<const std::byte> data) override;
   Status GetImpl(const ChunkKey& key, uint64_t fingerprint, std::span<std::byte> dst) override;
   StatusOr<size_t> SizeOfImpl(const ChunkKey& key) const override;

@@ -20,6 +20,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <random>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -48,10 +49,13 @@ inline bool PortFree(int port) {
 
 // A port p with p and p + 10000 (the cluster bus) free right now.
 inline int PickFreePort() {
-  static unsigned seed = static_cast<unsigned>(getpid()) * 7919u;
+  // Not seeded from getpid(): in Bazel's sandbox every test process has the
+  // same small pid (own PID namespace), and parallel tests would all pick the
+  // same ports.
+  static std::mt19937 rng(std::random_device{}() ^
+                          static_cast<unsigned>(std::chrono::steady_clock::now().time_since_epoch().count()));
   for (int i = 0; i < 1000; ++i) {
-    seed = seed * 1103515245u + 12345u;
-    const int p = 20000 + static_cast<int>((seed >> 8) % 30000);
+    const int p = 20000 + static_cast<int>(rng() % 30000);
     if (PortFree(p) && PortFree(p + 10000)) return p;
   }
   return -1;
@@ -92,13 +96,19 @@ class RedisServer {
   static std::unique_ptr<RedisServer> Start(std::vector<std::string> extra, int port = 0,
                                             bool tls_only = false) {
     auto s = std::unique_ptr<RedisServer>(new RedisServer());
-    s->port_ = port != 0 ? port : PickFreePort();
     s->extra_ = std::move(extra);
     s->tls_only_ = tls_only;
-    s->dir_ = TempRoot() + "/redis-" + std::to_string(s->port_);
-    std::filesystem::create_directories(s->dir_);
-    if (!s->Launch()) return nullptr;
-    return s;
+    // A port picked here can be taken by another process before the server
+    // binds it: pick again (a port the caller chose is tried once).
+    for (int attempt = 0; attempt < (port != 0 ? 1 : 5); ++attempt) {
+      s->port_ = port != 0 ? port : PickFreePort();
+      s->dir_ = TempRoot() + "/redis-" + std::to_string(s->port_);
+      std::filesystem::create_directories(s->dir_);
+      const bool last = port != 0 || attempt == 4;
+      if (s->Launch(/*report_bind_failure=*/last)) return s;
+      if (!s->bind_failed_) return nullptr;
+    }
+    return nullptr;
   }
   ~RedisServer() { Kill(); }
 
@@ -118,7 +128,7 @@ class RedisServer {
   bool Restart(int port = 0) {
     Kill();
     if (port != 0) port_ = port;
-    return Launch();
+    return Launch(/*report_bind_failure=*/true);
   }
 
   // redis-cli -p P <args>; returns its output (trailing newline stripped).
@@ -134,7 +144,8 @@ class RedisServer {
  private:
   RedisServer() = default;
 
-  bool Launch() {
+  bool Launch(bool report_bind_failure) {
+    bind_failed_ = false;
     std::vector<std::string> args = {"redis-server", "--port", tls_only_ ? "0" : std::to_string(port_),
                                      "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                                      "--dir", dir_, "--logfile", log_ = dir_ + "/redis.log"};
@@ -145,7 +156,9 @@ class RedisServer {
     argv.push_back(nullptr);
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
+    // Not the caller's stdout/stderr: a pipe reader would wait for the server.
     posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
     if (posix_spawnp(&pid_, "redis-server", &fa, nullptr, argv.data(), environ) != 0) {
       posix_spawn_file_actions_destroy(&fa);
       ADD_FAILURE() << "cannot start redis-server";
@@ -163,7 +176,10 @@ class RedisServer {
       int status = 0;
       if (waitpid(pid_, &status, WNOHANG) == pid_) {
         pid_ = -1;
-        ADD_FAILURE() << "redis-server exited at start:\n" << ss.str();
+        bind_failed_ = ss.str().find("Address already in use") != std::string::npos;
+        if (!bind_failed_ || report_bind_failure) {
+          ADD_FAILURE() << "redis-server exited at start:\n" << ss.str();
+        }
         return false;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling a log file
@@ -176,6 +192,7 @@ class RedisServer {
   pid_t pid_ = -1;
   int port_ = 0;
   bool tls_only_ = false;
+  bool bind_failed_ = false;
   std::vector<std::string> extra_;
   std::string dir_;
   std::string log_;

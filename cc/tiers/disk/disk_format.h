@@ -37,7 +37,11 @@
 //   header is rewritten before any record goes in. Records left from an
 //   earlier use of the segment carry an older gen and are ignored, so
 //   reclaiming a segment is one 4096-byte header write, not an erase.
-//   Evicting or clearing a segment writes gen 0 (= empty) to its header.
+//   Evicting or clearing a segment writes gen 0 (= empty) to its header,
+//   with reserved1 = the gen its records carry (saturating at 2^32 - 1):
+//   rebuild restarts the counter above every such retired gen too, so a
+//   segment never gets back a gen its stale records still carry (which
+//   would bring cleared chunks back after a restart).
 //   FIFO order across restarts is the gen order.
 //
 // Removal of a single record rewrites its header block with kFlagDead (and

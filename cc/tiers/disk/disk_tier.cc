@@ -167,6 +167,7 @@ Status WriteDeadHeader(IoFaults* faults, uint32_t seg, int fd, uint64_t offset, 
 // What one rebuild worker found in one segment file.
 struct SegmentScan {
   uint64_t gen = 0;  // 0: no live generation
+  uint64_t retired_gen = 0;  // an empty segment's last generation (see disk_format.h)
   struct Rec {
     RecordHeader h;
     uint64_t offset;
@@ -239,8 +240,11 @@ void ScanSegment(SegmentReader& rd, uint64_t seg_bytes, uint32_t idx, SegmentSca
   const std::byte* b = rd.Block(0, kBlock);
   if (b == nullptr) return;
   const auto sh = disk::LoadHeader<SegmentHeader>(b);
-  if (!disk::SegmentHeaderValid(sh) || sh.gen == 0 || sh.segment_index != idx || sh.segment_bytes != seg_bytes)
+  if (!disk::SegmentHeaderValid(sh) || sh.segment_index != idx || sh.segment_bytes != seg_bytes) return;
+  if (sh.gen == 0) {  // empty; its old records must stay dead (no gen reuse)
+    out->retired_gen = sh.reserved1;
     return;
+  }
   out->gen = sh.gen;
   uint64_t pos = kBlock;
   bool stepping = false;
@@ -707,6 +711,7 @@ Status DiskTier::Rebuild() {
       continue;
     }
     rebuild_stats_.corrupt_records += scans[i].corrupt;
+    next_gen_ = std::max(next_gen_, scans[i].retired_gen + 1);
     if (scans[i].gen != 0) order.push_back(i);
   }
   std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return scans[a].gen < scans[b].gen; });
@@ -925,7 +930,7 @@ Status DiskTier::CreateSegmentFile(uint32_t idx, int* fd_out) {
   return Status::Ok();
 }
 
-Status DiskTier::WriteSegmentHeader(int fd, uint32_t idx, uint64_t gen) {
+Status DiskTier::WriteSegmentHeader(int fd, uint32_t idx, uint64_t gen, uint64_t retired_gen) {
   AlignedBuffer b;
   if (!b.Reserve(kBlock)) return ResourceExhausted("out of memory for a header block");
   std::memset(b.data(), 0, kBlock);
@@ -935,6 +940,7 @@ Status DiskTier::WriteSegmentHeader(int fd, uint32_t idx, uint64_t gen) {
   h.segment_index = idx;
   h.segment_bytes = segment_bytes_;
   h.gen = gen;
+  h.reserved1 = static_cast<uint32_t>(std::min<uint64_t>(retired_gen, UINT32_MAX));
   disk::SealSegmentHeader(&h);
   std::memcpy(b.data(), &h, sizeof(h));
   // kBatch: the records that follow in this segment sync the file, header
@@ -1571,7 +1577,9 @@ void DiskTier::ClearImpl() {
     for (uint32_t i : whole) cv_.wait(l, [&] { return segs_[i].readers == 0; });
   }
   std::vector<Status> results;
-  for (uint32_t i : whole) results.push_back(WriteSegmentHeader(segs_[i].fd, i, 0));
+  // Empty, remembering the generation its records carry: a restart must
+  // not reuse it, or those records would come back to life.
+  for (uint32_t i : whole) results.push_back(WriteSegmentHeader(segs_[i].fd, i, 0, segs_[i].gen));
   for (const Dead& d : dead) {
     results.push_back(WriteDeadHeader(options_.io_faults.get(), d.e.seg, d.fd, d.e.offset, d.key, d.e.gen,
                                       d.e.fingerprint, d.e.layout_id, d.e.num_tokens, d.e.payload_bytes,

@@ -281,7 +281,9 @@ class DiskTier final : public Tier {
   void EraseEntryLocked(std::unordered_map<ChunkKey, Entry, ChunkKeyHash>::iterator it);
 
   Status CreateSegmentFile(uint32_t idx, int* fd);
-  Status WriteSegmentHeader(int fd, uint32_t idx, uint64_t gen);
+  // retired_gen: for an empty header (gen 0), the generation the segment's
+  // records carry (disk_format.h, "Generations").
+  Status WriteSegmentHeader(int fd, uint32_t idx, uint64_t gen, uint64_t retired_gen = 0);
 
   StatusOr<std::unique_ptr<RingCtx>> AcquireRing();
   void ReleaseRing(std::unique_ptr<RingCtx> ctx);

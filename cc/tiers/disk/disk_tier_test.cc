@@ -383,6 +383,33 @@ TEST(DiskTier, ClearDropsUnpinnedAndPersists) {
   EXPECT_FALSE(t->Contains(KeyFor(4)));
 }
 
+// Fuzzing finding (FUZZING.md): after a Clear of everything and a
+// restart, the generation counter restarted at 1, the first Put reopened a
+// segment with the generation its cleared records still carried, and the
+// next restart brought them back. Cleared headers now keep that generation.
+TEST(DiskTier, ClearStaysClearedAcrossRestartsAndPuts) {
+  const std::string dir = FreshDir("clear-gen");
+  DiskTierOptions o = SmallOptions(dir);
+  {
+    auto t = OpenOrDie(o);
+    ASSERT_NE(t, nullptr);
+    for (uint64_t i = 1; i <= 10; ++i) ASSERT_TRUE(PutN(*t, i, 20000).ok());
+    t->Clear();
+    EXPECT_EQ(t->Stats().entries, 0u);
+  }
+  {
+    auto t = OpenOrDie(o);  // every segment empty
+    ASSERT_NE(t, nullptr);
+    EXPECT_EQ(t->rebuild_stats().chunks, 0u);
+    ASSERT_TRUE(PutN(*t, 100, 20000).ok());  // reopens a segment
+  }
+  auto t = OpenOrDie(o);
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(t->rebuild_stats().chunks, 1u);
+  EXPECT_TRUE(CheckN(*t, 100, 20000).ok());
+  for (uint64_t i = 1; i <= 10; ++i) EXPECT_FALSE(t->Contains(KeyFor(i))) << "cleared chunk " << i << " came back";
+}
+
 TEST(DiskTier, EvictsWholeSegmentsOldestFirstAndSkipsPinned) {
   // 4 segments of 256 KiB; a 60000-byte chunk takes 64 KiB (header + 15
   // blocks) so 3 fit per segment (the segment header takes one block).

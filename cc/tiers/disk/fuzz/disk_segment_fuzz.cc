@@ -159,18 +159,10 @@ void PutAndCheck(DiskTier& t, const ChunkMeta& m, size_t n) {
   FUZZ_CHECK(g.ok() && got == p, "Get of a chunk just Put: %s", g.ToString().c_str());
 }
 
-// Known finding, not fixed yet (FUZZING.md, "Findings"): after Clear() and
-// a restart, the first Put reopens a segment with a generation that records
-// cleared from it still carry, and a restart resurrects them. The check runs
-// only when KVTIER_FUZZ_CHECK_CLEAR_PERSISTS=1 (repro/disk_segment), so that
-// fuzzing reaches past it; make it unconditional once the disk tier is fixed.
-bool CheckClearPersists() {
-  static const bool on = [] {
-    const char* v = std::getenv("KVTIER_FUZZ_CHECK_CLEAR_PERSISTS");
-    return v != nullptr && std::string(v) == "1";
-  }();
-  return on;
-}
+// Fixed finding (FUZZING.md, "Findings"): after Clear() and a restart, the
+// first Put reopened a segment with a generation that records cleared from
+// it still carried, and a restart resurrected them. Checked on every input.
+bool CheckClearPersists() { return true; }
 
 }  // namespace
 }  // namespace kvtier::disk

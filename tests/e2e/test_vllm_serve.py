@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,24 @@ def test_repeats_are_served_by_kvtier(
             st = os.stat("/dev/shm/" + name)
             assert st.st_mode & 0o777 == 0o600 and st.st_uid == os.getuid()
         cold, warm, hits = serve_and_repeat(server)
+        metrics = server.metrics()
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+            page = r.read().decode()
     assert cold == reference[tp]
     assert warm == reference[tp]
     for prompt, n in zip(PROMPTS, hits):
         # Whole 256-token chunks (the last token is always computed): 2816 of 3000.
         assert n >= 0.9 * len(prompt), (hits, (tmp_path / "serve.log").read_text()[-3000:])
+    # kvtier's own metrics on the same page: the connector's counters, and
+    # every rank's engine and tiers.
+    assert metrics["kvtier_hit_tokens_total"] >= sum(hits), metrics
+    assert metrics["kvtier_chunks_saved_total"] >= len(PROMPTS) * (len(PROMPTS[0]) // 256)
+    for r in range(tp):
+        for tier in ("cpu", "disk"):
+            line = next((x for x in page.splitlines() if x.startswith("kvtier_tier_used_bytes{")
+                         and f'tier="{tier}"' in x and f'rank="{r}"' in x), None)
+            assert line is not None and float(line.rsplit(" ", 1)[1]) > 0, (r, tier)
+        assert 'kvtier_engine_chunks_stored{' in page and f'rank="{r}"' in page
     # Each rank filed its shard in its own directory.
     if tp == 1:
         assert glob.glob(str(tmp_path / "disk" / "seg_*.kvt"))

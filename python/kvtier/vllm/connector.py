@@ -695,6 +695,7 @@ class KVTierConnector(KVConnectorBase_V1):
         # (see ranks.py): a prefix counts when every rank holds it.
         self.engine: Any = None
         self._view: Any = None
+        self._rank = 0
         self._registry_key: str | None = None
         if role == KVConnectorRole.SCHEDULER:
             placements = ranks.scheduler_placements(vllm_config)
@@ -711,6 +712,7 @@ class KVTierConnector(KVConnectorBase_V1):
             )
         else:
             placement = ranks.worker_placement(vllm_config)
+            self._rank = placement.rank
             namespace = _namespace(vllm_config, kv_cache_config, placement.rank)
             deployment = ranks.deployment_name(self._config, vllm_config, namespace.model)
             from kvtier.catalogue import catalogue_shm_name, reclaim_stale_catalogues
@@ -779,13 +781,27 @@ class KVTierConnector(KVConnectorBase_V1):
             out = self._stats
             self._stats = KVTierConnectorStats()
         if self.role == KVConnectorRole.WORKER:
+            # Per rank: the workers' stats are merged (latest wins for these).
             for key, value in flat_engine_stats(self.engine.stats()).items():
-                out.data[f"engine_{key}"] = value
+                out.data[f"engine.r{self._rank}.{key}"] = value
         return out
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return KVTierConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> Any:
+        """kvtier_* metrics on vLLM's /metrics (kvtier/vllm/metrics.py)."""
+        from kvtier.vllm.metrics import KVTierPromMetrics
+
+        return KVTierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues, _COUNTERS)
 
     # ------------------------------------------------------------ scheduler
 

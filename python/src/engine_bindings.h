@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -14,6 +15,7 @@
 
 #include "cc/engine/engine.h"
 #include "cc/hash/chunk_hash.h"
+#include "python/src/status_to_exception.h"
 
 namespace kvtier::py {
 
@@ -108,4 +110,40 @@ struct __attribute__((visibility("hidden"))) type_caster<kvtier::py::TokenArray>
   bool load(handle src, bool convert);
   static handle cast(const kvtier::py::TokenArray& a, return_value_policy, handle) { return a.inc_ref(); }
 };
+
+// Inline (in every translation unit that converts tokens): the caster is
+// hidden, so a definition in one library would not link into another.
+inline bool type_caster<kvtier::py::TokenArray>::load(handle src, bool convert) {
+  using Exact = array_t<int32_t, array::c_style>;
+  if (Exact::check_(src)) {  // already int32, C order: no copy
+    value = reinterpret_borrow<kvtier::py::TokenArray>(src);
+    return true;
+  }
+  if (!convert) return false;
+  const bool is_array = isinstance<array>(src);
+  array a = array::ensure(src);  // numpy.asarray: lists, tuples, CPU tensors
+  if (!a) return false;
+  const char kind = a.dtype().kind();
+  const std::string dtype = str(a.dtype());
+  if (kind != 'i' && kind != 'u') {
+    if (!is_array && a.size() == 0) {
+      value = kvtier::py::TokenArray(0);
+      return true;
+    }
+    throw type_error("tokens must be integer token ids, got " + std::string(is_array ? "an array" : "a sequence") +
+                     " of dtype " + dtype + " (not cast: a non-integer id is a caller's bug)");
+  }
+  if (a.size() > 0 && (a.itemsize() > 4 || (kind == 'u' && a.itemsize() == 4))) {
+    const object lo = a.attr("min")(), hi = a.attr("max")();
+    if (lo < int_(std::numeric_limits<int32_t>::min()) || hi > int_(std::numeric_limits<int32_t>::max())) {
+      kvtier::py::ThrowStatus(kvtier::InvalidArgument(
+          "tokens of dtype " + dtype + " hold " + std::string(str(lo < int_(std::numeric_limits<int32_t>::min()) ? lo : hi)) +
+          ", outside the int32 range of token ids [-2147483648, 2147483647]"));
+    }
+  }
+  auto converted = Converted::ensure(a);
+  if (!converted) throw type_error("tokens of dtype " + dtype + " could not be converted to int32");
+  value = reinterpret_borrow<kvtier::py::TokenArray>(converted);
+  return true;
+}
 }  // namespace pybind11::detail

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <numeric>
+#include <random>
 #include <thread>
 
 #include "cc/engine/catalogue_view.h"
@@ -199,7 +200,14 @@ TEST(EngineRemote, DownAtStartThenBack) {
     std::this_thread::sleep_for(50ms);
   }
   EXPECT_GE(e->Stats().remote.uploads, 1u) << "uploads resumed once the remote came back";
-  EXPECT_EQ(other->LookupRemote(u), u.size());
+  // `other` has its own client, in its own backoff: it answers 0 (fast)
+  // until its next attempt is due, then reconnects and sees the upload.
+  size_t seen = other->LookupRemote(u);
+  while (seen != u.size() && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(50ms);
+    seen = other->LookupRemote(u);
+  }
+  EXPECT_EQ(seen, u.size());
 }
 
 TEST(EngineRemote, KilledMidRunAndPausedAreMisses) {
@@ -277,11 +285,18 @@ TEST(EngineRemote, ClusterSharesAcrossInstances) {
 TEST(EngineRemote, EvictingRemoteIsMissesNotErrors) {
   auto server = RedisServer::Start({"--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru"});
   ASSERT_NE(server, nullptr);
-  auto a = Make(Options(Url(*server)));
+  auto a = Make(Options(Url(*server), /*queue=*/4096));  // every chunk uploaded, however slow
   const auto t = Tokens(200 * kChunk, 1);  // ~860 KB of values per 200 chunks ...
   for (int round = 0; round < 4; ++round) {  // ... four prompts: more than fits
     Store(*a, Tokens(200 * kChunk, 1 + round * 100000));
   }
+  // Before anything reads (a read makes the keys it touches the most
+  // recently used): the newest chunk is there, the store evicted the rest.
+  const auto newest = Tokens(200 * kChunk, 1 + 3 * 100000);
+  std::vector<ChunkHash> chunks;
+  a->hasher().Hash(newest, &chunks);
+  const uint64_t ns = remote::NamespaceDigest(Options("").hash_namespace, kChunk);
+  EXPECT_EQ(server->Cli({"exists", remote::RemoteKey(ns, chunks.back().key)}), "1");
   auto b = Make(Options(Url(*server)));
   const size_t remote = b->LookupRemote(t);  // the oldest prompt: (partly) evicted
   const size_t fetched = b->FetchRemote(t, kLayout);
@@ -290,18 +305,13 @@ TEST(EngineRemote, EvictingRemoteIsMissesNotErrors) {
   size_t bad = 0;
   EXPECT_EQ(RetrieveChecked(*b, t, &bad), fetched);
   EXPECT_EQ(bad, 0u);
-  // The newest chunk is kept (LRU) and served whole.
-  const auto newest = Tokens(200 * kChunk, 1 + 3 * 100000);
-  std::vector<ChunkHash> chunks;
-  a->hasher().Hash(newest, &chunks);
-  const uint64_t ns = remote::NamespaceDigest(Options("").hash_namespace, kChunk);
-  EXPECT_EQ(server->Cli({"exists", remote::RemoteKey(ns, chunks.back().key)}), "1");
   const long keys = std::stol(server->Cli({"dbsize"}));
   EXPECT_GT(keys, 0);
   EXPECT_LT(keys, 800);  // something was evicted
   EXPECT_EQ(b->Stats().remote.errors, 0u);
   EXPECT_EQ(b->Stats().remote.corrupt, 0u);
   EXPECT_EQ(a->Stats().remote.upload_failed, 0u);  // allkeys-lru makes room: no OOM errors
+  EXPECT_EQ(a->Stats().remote.upload_dropped, 0u);
 }
 
 // The scheduler's view under `vllm serve`: past the ranks' local prefix, a
@@ -309,7 +319,9 @@ TEST(EngineRemote, EvictingRemoteIsMissesNotErrors) {
 TEST(EngineRemote, SchedulerViewNeedsEveryRanksCopy) {
   auto server = RedisServer::Start({});
   ASSERT_NE(server, nullptr);
-  const std::string tag = std::to_string(::getpid());
+  // Unique across concurrent runs: in Bazel's sandbox every test is pid 12,
+  // and /dev/shm is shared.
+  const std::string tag = std::to_string(::getpid()) + "-" + std::to_string(std::random_device{}());
   auto rank_options = [&](uint32_t rank, const std::string& instance) {
     EngineOptions o = Options(Url(*server));
     o.hash_namespace.rank = rank;
@@ -320,6 +332,7 @@ TEST(EngineRemote, SchedulerViewNeedsEveryRanksCopy) {
   // Instance A's two ranks store a prompt; instance B's ranks hold nothing.
   auto a0 = Make(rank_options(0, "A")), a1 = Make(rank_options(1, "A"));
   auto b0 = Make(rank_options(0, "B")), b1 = Make(rank_options(1, "B"));
+  ASSERT_TRUE(a0 && a1 && b0 && b1);
   const auto t = Tokens(6 * kChunk, 77);
   Store(*a0, t);
   Store(*a1, t);

@@ -19,7 +19,11 @@ turns them into Prometheus metrics named ``kvtier_*``:
   statistics (lookups, chunks stored and loaded, write-behind queue depth,
   catalogue entries, latency totals ...).
 
-Metric objects are created on first sight of a key and cached.
+Metric objects are created on first sight of a key and cached for the
+process: Prometheus' registry is process-wide, and one process may build
+several vLLM engines (the in-process `LLM` class, tests), each with its own
+KVTierPromMetrics, which must share the metrics rather than register them
+twice.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ def _metric_name(key: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]", "_", key)
 
 
+# (name, label names) -> the metric registered for it in this process.
+_METRICS: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+
 class KVTierPromMetrics(KVConnectorPromMetrics):
     def __init__(
         self,
@@ -50,31 +58,31 @@ class KVTierPromMetrics(KVConnectorPromMetrics):
     ) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self._counter_names = set(counters)
-        self._counters: dict[str, Any] = {}
-        self._gauges: dict[tuple[str, tuple[str, ...]], Any] = {}
 
     def _counter(self, key: str, engine_idx: int) -> Any:
-        metric = self._counters.get(key)
+        name = f"kvtier_{_metric_name(key)}"  # the client library appends _total
+        labelnames = tuple(self._labelnames)
+        metric = _METRICS.get((name, labelnames))
         if metric is None:
             metric = self._counter_cls(
-                name=f"kvtier_{_metric_name(key)}",  # the client library appends _total
+                name=name,
                 documentation=f"kvtier connector: {key.replace('_', ' ')}",
-                labelnames=self._labelnames,
+                labelnames=list(labelnames),
             )
-            self._counters[key] = metric
+            _METRICS[(name, labelnames)] = metric
         return metric.labels(*self.per_engine_labelvalues[engine_idx])
 
     def _gauge(self, name: str, extra: dict[str, str], engine_idx: int) -> Any:
-        labels = tuple(extra)
-        metric = self._gauges.get((name, labels))
+        labelnames = (*self._labelnames, *extra)
+        metric = _METRICS.get((name, labelnames))
         if metric is None:
             metric = self._gauge_cls(
                 name=name,
                 documentation=f"kvtier engine: {name.removeprefix('kvtier_').replace('_', ' ')}",
                 multiprocess_mode="mostrecent",
-                labelnames=self._labelnames + list(labels),
+                labelnames=list(labelnames),
             )
-            self._gauges[(name, labels)] = metric
+            _METRICS[(name, labelnames)] = metric
         return metric.labels(*self.per_engine_labelvalues[engine_idx], *extra.values())
 
     def observe(self, transfer_stats_data: dict[str, Any] | None, engine_idx: int = 0) -> None:

@@ -58,14 +58,7 @@ StatusOr<std::unique_ptr<CatalogueView>> CatalogueView::Create(const CatalogueVi
   if (!options.remote.url.empty()) {
     const remote::RemoteTierOptions& ro = options.remote;
     if (ro.timeout.count() <= 0) return InvalidArgument("remote timeout must be > 0 ms");
-    remote::RedisClientOptions co;
-    co.connect_timeout = ro.timeout;
-    co.command_timeout = ro.timeout;
-    co.username = ro.username;
-    co.password = ro.password;
-    co.tls_ca_file = ro.tls_ca_file;
-    co.tls_verify_peer = ro.tls_verify_peer;
-    auto client = remote::RedisClient::Create(ro.url, co);
+    auto client = remote::RedisClient::Create(ro.url, remote::ForegroundClientOptions(ro));
     if (!client.ok()) return client.status().Annotate("remote");
     view->remote_ = std::move(client).value();
   }

@@ -216,19 +216,23 @@ void Engine::Reconcile(const ChunkKey& key) {
 // ---------------------------------------------------------------------------
 // Lookup
 
+size_t Engine::HashAndCachedPrefix(std::span<const int32_t> tokens, const KeyExtras* extras,
+                                   std::vector<ChunkHash>* chunks) const {
+  hasher_.Hash(tokens, chunks, extras);
+  tl_keys.resize(chunks->size());
+  tl_fps.resize(chunks->size());
+  for (size_t i = 0; i < chunks->size(); ++i) {
+    tl_keys[i] = (*chunks)[i].key;
+    tl_fps[i] = (*chunks)[i].fingerprint;
+  }
+  return index_->LookupPrefix(tl_keys, tl_fps);
+}
+
 size_t Engine::Lookup(std::span<const int32_t> tokens, const KeyExtras* extras) {
   lookups_.fetch_add(1, std::memory_order_relaxed);
   lookup_query_tokens_.fetch_add(tokens.size(), std::memory_order_relaxed);
   if (!ValidateKeyExtras(extras).ok()) return 0;  // nothing was stored under invalid extras
-  hasher_.Hash(tokens, &tl_chunks, extras);
-  tl_keys.resize(tl_chunks.size());
-  tl_fps.resize(tl_chunks.size());
-  for (size_t i = 0; i < tl_chunks.size(); ++i) {
-    tl_keys[i] = tl_chunks[i].key;
-    tl_fps[i] = tl_chunks[i].fingerprint;
-  }
-  const size_t n = index_->LookupPrefix(tl_keys, tl_fps);
-  const size_t hit = TokensCovered(tl_chunks, n);
+  const size_t hit = TokensCovered(tl_chunks, HashAndCachedPrefix(tokens, extras, &tl_chunks));
   lookup_hit_tokens_.fetch_add(hit, std::memory_order_relaxed);
   return hit;
 }
@@ -906,11 +910,7 @@ constexpr size_t kRemoteWindowChunks = 256;
 size_t Engine::LookupRemote(std::span<const int32_t> tokens, const KeyExtras* extras) {
   if (!ValidateKeyExtras(extras).ok()) return 0;
   std::vector<ChunkHash> chunks;
-  hasher_.Hash(tokens, &chunks, extras);
-  std::vector<ChunkKey> keys(chunks.size());
-  std::vector<uint64_t> fps(chunks.size());
-  for (size_t i = 0; i < chunks.size(); ++i) keys[i] = chunks[i].key, fps[i] = chunks[i].fingerprint;
-  size_t n = index_->LookupPrefix(keys, fps);
+  size_t n = HashAndCachedPrefix(tokens, extras, &chunks);
   if (remote_ != nullptr && n < chunks.size()) {
     std::vector<ChunkMeta> rest;
     for (size_t i = n; i < chunks.size() && rest.size() < kRemoteWindowChunks; ++i) rest.push_back(MetaOf(chunks[i], 0));
@@ -922,11 +922,7 @@ size_t Engine::LookupRemote(std::span<const int32_t> tokens, const KeyExtras* ex
 size_t Engine::FetchRemote(std::span<const int32_t> tokens, uint64_t layout_id, const KeyExtras* extras) {
   if (!ValidateKeyExtras(extras).ok()) return 0;
   std::vector<ChunkHash> chunks;
-  hasher_.Hash(tokens, &chunks, extras);
-  std::vector<ChunkKey> keys(chunks.size());
-  std::vector<uint64_t> fps(chunks.size());
-  for (size_t i = 0; i < chunks.size(); ++i) keys[i] = chunks[i].key, fps[i] = chunks[i].fingerprint;
-  const size_t local = index_->LookupPrefix(keys, fps);
+  const size_t local = HashAndCachedPrefix(tokens, extras, &chunks);
   CpuTier* tier = cpu();
   if (remote_ == nullptr || tier == nullptr || local == chunks.size()) return TokensCovered(chunks, local);
   std::vector<ChunkMeta> rest;

@@ -307,6 +307,10 @@ class Engine {
  private:
   explicit Engine(const EngineOptions& options, ChunkHasher hasher);
   Status Init();
+  // Hashes tokens into *chunks and returns how many leading chunks the
+  // catalogue holds ready (Lookup's core, also the remote's starting point).
+  size_t HashAndCachedPrefix(std::span<const int32_t> tokens, const KeyExtras* extras,
+                             std::vector<ChunkHash>* chunks) const;
   void OnTierEvicted(uint32_t tier_bit, const ChunkKey& key);
   // Sets the key's tier mask from what the tiers hold; removes it when none.
   void Reconcile(const ChunkKey& key);

@@ -23,6 +23,17 @@ bool IsTimeout(const Status& s) {
 
 }  // namespace
 
+RedisClientOptions ForegroundClientOptions(const RemoteTierOptions& options) {
+  RedisClientOptions co;
+  co.connect_timeout = options.timeout;
+  co.command_timeout = options.timeout;
+  co.username = options.username;
+  co.password = options.password;
+  co.tls_ca_file = options.tls_ca_file;
+  co.tls_verify_peer = options.tls_verify_peer;
+  return co;
+}
+
 RemoteTier::RemoteTier(const RemoteTierOptions& options, ReadFn read)
     : options_(options), read_(std::move(read)) {
   max_payload_.store(options.max_payload_bytes, std::memory_order_relaxed);
@@ -35,13 +46,7 @@ StatusOr<std::unique_ptr<RemoteTier>> RemoteTier::Create(const RemoteTierOptions
     return InvalidArgument("remote upload queue and batch must be > 0");
   }
   if (options.write && !read) return InvalidArgument("remote tier that uploads needs a ReadFn");
-  RedisClientOptions co;
-  co.connect_timeout = options.timeout;
-  co.command_timeout = options.timeout;
-  co.username = options.username;
-  co.password = options.password;
-  co.tls_ca_file = options.tls_ca_file;
-  co.tls_verify_peer = options.tls_verify_peer;
+  const RedisClientOptions co = ForegroundClientOptions(options);
   std::unique_ptr<RemoteTier> t(new RemoteTier(options, std::move(read)));
   KVT_ASSIGN_OR_RETURN(t->fg_, RedisClient::Create(options.url, co));
   t->redacted_url_ = t->fg_->url().Redacted();

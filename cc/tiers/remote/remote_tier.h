@@ -78,6 +78,11 @@ struct RemoteTierOptions {
   bool tls_verify_peer = true;
 };
 
+// The client options a remote tier (or another reader of it, such as the
+// vLLM scheduler's CatalogueView) uses for its lookups and fetches: the
+// timeout as connect and command budget, credentials, TLS.
+RedisClientOptions ForegroundClientOptions(const RemoteTierOptions& options);
+
 struct RemoteTierStats {
   uint64_t lookups = 0, lookup_chunks = 0, lookup_hit_chunks = 0;
   uint64_t fetches = 0, fetch_hits = 0, fetch_misses = 0, bytes_in = 0;

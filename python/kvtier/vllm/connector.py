@@ -1046,9 +1046,7 @@ class KVTierConnector(KVConnectorBase_V1):
         )
         if loaded >= spec.need_tokens:
             return
-        first = loaded // self._block_size
-        last = (spec.need_tokens - 1) // self._block_size
-        self._load_errors.update(spec.block_ids[first : last + 1])
+        self._mark_blocks_failed(spec, loaded)
         self._count(load_errors=1)
         logger.info(
             "kvtier: %s loaded %d of %d tokens; vLLM recomputes the rest",
@@ -1098,13 +1096,18 @@ class KVTierConnector(KVConnectorBase_V1):
         self._layer_load = (handle, specs)
         self._count(layerwise_loads=len(specs))
 
+    def _mark_blocks_failed(self, spec: LoadSpec, valid_tokens: int) -> None:
+        """Reports to vLLM (get_block_ids_with_load_errors) every block of the
+        load from the one holding token valid_tokens on: it recomputes them."""
+        first = valid_tokens // self._block_size
+        last = (spec.need_tokens - 1) // self._block_size
+        self._load_errors.update(spec.block_ids[first : last + 1])
+
     def _fail_layerwise_load(self, specs: list[LoadSpec]) -> None:
         """A scatter failed after the counts were reported: every block the
         load was to fill is reported to vLLM, which recomputes it."""
         for spec in specs:
-            first = spec.skip_tokens // self._block_size
-            last = (spec.need_tokens - 1) // self._block_size
-            self._load_errors.update(spec.block_ids[first : last + 1])
+            self._mark_blocks_failed(spec, spec.skip_tokens)
         self._count(load_errors=1)
 
     def _finish_layerwise_load(self) -> None:

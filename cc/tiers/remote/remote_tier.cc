@@ -265,7 +265,7 @@ RemoteTierStats RemoteTier::Stats() const {
   s.fetch_latency_us_total = ld(fetch_us_);
   s.upload_latency_us_total = ld(upload_us_);
   {
-    std::lock_guard<std::mutex> lock(const_cast<std::mutex&>(mu_));
+    std::lock_guard<std::mutex> lock(mu_);
     s.upload_queue_depth = queue_.size();
   }
   s.connected = connected_.load(std::memory_order_relaxed);

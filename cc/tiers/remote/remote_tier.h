@@ -145,7 +145,7 @@ class RemoteTier {
   std::unique_ptr<RedisClient> fg_;  // lookups and fetches
   std::unique_ptr<RedisClient> bg_;  // uploads
 
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable cv_;
   std::condition_variable idle_cv_;
   std::deque<ChunkMeta> queue_;  // guarded by mu_

@@ -54,7 +54,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
         # keys (cpu_capacity_clamp) as configured.
         native = config.to_native()
         values = {k: native[k] if k in native else getattr(config, k) for k in sources}
-        for k in ("remote_password",):  # secrets are never printed
+        for k in ("remote_password", "controller_token"):  # secrets are never printed
             if values.get(k):
                 values[k] = "***"
         if values.get("remote_url"):

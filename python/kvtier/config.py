@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import logging
 import math
 import os
@@ -281,6 +282,9 @@ class Config:
     remote_password: str = dataclasses.field(default="", repr=False)
     remote_password_file: str = ""
     remote_tls_ca_file: str = ""
+    controller_listen: str = ""
+    controller_token: str = dataclasses.field(default="", repr=False)
+    controller_token_file: str = ""
 
     @property
     def disk_enabled(self) -> bool:
@@ -315,9 +319,10 @@ class Config:
 _SIZE_KEYS = frozenset({"cpu_capacity", "disk_capacity", "disk_segment_size"})
 # Applied while loading (cpu_capacity is already clamped), or read into
 # another key by to_native: not engine options.
-_PYTHON_ONLY_KEYS = frozenset({"cpu_capacity_clamp", "remote_password_file"})
+_PYTHON_ONLY_KEYS = frozenset({"cpu_capacity_clamp", "remote_password_file"}) | frozenset(
+    {"controller_listen", "controller_token", "controller_token_file"})  # kvtier.controller
 # Never shown: describe(), `kvtier config` and errors print "***".
-_SECRET_KEYS = frozenset({"remote_password"})
+_SECRET_KEYS = frozenset({"remote_password", "controller_token"})
 
 
 def _read_secret_file(path: str) -> str:
@@ -366,6 +371,8 @@ def _display(name: str, value: object) -> str:
         return format_size(value)
     if name == "disk_path" and value == "":
         return "none (disk tier disabled)"
+    if name == "controller_listen" and value == "":
+        return "none (no controller)"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -398,6 +405,44 @@ def _parse_index_capacity(value: object) -> int:
     if v < 1024 or (top is not None and v > top):
         raise ValueError(f"not 0 and not in [1024, {top if top is not None else '...'}]")
     return v
+
+
+def _parse_controller_listen(value: object) -> str:
+    """'' (off) or a canonical HOST:PORT; a bare PORT binds 127.0.0.1."""
+    text = _parse_str(value).strip()
+    if text.lower() in ("", "none"):
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("the port must be an integer in [1, 65535]")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]  # [::1]:8199
+    if not host or any(c.isspace() or c in "/[]" for c in host) or (":" in host and not (bracketed and _is_ip(host))):
+        raise ValueError("not a host: an IP address or a host name (IPv6 in brackets: [::1]:8199)")
+    return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def controller_is_loopback(listen: str) -> bool:
+    """Whether a canonical controller_listen binds only this machine's
+    loopback: 'localhost' or a loopback address (names are not resolved)."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _segment_ok(v: int) -> bool:
@@ -446,6 +491,11 @@ _KEYS: dict[str, _Key] = {
     "remote_password": _Key(_parse_str, "a string"),
     "remote_password_file": _Key(_parse_str, "a path to a file holding the password"),
     "remote_tls_ca_file": _Key(_parse_str, "a path to a PEM CA file (rediss://)"),
+    "controller_listen": _Key(_parse_controller_listen,
+                              "'' / 'none' (no controller), PORT or HOST:PORT with PORT in [1, 65535] "
+                              "(rank r serves on PORT + r)"),
+    "controller_token": _Key(_parse_str, "a string (the controller's bearer token)"),
+    "controller_token_file": _Key(_parse_str, "a path to a file holding the controller's bearer token"),
 }
 
 KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
@@ -532,6 +582,18 @@ def _check_cross_keys(values: Mapping[str, Any], sources: Mapping[str, str]) -> 
             f"disk_segment_size = {format_size(segment)} (from {sources['disk_segment_size']}); "
             f"allowed: a size up to {format_size(_MAX_DISK_SEGMENTS * segment)} with that segment "
             "size (a larger disk_segment_size, or 0 for auto, allows more)")
+
+
+def _check_controller(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """The controller can clear and pin the cache: off this machine's
+    loopback it is refused without a bearer token."""
+    listen = values["controller_listen"]
+    if listen and not controller_is_loopback(listen) and not (
+            values["controller_token"] or values["controller_token_file"]):
+        raise ConfigError(
+            f"bad value for 'controller_listen' (from {sources['controller_listen']}): {listen!r} "
+            "is not a loopback address and no controller_token or controller_token_file is set; "
+            "allowed: 127.0.0.1:PORT, or any address with a token (KVTIER_CONTROLLER_TOKEN)")
 
 
 # --------------------------------------------------------------------------
@@ -680,6 +742,7 @@ def load_config_with_sources(
         values[key] = _parse_value(key, raw, source)
         sources[key] = source
     _check_cross_keys(values, sources)
+    _check_controller(values, sources)
     _check_memory(values, sources)
     return Config(**values), sources
 

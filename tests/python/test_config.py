@@ -201,9 +201,11 @@ def test_boundaries_accepted() -> None:
 
 def test_to_native_is_plain_scalars(tmp_path: Path) -> None:
     native = load_config({"cpu_capacity": "1GiB", "disk_path": "none"}, environ={}).to_native()
-    # cpu_capacity_clamp is applied while loading, in Python, and
-    # remote_password_file is read into remote_password: not engine options.
-    assert set(native) == {f.name for f in dataclasses.fields(Config)} - {"cpu_capacity_clamp", "remote_password_file"}
+    # cpu_capacity_clamp is applied while loading, in Python,
+    # remote_password_file is read into remote_password, and the controller
+    # (kvtier.controller) is Python: not engine options.
+    assert set(native) == {f.name for f in dataclasses.fields(Config)} - {
+        "cpu_capacity_clamp", "remote_password_file", "controller_listen", "controller_token", "controller_token_file"}
     assert native["cpu_capacity"] == GIB and native["disk_path"] == ""
     for value in native.values():
         assert type(value) in (int, float, str, bool)

@@ -5,6 +5,8 @@
                                 source of each value (default/file/env/override)
     kvtier config --check FILE  validate a YAML configuration file
     kvtier bench ...            the benchmarks (kvtier.bench.cli), imported lazily
+    kvtier proxy --prefill URL --decode URL --port N
+                                the disaggregated-prefill router (kvtier.proxy)
 
 Exit status: 0 on success, 2 on a configuration or usage error, 1 otherwise.
 """
@@ -94,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
                           help="print values and sources as JSON")
     p_config.set_defaults(func=_cmd_config)
 
+    # Listed for --help only, like bench: kvtier.proxy (FastAPI, httpx,
+    # uvicorn) is imported only when the proxy runs.
+    sub.add_parser("proxy", add_help=False,
+                   help="OpenAI-compatible router for disaggregated prefill (see 'kvtier proxy --help')")
+
     # Listed for --help only: main() hands everything after 'bench' to
     # kvtier.bench.cli untouched, options included.
     sub.add_parser("bench", help="run benchmarks (see 'kvtier bench --help')", add_help=False)
@@ -104,6 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return _run_bench(argv[1:])
+    if argv[:1] == ["proxy"]:
+        try:
+            from kvtier import proxy
+        except ImportError as exc:
+            print(f"kvtier proxy needs fastapi, httpx and uvicorn (installed with vLLM): {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return proxy.main(argv[1:])
     args = _parser().parse_args(argv)
     return int(args.func(args))
 

@@ -52,6 +52,23 @@ Contract with vLLM
   stored: it is counted in the `unsupported_requests` stat and logged once.
 * Roles: kv_both loads and saves, kv_producer only saves, kv_consumer only
   loads.
+* Disaggregated prefill (vLLM's P/D convention; docs/disaggregated.md).
+  With `transport: ucx`, a request whose `kv_transfer_params` carry
+  `do_remote_decode` (the proxy's prefill leg) is a P/D prefill: the
+  scheduler flags its last save, the worker waits for that save and holds
+  the request's chunks for a peer (`Engine.hold_for_peer`, for
+  `producer_pin_seconds`), and `request_finished` returns
+  `kv_transfer_params` {"do_remote_prefill": true, "kvtier": {"version": 1,
+  "peers": [one transport address per rank], "namespace": a digest of what
+  keys the KV, "tokens": the prompt tokens held}}. The decode instance's
+  scheduler reads them from the request: it claims the tokens past its own
+  prefix (at most the prompt less one) and loads them asynchronously; its
+  worker of rank r pulls them from peers[r] (`Engine.pull_from_peer`, which
+  files them in the local CPU tier) and loads them, and `get_finished`
+  reports the request. A peer that is gone, refuses, or sends bad chunks
+  is a miss: the blocks not loaded are reported and vLLM recomputes them
+  (counted in `pd_pull_failures`). Params from another model, dtype,
+  layout, parallel size or chunk size are refused (`pd_params_refused`).
 * Processes and ranks (ranks.py): every worker rank (tensor and pipeline
   parallel) owns the engine holding its shard of every chunk, under a
   namespace carrying its rank, with its own disk directory and its
@@ -81,6 +98,7 @@ import os
 import struct
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -284,6 +302,9 @@ class LoadSpec:
     # Part of the promised prefix is in the remote tier only: the worker
     # fetches it (asynchronously) before it loads.
     remote: bool = False
+    # P/D decode: the prefill instance's transport address per rank; the
+    # worker pulls from its rank's before it loads.
+    peers: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -293,6 +314,9 @@ class SaveSpec:
     slots: np.ndarray
     skip_tokens: int
     extras: dict[str, Any] | None = None  # request_key_extras(request)
+    # P/D prefill: the request's last save; once it is stored the worker
+    # holds the request's chunks for the decode instance.
+    hold: bool = False
 
 
 @dataclasses.dataclass
@@ -318,6 +342,11 @@ _COUNTERS = (
     "layerwise_loads",
     "layerwise_store_passes",
     "layerwise_stores_aborted",
+    "pd_holds",
+    "pd_chunks_held",
+    "pd_pulls",
+    "pd_pull_failures",
+    "pd_params_refused",
 )
 
 
@@ -656,6 +685,86 @@ def _cpu_block_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(blocks, 2, block_size, heads, two_head // 2)
 
 
+PD_VERSION = 1
+# Hosts a producer listens on that a peer cannot dial: it advertises its
+# own address (vLLM's get_ip: VLLM_HOST_IP, else the default route's).
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerSource:
+    """Where a prefill instance holds a request's KV: the "kvtier" entry of
+    the kv_transfer_params its request_finished returned."""
+
+    peers: tuple[str, ...]  # transport address of each rank
+    namespace: str  # pd_namespace_digest of the producer
+    tokens: int  # prompt tokens held (whole chunks)
+
+
+def _valid_address(address: Any) -> bool:
+    if not isinstance(address, str) or len(address) > 300:
+        return False
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def parse_peer_source(params: Any) -> PeerSource | str | None:
+    """The PeerSource in a request's kv_transfer_params; None when there is
+    none; a reason string when there is one this connector cannot use. The
+    params come from a client, through the proxy: every field is checked."""
+    if not isinstance(params, dict) or "kvtier" not in params:
+        return None
+    pd = params["kvtier"]
+    if not isinstance(pd, dict):
+        return f"kvtier params are not an object: {pd!r:.80}"
+    if pd.get("version") != PD_VERSION:
+        return f"kvtier params version {pd.get('version')!r:.20}, this connector speaks {PD_VERSION}"
+    peers, namespace, tokens = pd.get("peers"), pd.get("namespace"), pd.get("tokens")
+    if not isinstance(peers, list) or not peers or not all(_valid_address(a) for a in peers):
+        return f"kvtier params peers are not a list of host:port: {peers!r:.200}"
+    if not isinstance(namespace, str) or not namespace:
+        return "kvtier params have no namespace"
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        return f"kvtier params tokens must be a count: {tokens!r:.40}"
+    return PeerSource(peers=tuple(peers), namespace=namespace, tokens=tokens)
+
+
+def pd_namespace_digest(namespace: Any, config: Any) -> str:
+    """What must be equal for a consumer to use a producer's chunks: the
+    model identity, dtype, layout (rank aside: each rank pulls its own
+    shard), parallel size, chunk size and the configured namespace."""
+    identity = [namespace.model, namespace.dtype, namespace.layout, int(namespace.world_size),
+                int(config.chunk_size), str(config.namespace)]
+    return hashlib.sha256(json.dumps(identity, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def producer_peers(listen: str, world_size: int) -> list[str]:
+    """The transport address of each rank of a producer configured with
+    `transport_listen: host:port` (rank r listens on port + r). A port of 0
+    (any free port) is refused: the scheduler, which names the peers in
+    kv_transfer_params, is another process and cannot learn the ports the
+    workers bound."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise kvtier.ConfigError(f"transport_listen must be host:port, got {listen!r}")
+    base = int(port)
+    if base == 0:
+        raise kvtier.ConfigError(
+            "a P/D producer (kv_role kv_producer with transport: ucx) needs a fixed transport_listen "
+            "port: its scheduler names rank r's address (port + r) in kv_transfer_params and cannot "
+            "learn a port the worker picked"
+        )
+    if base + world_size - 1 > 65535:
+        raise kvtier.ConfigError(f"transport_listen port {base} + {world_size - 1} ranks exceeds 65535")
+    if host in _WILDCARD_HOSTS:
+        from vllm.utils.network_utils import get_ip
+
+        host = get_ip()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return [f"{host}:{base + r}" for r in range(world_size)]
+
+
 class KVTierConnector(KVConnectorBase_V1):
     def __init__(
         self,
@@ -690,6 +799,12 @@ class KVTierConnector(KVConnectorBase_V1):
             )
             self._layerwise = False
         self._chunk_size: int = int(self._config.chunk_size)
+        # Disaggregated prefill (see the module docstring).
+        self._transport = getattr(self._config, "transport", "none") == "ucx"
+        self._pin_seconds = float(getattr(self._config, "producer_pin_seconds", 60.0))
+        self._pd_namespace = ""
+        self._pd_peers: list[str] = []  # this producer's addresses, one per rank
+        self._world_size = ranks.world_size(vllm_config)
         # Worker: this rank's engine, its catalogue in shared memory.
         # Scheduler: no tiers, only every rank's catalogue mapped read-only
         # (see ranks.py): a prefix counts when every rank holds it.
@@ -710,6 +825,19 @@ class KVTierConnector(KVConnectorBase_V1):
                 [(catalogue_shm_name(deployment, p.rank, p.world_size), ns) for p, ns in zip(placements, namespaces)],
                 self._config,
             )
+            self._pd_namespace = pd_namespace_digest(first, self._config)
+            listen = str(getattr(self._config, "transport_listen", "") or "")
+            if self._transport and self._saves_enabled and (listen or ktc.kv_role == "kv_producer"):
+                try:
+                    self._pd_peers = producer_peers(listen, len(placements))
+                except kvtier.ConfigError:
+                    if ktc.kv_role == "kv_producer":
+                        raise
+                    logger.warning(
+                        "KVTierConnector: transport_listen %r has no fixed port; this kv_both instance "
+                        "answers P/D prefill requests without kv_transfer_params (decode recomputes)",
+                        listen,
+                    )
         else:
             placement = ranks.worker_placement(vllm_config)
             self._rank = placement.rank
@@ -742,6 +870,11 @@ class KVTierConnector(KVConnectorBase_V1):
         # Requests whose promised prefix needs the remote tier.
         self._needs_remote: set[str] = set()
         self._remote_tried: set[str] = set()
+        # P/D decode: requests whose promised prefix is pulled from a
+        # prefill instance (one attempt each, like the remote tier's).
+        self._needs_peer: dict[str, PeerSource] = {}
+        self._pd_tried: set[str] = set()
+        self._pd_refused_logged = False
         # Requests counted in unsupported_requests (once each); logged once.
         self._unsupported: set[str] = set()
         self._unsupported_logged = False
@@ -758,6 +891,8 @@ class KVTierConnector(KVConnectorBase_V1):
         self._finished_waiting: set[str] = set()
         self._load_errors: set[int] = set()
         self._finished_recving: set[str] = set()
+        # P/D decode: pulls from peers run here, off the forward's thread.
+        self._pull_pool: ThreadPoolExecutor | None = None
         # Layer-wise transfer (CPU): layer name -> index in the registered
         # caches; this step's load (with its specs) and store signal.
         self._layer_index: dict[str, int] = {}
@@ -833,6 +968,9 @@ class KVTierConnector(KVConnectorBase_V1):
             return 0, False
         self._lookup_local[request.request_id] = num_computed_tokens
         tokens = request.all_token_ids
+        source = self._peer_source(request)
+        if source is not None:
+            return self._match_from_peer(request, source, extras, num_computed_tokens)
         # vLLM samples from the last token's logits, so it must compute it.
         if self._view.has_remote and request.request_id not in self._remote_tried:
             # Past every rank's local prefix, the remote tier (one pipelined
@@ -861,6 +999,53 @@ class KVTierConnector(KVConnectorBase_V1):
             self._needs_remote.discard(request.request_id)
         return external, self._async_load or needs_remote
 
+    def _peer_source(self, request: Request) -> PeerSource | None:
+        """The prefill instance holding this request's KV, from its
+        kv_transfer_params; None when there is none, it was tried already
+        (what it filed locally is then a local hit), or it is refused."""
+        if request.request_id in self._pd_tried:
+            return None
+        parsed = parse_peer_source(request.kv_transfer_params)
+        if parsed is None:
+            return None
+        reason = parsed if isinstance(parsed, str) else None
+        if isinstance(parsed, PeerSource):
+            if not self._transport:
+                reason = "this instance has transport: none"
+            elif parsed.namespace != self._pd_namespace:
+                reason = "the producer's namespace differs (model, dtype, layout, parallel size or chunk size)"
+            elif len(parsed.peers) != self._world_size:
+                reason = f"{len(parsed.peers)} producer ranks for {self._world_size} here"
+        if reason is None:
+            assert isinstance(parsed, PeerSource)
+            return parsed
+        self._pd_tried.add(request.request_id)
+        self._count(pd_params_refused=1)
+        if not self._pd_refused_logged:
+            self._pd_refused_logged = True
+            logger.warning(
+                "KVTierConnector: request %s's kv_transfer_params are not used (%s); it is computed "
+                "here. Further refusals are only counted in pd_params_refused",
+                request.request_id,
+                reason,
+            )
+        return None
+
+    def _match_from_peer(
+        self, request: Request, source: PeerSource, extras: dict[str, Any] | None, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        tokens = request.all_token_ids
+        local = int(self._view.lookup(tokens, extras=key_extras(extras)))
+        # vLLM samples from the last token's logits, so it must compute it.
+        hit = min(max(source.tokens, local), len(tokens) - 1)
+        external = hit - num_computed_tokens
+        if external <= 0:
+            return 0, False
+        if source.tokens <= local:
+            return external, self._async_load  # all of it here already
+        self._needs_peer[request.request_id] = source
+        return external, True
+
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
@@ -870,6 +1055,7 @@ class KVTierConnector(KVConnectorBase_V1):
         local = self._lookup_local.pop(request.request_id, None)
         remote = request.request_id in self._needs_remote
         self._needs_remote.discard(request.request_id)
+        source = self._needs_peer.pop(request.request_id, None)
         if num_external_tokens <= 0:
             if local is not None:
                 self._count(lookups=1, miss_requests=1)
@@ -877,6 +1063,11 @@ class KVTierConnector(KVConnectorBase_V1):
         extras = self._request_extras(request)
         if isinstance(extras, Unsupported):  # the lookup promised nothing
             return
+        if source is not None:
+            # One pull per request: if it fails the request comes back to
+            # get_num_new_matched_tokens and takes what the pull filed
+            # locally, recomputing the rest.
+            self._pd_tried.add(request.request_id)
         block_ids = list(blocks.get_block_ids()[0])
         state.block_ids = block_ids
         local = local or 0
@@ -890,9 +1081,10 @@ class KVTierConnector(KVConnectorBase_V1):
                 skip_tokens=local,
                 need_tokens=need,
                 block_ids=block_ids,
-                is_async=self._async_load or remote,
+                is_async=self._async_load or remote or source is not None,
                 extras=extras,
-                remote=remote,
+                remote=remote and source is None,
+                peers=source.peers if source is not None else (),
             )
         )
         if remote:
@@ -953,10 +1145,39 @@ class KVTierConnector(KVConnectorBase_V1):
                 slots=slot_mapping(state.block_ids, self._block_size, end),
                 skip_tokens=state.saved_tokens - state.saved_tokens % self._chunk_size,
                 extras=extras,
+                hold=end >= prompt_len and self._is_pd_prefill(state.request),
             )
         )
         state.saved_tokens = end
         state.has_save = True
+
+    def _is_pd_prefill(self, request: Request) -> bool:
+        """A P/D prefill request (vLLM's convention: the router marks it
+        do_remote_decode) on an instance that can serve its KV to peers."""
+        params = request.kv_transfer_params
+        return bool(self._pd_peers and isinstance(params, dict) and params.get("do_remote_decode"))
+
+    def _pd_params(self, request: Request) -> dict[str, Any] | None:
+        """kv_transfer_params naming this producer, for the decode instance."""
+        from vllm.v1.request import RequestStatus
+
+        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+            return None  # aborted: nothing was held
+        extras = self._request_extras(request)
+        if isinstance(extras, Unsupported):
+            return None
+        prompt = request.all_token_ids[: request.num_prompt_tokens]
+        # The worker stored and held the prompt's chunks before this step's
+        # output left it (wait_for_save), so every rank's catalogue has them.
+        held = min(int(self._view.lookup(prompt, extras=key_extras(extras))), request.num_prompt_tokens)
+        if held <= 0:
+            return None
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "kvtier": {"version": PD_VERSION, "peers": list(self._pd_peers), "namespace": self._pd_namespace,
+                       "tokens": held},
+        }
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -964,10 +1185,13 @@ class KVTierConnector(KVConnectorBase_V1):
         self._lookup_local.pop(request.request_id, None)
         self._needs_remote.discard(request.request_id)
         self._remote_tried.discard(request.request_id)
+        self._needs_peer.pop(request.request_id, None)
+        self._pd_tried.discard(request.request_id)
         self._unsupported.discard(request.request_id)
         state = self._reqs.pop(request.request_id, None)
+        params = self._pd_params(request) if state is not None and self._is_pd_prefill(request) else None
         # The worker reports finished_sending for exactly these requests.
-        return bool(state is not None and state.has_save), None
+        return bool(state is not None and state.has_save), params
 
     # ------------------------------------------------------------ worker
 
@@ -991,13 +1215,16 @@ class KVTierConnector(KVConnectorBase_V1):
             started = time.perf_counter()
             if spec.is_async:
                 try:
-                    handle = self.engine.retrieve_async(
-                        spec.tokens,
-                        spec.slots,
-                        skip_tokens=spec.skip_tokens,
-                        extras=key_extras(spec.extras),
-                        fetch_remote=spec.remote,
-                    )
+                    if spec.peers:
+                        handle = self._start_pull(spec)
+                    else:
+                        handle = self.engine.retrieve_async(
+                            spec.tokens,
+                            spec.slots,
+                            skip_tokens=spec.skip_tokens,
+                            extras=key_extras(spec.extras),
+                            fetch_remote=spec.remote,
+                        )
                 except Exception:
                     logger.exception("kvtier retrieve_async failed for %s", spec.req_id)
                     self._finish_load(spec, 0, started)
@@ -1023,6 +1250,37 @@ class KVTierConnector(KVConnectorBase_V1):
                 logger.exception("kvtier retrieve failed for %s", spec.req_id)
                 loaded = 0
             self._finish_load(spec, loaded, started)
+
+    def _start_pull(self, spec: LoadSpec) -> Future[int]:
+        if self._pull_pool is None:
+            self._pull_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvtier-pd-pull")
+        return self._pull_pool.submit(self._pull_and_load, spec)
+
+    def _pull_and_load(self, spec: LoadSpec) -> int:
+        """P/D decode, on a pull thread: bring the chunks past the local
+        prefix from this rank's peer into the CPU tier, then load the
+        prefix. Tokens short of the promise are reported by _finish_load
+        (get_finished) and recomputed by vLLM."""
+        extras = key_extras(spec.extras)
+        cached = 0
+        peer = spec.peers[self._rank] if self._rank < len(spec.peers) else ""
+        try:
+            cached = int(self.engine.pull_from_peer(peer, spec.tokens, extras=extras))
+        except Exception:  # the transport answers a dead peer with a miss; anything else is one too
+            logger.exception("kvtier: pull of %s from %s failed", spec.req_id, peer)
+        self._count(pd_pulls=1)
+        if cached < spec.need_tokens:
+            self._count(pd_pull_failures=1)
+            logger.warning(
+                "kvtier: %s: the prefill instance %s gave %d of %d tokens; vLLM recomputes the rest",
+                spec.req_id,
+                peer,
+                cached,
+                spec.need_tokens,
+            )
+        return int(
+            self.engine.retrieve_async(spec.tokens, spec.slots, skip_tokens=spec.skip_tokens, extras=extras).result()
+        )
 
     def _reap_stream_loads(self) -> None:
         """Drop finished GPU loads (releasing their chunks); log any that failed on the GPU."""
@@ -1195,13 +1453,16 @@ class KVTierConnector(KVConnectorBase_V1):
         signal, self._layer_signal = self._layer_signal, None
         if signal is None:
             self._issue_saves(meta.saves)
+            self._hold_for_peers(meta.saves)
             return
         missing = set(range(len(self._layer_index))) - self._layers_reported
         if not missing:
             signal.all_ready()
+            self._hold_for_peers(meta.saves)
             return
         # Some layer's KV may never have been written: store nothing of it.
         signal.abort()
+        self._hold_for_peers(meta.saves)
         self._count(layerwise_stores_aborted=len(meta.saves))
         names = sorted((n for n, i in self._layer_index.items() if i in missing), key=self._layer_index.__getitem__)
         if not self._layerwise_store_broken:
@@ -1211,6 +1472,25 @@ class KVTierConnector(KVConnectorBase_V1):
                 "layer-wise stores were aborted and later steps store whole chunks after the pass",
                 ", ".join(names[:4]) + (" ..." if len(names) > 4 else ""),
             )
+
+    def _hold_for_peers(self, saves: list[SaveSpec]) -> None:
+        """P/D prefill: the decode instance asks for the chunks as soon as
+        this step's output leaves (the request finished with its one
+        token), so its stores complete here, before the step ends, and the
+        chunks are held for a peer for producer_pin_seconds."""
+        for spec in saves:
+            if not spec.hold:
+                continue
+            for handle, started in self._saves_in_flight.pop(spec.req_id, []):
+                self._wait_store(handle, started)
+            try:
+                held = int(
+                    self.engine.hold_for_peer(spec.tokens, extras=key_extras(spec.extras), seconds=self._pin_seconds)
+                )
+            except Exception:  # the decode instance then recomputes
+                logger.exception("kvtier: holding %s for a peer failed", spec.req_id)
+                continue
+            self._count(pd_holds=1, pd_chunks_held=held)
 
     def _wait_store(self, handle: Any, started: float | None = None) -> None:
         try:
@@ -1268,5 +1548,8 @@ class KVTierConnector(KVConnectorBase_V1):
             for handle, _ in handles:
                 self._wait_store(handle)
         self._saves_in_flight.clear()
+        if self._pull_pool is not None:
+            self._pull_pool.shutdown(wait=True, cancel_futures=True)
+            self._pull_pool = None
         if self._registry_key is not None:
             registry.release(self._registry_key)

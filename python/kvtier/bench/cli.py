@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "ttft": "kvtier.bench.ttft",
     "serve-ttft": "kvtier.bench.serve_ttft",
     "remote-ttft": "kvtier.bench.remote_ttft",
+    "pd-ttft": "kvtier.bench.pd_ttft",
     "demo": "kvtier.bench.demo",
     "gpu-recompute": "kvtier.bench.gpu_recompute",
 }
@@ -24,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "TP=1 and TP=2", file=sys.stderr)
         print("  remote-ttft  TTFT of a second `vllm serve` instance served through Redis / a Redis "
               "Cluster from what the first stored", file=sys.stderr)
+        print("  pd-ttft  disaggregated prefill: a decode instance's TTFT with the KV pulled from a "
+              "prefill instance vs recompute vs a local CPU-tier hit", file=sys.stderr)
         print("  demo  the demo workload with per-request TTFT and a PNG plot", file=sys.stderr)
         print("  gpu-recompute  on a GPU: loading a prefix's KV from kvtier vs recomputing it "
               "(Llama shapes, transformers)", file=sys.stderr)

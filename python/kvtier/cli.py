@@ -5,6 +5,8 @@
                                 source of each value (default/file/env/override)
     kvtier config --check FILE  validate a YAML configuration file
     kvtier bench ...            the benchmarks (kvtier.bench.cli), imported lazily
+    kvtier stats | top | lookup | clear | pin | unpin | move | verify | health | profile
+                                talk to running engines' controllers (kvtier.controller.cli)
     kvtier proxy --prefill URL --decode URL --port N
                                 the disaggregated-prefill router (kvtier.proxy)
 
@@ -104,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     # Listed for --help only: main() hands everything after 'bench' to
     # kvtier.bench.cli untouched, options included.
     sub.add_parser("bench", help="run benchmarks (see 'kvtier bench --help')", add_help=False)
+
+    # The controller's commands: stats, top, lookup, clear, pin, unpin,
+    # move, verify, health, profile, controller-openapi (docs/controller.md).
+    from kvtier.controller.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -125,6 +125,7 @@ Status Engine::Init() {
     // explicit segment size that cannot hold it an error here, at start.
     DiskTierOptions disk_opts = options_.disk;
     disk_opts.max_chunk_bytes = std::max(disk_opts.max_chunk_bytes, options_.cpu.chunk_bytes);
+    if (!disk_opts.now) disk_opts.now = options_.now;  // chunks' last use (ClearChunks older_than)
     auto disk = DiskTier::Open(disk_opts);
     if (!disk.ok()) return disk.status().Annotate("disk tier at " + options_.disk.path);
     disk_ = std::move(disk).value();
@@ -165,6 +166,12 @@ Status Engine::Init() {
 }
 
 Engine::~Engine() {
+  {
+    std::lock_guard<std::mutex> lock(pins_mu_);
+    pin_stop_ = true;
+  }
+  pin_cv_.notify_all();
+  if (pin_thread_.joinable()) pin_thread_.join();
   // Order matters: finish copies (they enqueue write-behind and uploads),
   // stop the uploader, drain write-behind, then tear the tiers down.
   if (copy_pool_) copy_pool_->Shutdown();
@@ -190,6 +197,7 @@ Status Engine::SetChunkBytes(size_t max_chunk_bytes) {
   if (disk_) KVT_RETURN_IF_ERROR(disk_->EnsureChunkFits(max_chunk_bytes));
   CpuTierOptions cpu_opts = options_.cpu;
   cpu_opts.chunk_bytes = max_chunk_bytes;
+  if (!cpu_opts.now) cpu_opts.now = options_.now;  // one clock for TTLs and last use
   auto tier = CpuTier::Create(cpu_opts);
   if (!tier.ok()) return tier.status().Annotate("CPU tier");
   cpu_ = std::move(tier).value();
@@ -285,7 +293,9 @@ StatusOr<std::shared_ptr<StoreHandle>> Engine::Store(std::span<const int32_t> to
       ++copies_pending_;
     }
     Status sub = copy_pool_->Submit([this, c = c, bytes = bytes, layout_id, shared_fill, handle, start] {
+      const uint64_t begun = NowUs();
       StoreOneGuarded(c, layout_id, bytes, *shared_fill, handle);
+      store_cpu_hist_.Record(NowUs() - begun);
       store_latency_us_.fetch_add(NowUs() - start, std::memory_order_relaxed);
       CopyFinished();
     });
@@ -431,8 +441,10 @@ void Engine::StoreOne(const ChunkHash& chunk, uint64_t layout_id, size_t bytes, 
 Status Engine::WriteThrough(const ChunkMeta& meta, std::span<const std::byte> data) {
   Status s;
   try {
+    const uint64_t begun = NowUs();
     std::vector<Status> results = disk_->PutBatch(std::span<const ChunkMeta>(&meta, 1),
                                                   std::span<const std::span<const std::byte>>(&data, 1));
+    store_disk_hist_.Record(NowUs() - begun);
     if (options_.test_disk_write_results) options_.test_disk_write_results(results);
     s = results.at(0);
   } catch (...) {
@@ -446,6 +458,7 @@ Status Engine::WriteThrough(const ChunkMeta& meta, std::span<const std::byte> da
   } else {
     if (!IsTransientDiskError(s)) LogPermanentDiskFailure(s, data.size());
     wb_failed_.fetch_add(1, std::memory_order_relaxed);
+    NoteDiskFailure();
     s = s.Annotate("write-through to the disk tier (the chunk stays in the CPU tier)");
   }
   (void)cpu()->ReleaseHold(meta.key);  // filed or not: evictable like any other chunk now
@@ -522,11 +535,17 @@ size_t Engine::DropStaleLayout(const ChunkHash& chunk, uint64_t layout_id) {
   size_t dropped = 0;
   if (CpuTier* tier = cpu()) {
     auto meta = tier->GetMeta(chunk.key);
-    if (meta.ok() && meta->layout_id != layout_id && tier->Remove(chunk.key).ok()) ++dropped;
+    if (meta.ok() && meta->layout_id != layout_id && tier->Remove(chunk.key).ok()) {
+      ++dropped;
+      cpu_evict_layout_.fetch_add(1, std::memory_order_relaxed);
+    }
   }
   if (disk_ != nullptr) {
     auto meta = disk_->GetMeta(chunk.key);
-    if (meta.ok() && meta->layout_id != layout_id && disk_->Remove(chunk.key).ok()) ++dropped;
+    if (meta.ok() && meta->layout_id != layout_id && disk_->Remove(chunk.key).ok()) {
+      ++dropped;
+      disk_evict_layout_.fetch_add(1, std::memory_order_relaxed);
+    }
   }
   if (dropped != 0) Reconcile(chunk.key);
   return dropped;
@@ -549,6 +568,7 @@ StatusOr<size_t> Engine::RetrieveLoop(std::span<const int32_t> tokens, size_t sk
       break;
     }
     bool from_disk = false, stale_layout = false;
+    const uint64_t load_start = NowUs();
     auto lease = LoadOne(c, *entry, layout_id, &from_disk, &stale_layout);
     if (stale_layout) {
       // Stored from another layout: a miss, and the stale copies go, here and
@@ -579,6 +599,7 @@ StatusOr<size_t> Engine::RetrieveLoop(std::span<const int32_t> tokens, size_t sk
       break;
     }
     (from_disk ? chunks_loaded_disk_ : chunks_loaded_cpu_).fetch_add(1, std::memory_order_relaxed);
+    (from_disk ? load_disk_hist_ : load_cpu_hist_).Record(NowUs() - load_start);
     chunks_loaded_.fetch_add(1, std::memory_order_relaxed);
     const size_t new_tokens = end - std::max<size_t>(c.begin, skip_tokens);
     tokens_loaded_.fetch_add(new_tokens, std::memory_order_relaxed);
@@ -636,17 +657,22 @@ size_t Engine::Pin(std::span<const int32_t> tokens, const KeyExtras* extras) {
   if (!ValidateKeyExtras(extras).ok()) return 0;
   std::vector<ChunkHash> chunks;
   hasher_.Hash(tokens, &chunks, extras);
-  size_t pinned = 0;
   std::lock_guard<std::mutex> lock(pins_mu_);
+  return PinLocked(chunks, nullptr);
+}
+
+size_t Engine::PinLocked(const std::vector<ChunkHash>& chunks, std::vector<ChunkKey>* pinned) {
+  size_t n = 0;
   for (const ChunkHash& c : chunks) {
     if (!index_->Pin(c.key).ok()) break;
     UserPins& taken = user_pins_[c.key];
     if (cpu() && cpu()->Pin(c.key).ok()) ++taken.cpu;
     if (disk_ && disk_->Pin(c.key).ok()) ++taken.disk;
     if (taken.cpu == 0 && taken.disk == 0) user_pins_.erase(c.key);
-    ++pinned;
+    if (pinned != nullptr) pinned->push_back(c.key);
+    ++n;
   }
-  return pinned;
+  return n;
 }
 
 size_t Engine::Unpin(std::span<const int32_t> tokens, const KeyExtras* extras) {
@@ -656,25 +682,27 @@ size_t Engine::Unpin(std::span<const int32_t> tokens, const KeyExtras* extras) {
   size_t unpinned = 0;
   std::lock_guard<std::mutex> lock(pins_mu_);
   for (const ChunkHash& c : chunks) {
-    if (!index_->Unpin(c.key).ok()) break;
-    auto it = user_pins_.find(c.key);
-    if (it == user_pins_.end()) {  // this pin found the chunk in no tier: nothing to release
-      ++unpinned;
-      continue;
-    }
-    UserPins& taken = it->second;
-    if (taken.cpu > 0) {
-      --taken.cpu;
-      (void)cpu()->Unpin(c.key);
-    }
-    if (taken.disk > 0) {
-      --taken.disk;
-      (void)disk_->Unpin(c.key);
-    }
-    if (taken.cpu == 0 && taken.disk == 0) user_pins_.erase(it);
+    if (!UnpinKeyLocked(c.key)) break;
     ++unpinned;
   }
   return unpinned;
+}
+
+bool Engine::UnpinKeyLocked(const ChunkKey& key) {
+  if (!index_->Unpin(key).ok()) return false;
+  auto it = user_pins_.find(key);
+  if (it == user_pins_.end()) return true;  // this pin found the chunk in no tier: nothing to release
+  UserPins& taken = it->second;
+  if (taken.cpu > 0) {
+    --taken.cpu;
+    (void)cpu()->Unpin(key);
+  }
+  if (taken.disk > 0) {
+    --taken.disk;
+    (void)disk_->Unpin(key);
+  }
+  if (taken.cpu == 0 && taken.disk == 0) user_pins_.erase(it);
+  return true;
 }
 
 void Engine::Flush() {
@@ -687,14 +715,9 @@ void Engine::Flush() {
   wb_idle_cv_.wait(lock, [this] { return wb_queue_.empty() && wb_in_flight_ == 0; });
 }
 
-void Engine::Clear() {
-  Flush();
-  if (cpu()) cpu()->Clear();
-  if (disk_) disk_->Clear();
-  // Tier::Clear does not report evictions: rebuild the masks from the tiers.
-  std::vector<ChunkKey> keys;
-  index_->ForEach([&](const IndexEntry& e) { keys.push_back(e.key); });
-  for (const ChunkKey& k : keys) Reconcile(k);
+size_t Engine::Clear() {
+  auto n = ClearChunks(ClearFilter{});
+  return n.ok() ? *n : 0;  // the default filter is valid
 }
 
 // ---------------------------------------------------------------------------
@@ -724,6 +747,7 @@ void Engine::EnqueueWriteBehind(const ChunkMeta& meta) {
   }
   (void)tier->ReleaseHold(meta.key);
   wb_dropped_.fetch_add(1, std::memory_order_relaxed);
+  last_wb_drop_ns_.store(NowNs(), std::memory_order_relaxed);
 }
 
 void Engine::LogPermanentDiskFailure(const Status& s, size_t chunk_bytes) {
@@ -820,7 +844,9 @@ void Engine::WriteBehindBatch(std::vector<WbItem>& batch, std::vector<WbItem>* r
     leases.push_back(std::move(lease).value());
     which.push_back(i);
   }
+  const uint64_t begun = NowUs();
   std::vector<Status> results = disk_->PutBatch(metas, datas);
+  store_disk_hist_.Record(NowUs() - begun);
   if (options_.test_disk_write_results) options_.test_disk_write_results(results);
   leases.clear();
   for (size_t j = 0; j < which.size(); ++j) {
@@ -840,6 +866,7 @@ void Engine::WriteBehindBatch(std::vector<WbItem>& batch, std::vector<WbItem>* r
       if (!IsTransientDiskError(s)) LogPermanentDiskFailure(s, datas[j].size());
       (void)tier->ReleaseHold(it.meta.key);  // stays CPU-only; evictable again
       wb_failed_.fetch_add(1, std::memory_order_relaxed);
+      NoteDiskFailure();
     }
     it.settled = true;
   }
@@ -894,7 +921,30 @@ EngineStats Engine::Stats() const {
   if (remote_) {
     s.has_remote = true;
     s.remote = remote_->Stats();
+    s.load_remote_us = remote_->FetchLatency();
   }
+  // Operations additions.
+  s.catalogue_capacity = index_->capacity();
+  s.cpu_evictions.capacity = s.cpu.evictions - s.cpu.evictions_expired;
+  s.cpu_evictions.expired = s.cpu.evictions_expired;
+  s.cpu_evictions.clear = ld(cpu_evict_clear_);
+  s.cpu_evictions.layout_mismatch = ld(cpu_evict_layout_);
+  if (disk_) {
+    s.disk_evictions.capacity = s.disk.evictions;
+    s.disk_evictions.corrupt = disk_->batch_counters().checksum_failures;
+  }
+  s.disk_evictions.clear = ld(disk_evict_clear_);
+  s.disk_evictions.layout_mismatch = ld(disk_evict_layout_);
+  s.load_cpu_us = load_cpu_hist_.Get();
+  s.load_disk_us = load_disk_hist_.Get();
+  s.store_cpu_us = store_cpu_hist_.Get();
+  s.store_disk_us = store_disk_hist_.Get();
+  s.pins_expired = ld(pins_expired_);
+  s.moves_started = ld(moves_started_);
+  s.moves_chunks_moved = ld(moves_moved_);
+  s.moves_chunks_failed = ld(moves_failed_);
+  s.copies_pending = copy_pool_ ? copy_pool_->queue_depth() : 0;
+  s.pins_with_ttl = ld(timed_pin_chunks_);
   return s;
 }
 

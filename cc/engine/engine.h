@@ -81,10 +81,12 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -100,6 +102,7 @@
 #include "cc/index/chunk_index.h"
 #include "cc/tiers/cpu/cpu_tier.h"
 #include "cc/tiers/disk/disk_tier.h"
+#include "cc/tiers/latency_histogram.h"
 #include "cc/tiers/remote/remote_tier.h"
 
 namespace kvtier {
@@ -150,6 +153,20 @@ struct EngineOptions {
   // wrote them, before they are acted on. It may change them (fault
   // injection) or throw (to test the thread boundary).
   std::function<void(std::span<Status> results)> test_disk_write_results;
+
+  // The operations API's clock (pin TTLs, Clear's older_than, chunks' last
+  // use in the tiers, Health's "recently"); empty: steady_clock::now. Tests
+  // move it instead of sleeping. Also the CPU tier's TTL clock unless
+  // cpu.now is set. Must be cheap and must not call into the engine.
+  std::function<std::chrono::steady_clock::time_point()> now;
+};
+
+// Evictions of one tier by reason (EngineStats). capacity: the tier's
+// policy made room; clear: Clear / ClearChunks; expired: TTL; layout_mismatch:
+// stored from another KV layout (Retrieve drops it); corrupt: failed its
+// checksum on a read (disk) and dropped.
+struct EvictionsByReason {
+  uint64_t capacity = 0, clear = 0, expired = 0, layout_mismatch = 0, corrupt = 0;
 };
 
 struct EngineStats {
@@ -169,6 +186,93 @@ struct EngineStats {
   bool has_cpu = false, has_disk = false, has_remote = false;
   TierStats cpu, disk;
   remote::RemoteTierStats remote;
+
+  // Operations additions.
+  uint64_t catalogue_capacity = 0;  // the catalogue's fixed capacity (entries)
+  EvictionsByReason cpu_evictions, disk_evictions;
+  // Latency histograms (LatencyHistogram: fixed log buckets, NON-cumulative
+  // counts, microseconds). load_cpu / load_disk: one chunk of a retrieve,
+  // from asking the tier until the chunk was handed over (consumed, for
+  // Retrieve); disk is a promotion (read, verify, into CPU). load_remote:
+  // one FetchRemote's remote round trips. store_cpu: one chunk's copy task
+  // (fill + commit). store_disk: one disk write call (a write-behind batch
+  // of up to 16 chunks, a write-through chunk, or a Move's chunk).
+  LatencyHistogram::Snapshot load_cpu_us, load_disk_us, load_remote_us, store_cpu_us, store_disk_us;
+  uint64_t pins_with_ttl = 0;  // chunks pinned with a TTL, not yet released
+  uint64_t pins_expired = 0;   // chunk pins released by their TTL
+  uint64_t copies_pending = 0; // store copy tasks queued, not yet running
+  uint64_t moves_started = 0, moves_chunks_moved = 0, moves_chunks_failed = 0;
+};
+
+// Progress and outcome of one Engine::Move (asynchronous; shared between the
+// caller and the task).
+class MoveTask {
+ public:
+  struct Result {
+    uint32_t tier = 0;      // kTierBitCpu or kTierBitDisk
+    size_t chunks = 0;      // chunks of the cached prefix when Move was called
+    size_t moved = 0;       // now in the target tier (and, for disk, out of CPU)
+    size_t already = 0;     // were there already
+    size_t failed = 0;      // could not be moved (gone meanwhile, pinned, I/O error)
+    std::string error;      // the first failure's message; empty if none
+    bool done = false;
+  };
+  bool done() const;
+  // Waits up to timeout_ms (<0: forever); true once done.
+  bool Wait(int64_t timeout_ms = -1) const;
+  Result result() const;
+
+ private:
+  friend class Engine;
+  void Finish();
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  Result r_;  // guarded by mu_
+};
+
+// Engine::Health's verdict. kDown: the part cannot serve at all.
+enum class HealthStatus : uint8_t { kOk, kDegraded, kDown };
+const char* HealthStatusName(HealthStatus s);
+
+struct TierHealth {
+  bool enabled = false;  // the tier exists (configured; CPU: chunk size known)
+  HealthStatus status = HealthStatus::kOk;
+  std::vector<std::string> reasons;  // why it is not ok
+};
+
+struct HealthReport {
+  HealthStatus status = HealthStatus::kOk;  // the worst part (a remote down: degraded)
+  std::vector<std::string> reasons;         // every part's reasons, "tier: reason"
+  TierHealth cpu, disk, remote;
+  uint64_t write_behind_depth = 0, write_behind_capacity = 0;
+  uint64_t remote_upload_depth = 0, remote_upload_capacity = 0;
+  uint64_t store_copies_pending = 0, store_queue_capacity = 0;
+};
+
+// Engine::Verify's counts (the index-consistency SLI).
+struct VerifyReport {
+  uint64_t entries = 0;  // catalogue entries seen (any state)
+  uint64_t checked = 0;  // of which ready, so checked against their tiers
+  uint64_t ok = 0;       // checked, every claimed copy present (and, deep, sound)
+  uint64_t missing_cpu = 0, missing_disk = 0;  // claimed, not held
+  uint64_t orphans_cpu = 0, orphans_disk = 0;  // held, not catalogued
+  uint64_t corrupt = 0;  // deep: disk records that failed their checks
+  bool consistent() const {
+    return missing_cpu == 0 && missing_disk == 0 && orphans_cpu == 0 && orphans_disk == 0 && corrupt == 0;
+  }
+};
+
+// Engine::LookupTiers: where each chunk of a cached prefix is.
+struct TierLookup {
+  size_t tokens = 0;  // what Lookup would return
+  uint32_t chunk_tokens = 0;
+  struct Chunk {
+    size_t index = 0;
+    uint32_t tiers = 0;  // kTierBit* of the tiers holding a copy now
+    bool pinned = false; // the catalogue holds a user pin on it
+  };
+  std::vector<Chunk> chunks;
+  size_t cpu_chunks = 0, disk_chunks = 0;
 };
 
 // Completion of one asynchronous Store(). Shared between the caller and the
@@ -290,14 +394,90 @@ class Engine {
   // Pins nest. Returns chunks pinned. Unpin releases, per chunk, one pin and
   // exactly the tier pins one Pin took; returns chunks unpinned.
   size_t Pin(std::span<const int32_t> tokens, const KeyExtras* extras = nullptr);
+  // Pin with a TTL: the pins this call took are released (exactly as one
+  // Unpin of the same tokens would) once ttl has passed on the engine's
+  // clock (EngineOptions::now). A background thread ("kvt-pin-ttl", started
+  // by the first such pin) releases them; ExpirePins does it synchronously.
+  // Pins are counts, not owners: an Unpin before the TTL releases one pin
+  // like any other, and the TTL then releases another if one is left.
+  // kInvalidArgument for ttl <= 0 or invalid extras (nothing pinned).
+  StatusOr<size_t> PinWithTtl(std::span<const int32_t> tokens, const KeyExtras* extras,
+                              std::chrono::nanoseconds ttl);
+  // Releases every TTL pin due by now + ahead (ahead > 0: as if the clock
+  // had moved on; for tests and tools). Returns chunk pins released.
+  size_t ExpirePins(std::chrono::nanoseconds ahead = std::chrono::nanoseconds(0));
   size_t Unpin(std::span<const int32_t> tokens, const KeyExtras* extras = nullptr);
 
   // Blocks until every queued store and write-behind is finished.
   void Flush();
-  // Drops every unpinned chunk from every tier and the catalogue.
-  void Clear();
+  // Drops every unpinned chunk from every tier and the catalogue; returns
+  // the catalogued chunks that lost a copy.
+  size_t Clear();
+
+  // Clear, narrowed. tiers: which copies go (kTierBit*; a chunk leaves the
+  // catalogue once no copy is left; the remote tier is never cleared).
+  // tokens (with extras): only the cached prefix chunks of these tokens.
+  // older_than: only chunks whose last use (the most recent commit or read
+  // of any of its copies, as each tier records it: CpuTier::LastUsed,
+  // DiskTier::LastUsed, where a chunk found at restart counts as written
+  // when the disk tier opened) is more than that long ago on the engine's
+  // clock. Chunks with a user pin (catalogue or tier), leased by a reader or
+  // held for write-behind stay. Waits for queued stores first (Flush).
+  // Returns chunks that lost at least one copy. kInvalidArgument (nothing
+  // changed) for tiers 0 or unknown bits, a negative older_than or invalid
+  // extras.
+  struct ClearFilter {
+    uint32_t tiers = kTierBitCpu | kTierBitDisk;
+    bool by_tokens = false;
+    std::span<const int32_t> tokens{};
+    const KeyExtras* extras = nullptr;
+    std::optional<std::chrono::nanoseconds> older_than{};
+  };
+  StatusOr<size_t> ClearChunks(const ClearFilter& filter);
+
+  // Moves the cached prefix of tokens to a tier, in the background (one task
+  // on the copy pool; the caller never waits). kTierBitCpu: promote each
+  // chunk that is only on disk into the CPU tier (what Prefetch does, with
+  // an outcome). kTierBitDisk: write each chunk that is only in CPU to disk,
+  // then drop its CPU copy (a chunk pinned or leased in CPU, or held for a
+  // write-behind that does not finish within ~1 s, keeps it: failed).
+  // kInvalidArgument for another tier value or invalid extras;
+  // kFailedPrecondition when the tier (or, for disk, the CPU tier) does not
+  // exist.
+  StatusOr<std::shared_ptr<MoveTask>> Move(std::span<const int32_t> tokens, uint32_t tier,
+                                           const KeyExtras* extras = nullptr);
+
+  // Where each chunk of the cached prefix is now. Not a lookup: counts in
+  // no statistic. kInvalidArgument for invalid extras.
+  StatusOr<TierLookup> LookupTiers(std::span<const int32_t> tokens, const KeyExtras* extras = nullptr) const;
+
+  // The index-consistency check. Every ready catalogue entry is checked
+  // against the tiers its mask names; tier contents with no catalogue entry
+  // are orphans; deep also reads every catalogued disk record and checks it
+  // (DiskTier::VerifyRecord: not counted, nothing dropped). Read-only and
+  // safe while stores run: the catalogue is walked lock-free (weakly
+  // consistent: entries that come or go during the walk may be missed, never
+  // misread), each tier's keys are a snapshot taken under that tier's lock,
+  // and every discrepancy is re-checked against the live catalogue and tier
+  // before it is counted, so a chunk written, promoted or evicted during the
+  // walk is not reported. An expired CPU copy still held counts as present
+  // (the catalogue keeps it until something meets it; see Retrieve).
+  VerifyReport Verify(bool deep = false);
+
+  // ok / degraded / down per tier and overall, with reasons. Disk degraded:
+  // DiskTier::CheckWritable fails (e.g. its directory was removed or
+  // replaced, or is not writable for this user), or in the last 60 s (the
+  // engine's clock) a disk write failed for good or write-behind dropped a
+  // chunk for a full queue. Remote down: the last call did not reach it;
+  // degraded: timeouts seen in the last 60 s. Does file system I/O (the disk
+  // probe); not for a hot path.
+  HealthReport Health();
 
   EngineStats Stats() const;
+
+  std::chrono::steady_clock::time_point Now() const {
+    return options_.now ? options_.now() : std::chrono::steady_clock::now();
+  }
 
   // For tests and tools: direct access to the parts.
   ChunkIndex& index() { return *index_; }
@@ -356,6 +536,19 @@ class Engine {
   void WriteBehindBatch(std::vector<WbItem>& batch, std::vector<WbItem>* retry);
   CpuTier* cpu() const { return cpu_ready_.load(std::memory_order_acquire) ? cpu_.get() : nullptr; }
 
+  // Operations API helpers (engine_ops.cc).
+  // Pin's loop (pins_mu_ held): pins the leading chunks it can; appends
+  // their keys to *pinned when not null. Returns how many.
+  size_t PinLocked(const std::vector<ChunkHash>& chunks, std::vector<ChunkKey>* pinned);
+  // Releases one user pin of key, exactly the tier pins one Pin took. pins_mu_ held.
+  bool UnpinKeyLocked(const ChunkKey& key);
+  void PinTtlLoop();
+  // One chunk of a Move; updates r (not under the task's lock).
+  void MoveOne(const ChunkHash& chunk, uint32_t tier, MoveTask::Result* r);
+  // Now() in nanoseconds since the steady clock's epoch (for atomics).
+  int64_t NowNs() const { return std::chrono::duration_cast<std::chrono::nanoseconds>(Now().time_since_epoch()).count(); }
+  void NoteDiskFailure() { last_disk_failure_ns_.store(NowNs(), std::memory_order_relaxed); }
+
   const EngineOptions options_;
   const ChunkHasher hasher_;
   std::unique_ptr<ChunkIndex> index_;
@@ -375,6 +568,12 @@ class Engine {
   };
   std::mutex pins_mu_;
   std::unordered_map<ChunkKey, UserPins, ChunkKeyHash> user_pins_;  // guarded by pins_mu_
+  // TTL pins: deadline -> the chunk keys one PinWithTtl pinned.
+  std::multimap<std::chrono::steady_clock::time_point, std::vector<ChunkKey>> timed_pins_;  // guarded by pins_mu_
+  std::atomic<uint64_t> timed_pin_chunks_{0};  // written under pins_mu_; read by Stats
+  std::condition_variable pin_cv_;
+  bool pin_stop_ = false;  // guarded by pins_mu_
+  std::thread pin_thread_;  // started by the first PinWithTtl
 
   // Copy tasks submitted and not finished (Flush waits for zero).
   std::mutex copy_mu_;
@@ -409,6 +608,18 @@ class Engine {
   std::atomic<uint64_t> chunks_fetched_remote_{0};
   std::atomic<bool> internal_error_logged_{false};
   std::atomic<int64_t> last_disk_failure_log_ms_{0};  // LogPermanentDiskFailure's rate limit
+
+  // Operations: histograms, evictions by reason, health timestamps (NowNs;
+  // 0 = never). All lock-free.
+  LatencyHistogram load_cpu_hist_, load_disk_hist_, store_cpu_hist_, store_disk_hist_;
+  std::atomic<uint64_t> cpu_evict_clear_{0}, disk_evict_clear_{0}, cpu_evict_layout_{0}, disk_evict_layout_{0};
+  std::atomic<uint64_t> pins_expired_{0}, moves_started_{0}, moves_moved_{0}, moves_failed_{0};
+  std::atomic<int64_t> last_disk_failure_ns_{0}, last_wb_drop_ns_{0};
+  // Health's view of the remote's timeouts: the count it last saw and when
+  // it last saw it grow.
+  std::mutex health_mu_;
+  uint64_t health_remote_timeouts_ = 0;  // guarded by health_mu_
+  int64_t health_remote_timeout_ns_ = 0;  // guarded by health_mu_
 
   // Last member: destroyed first, so its uploader (which reads the CPU tier)
   // stops before the tiers go.

@@ -55,6 +55,7 @@ struct TierStats {
   uint64_t get_hits = 0;
   uint64_t get_bytes = 0;
   uint64_t evictions = 0;
+  uint64_t evictions_expired = 0;  // of evictions: TTL expiry (the rest left for capacity)
   uint64_t evicted_bytes = 0;
   uint64_t errors = 0;  // I/O errors, checksum failures, rejected puts
 };

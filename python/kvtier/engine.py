@@ -7,6 +7,7 @@ normalised, everything else is native code that releases the GIL.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,9 +26,13 @@ from kvtier.kv_layout import stream_handle
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Engine", "KeyExtras", "LayerSignal", "LayerwiseLoadHandle", "Namespace", "StoreHandle"]
+__all__ = ["Engine", "KeyExtras", "LayerSignal", "LayerwiseLoadHandle", "MoveTask", "Namespace", "StoreHandle"]
 
 StoreHandle = _kvtier.StoreHandle
+# Engine.move()'s task: done() -> bool, wait(timeout_s=None) -> bool (True
+# once done; releases the GIL), result() -> {"tier", "chunks", "moved",
+# "already", "failed", "error" (str or None), "done"} (final once done).
+MoveTask = _kvtier.MoveTask
 LayerSignal = _kvtier.LayerSignal
 LayerwiseLoadHandle = _kvtier.LayerwiseLoadHandle
 
@@ -109,6 +114,25 @@ def _tokens(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
     if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
         raise ValueError("token ids must be in [0, 2**31)")
     return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+_TIERS = ("cpu", "disk")
+
+
+def _tier(tier: object) -> str:
+    if not isinstance(tier, str) or tier not in _TIERS:
+        raise _kvtier.InvalidArgumentError(f"unknown tier {tier!r}: the tiers are {', '.join(_TIERS)} (kvtier never clears or moves into the remote tier)")
+    return tier
+
+
+def _seconds(value: object, what: str, *, positive: bool) -> float:
+    # bool is an int: True seconds is a caller's bug, not 1.
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"{what} must be a number of seconds, got {type(value).__name__}")
+    v = float(value)
+    if math.isnan(v) or (v <= 0 if positive else v < 0):
+        raise _kvtier.InvalidArgumentError(f"{what} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    return v
 
 
 def _slots(slot_mapping: Sequence[int] | np.ndarray | torch.Tensor, n_tokens: int) -> np.ndarray:
@@ -423,9 +447,25 @@ class Engine:
         self._check_open()
         return int(self._native.prefetch(_tokens(tokens), extras=_extras(extras)))
 
-    def pin(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
+    def pin(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None, ttl_s: float | None = None) -> int:
+        """Pin the cached prefix (pins nest; unpin releases one); returns chunks pinned.
+
+        ``ttl_s``: the pins this call took are released by themselves after
+        that many seconds (a background thread of the engine). Pins are
+        counts: an unpin before then releases one pin like any other.
+        ``expire_pins_now(ahead_s)`` releases the pins due within ``ahead_s``
+        at once (tests and tools; no waiting).
+        """
         self._check_open()
-        return int(self._native.pin(_tokens(tokens), extras=_extras(extras)))
+        toks = _tokens(tokens)
+        ttl = None if ttl_s is None else _seconds(ttl_s, "ttl_s", positive=True)
+        return int(self._native.pin(toks, extras=_extras(extras), ttl_s=ttl))
+
+    def expire_pins_now(self, ahead_s: float = 0.0) -> int:
+        """Release now every TTL pin that is due within ``ahead_s`` seconds
+        (0: those already due); returns chunk pins released."""
+        self._check_open()
+        return int(self._native.expire_pins_now(_seconds(ahead_s, "ahead_s", positive=False)))
 
     def unpin(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
         self._check_open()
@@ -436,9 +476,80 @@ class Engine:
         self._check_open()
         self._native.flush()
 
-    def clear(self) -> None:
+    def clear(
+        self,
+        *,
+        tiers: Sequence[str] | None = None,
+        tokens: Sequence[int] | np.ndarray | None = None,
+        extras: KeyExtras | None = None,
+        older_than_s: float | None = None,
+    ) -> int:
+        """Drop unpinned chunks; returns the chunks that lost a copy.
+
+        No arguments: every unpinned chunk of every local tier. ``tiers``
+        (a subset of "cpu", "disk"): only those copies (a chunk leaves the
+        catalogue once no copy is left; the remote tier is never cleared).
+        ``tokens`` (with ``extras``): only the cached prefix chunks of these
+        tokens. ``older_than_s``: only chunks whose last use (the latest
+        store, promotion or read of any copy; a chunk found on disk at start
+        counts as used at start) is more than that many seconds ago. Pinned
+        chunks are never dropped. Waits for queued stores first. Bad input
+        raises (nothing is dropped).
+        """
         self._check_open()
-        self._native.clear()
+        names: list[str] | None = None
+        if tiers is not None:
+            if isinstance(tiers, str | bytes) or not isinstance(tiers, Sequence | set | frozenset):
+                raise _kvtier.InvalidArgumentError(f"tiers must be a sequence of tier names, got {type(tiers).__name__}")
+            names = [_tier(t) for t in tiers]
+            if not names:
+                raise _kvtier.InvalidArgumentError("tiers must name at least one tier (cpu, disk)")
+        older = None if older_than_s is None else _seconds(older_than_s, "older_than_s", positive=False)
+        toks = None if tokens is None else _tokens(tokens)
+        return int(self._native.clear(tiers=names, tokens=toks, extras=_extras(extras), older_than_s=older))
+
+    def move(self, tokens: Sequence[int] | np.ndarray, tier: str, *, extras: KeyExtras | None = None) -> MoveTask:
+        """Move the cached prefix of ``tokens`` to ``tier`` in the background;
+        returns at once with a :data:`MoveTask`.
+
+        "cpu": promote every chunk that is only on disk into the CPU tier.
+        "disk": write every chunk that is only in CPU to disk, then drop its
+        CPU copy (a chunk pinned or being read in CPU keeps it: failed).
+        """
+        self._check_open()
+        name = _tier(tier)
+        return self._native.move(_tokens(tokens), name, extras=_extras(extras))
+
+    def lookup_tiers(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> dict[str, Any]:
+        """Where the cached prefix is: {"tokens", "chunk_tokens", "chunks": [{"index",
+        "tiers": ["cpu", "disk"], "pinned"}], "by_tier": {"cpu": n, "disk": n}}.
+        Not a lookup: the hit statistics do not move."""
+        self._check_open()
+        return dict(self._native.lookup_tiers(_tokens(tokens), extras=_extras(extras)))
+
+    def verify(self, *, deep: bool = False) -> dict[str, Any]:
+        """The index-consistency check: {"entries", "checked", "ok", "missing":
+        {"cpu", "disk"}, "orphans": {"cpu", "disk"}, "corrupt", "consistent",
+        "deep"}. Every ready catalogue entry is checked against the tiers it
+        claims; tier contents absent from the catalogue are orphans; ``deep``
+        also reads and CRC-checks every catalogued disk record. Read-only and
+        safe while stores run (see Engine::Verify in cc/engine/engine.h)."""
+        self._check_open()
+        if not isinstance(deep, bool):
+            raise TypeError(f"deep must be a bool, got {type(deep).__name__}")
+        return dict(self._native.verify(deep=deep))
+
+    def health(self) -> dict[str, Any]:
+        """{"status": "ok"|"degraded"|"down", "reasons": [...], "tiers": {"cpu" |
+        "disk" | "remote": {"status", "reasons", "enabled"}}, "queues":
+        {"write_behind", "write_behind_capacity", "remote_upload",
+        "remote_upload_capacity", "store", "store_capacity"}}. Disk degraded:
+        its directory is not writable (removed, replaced by a file, or no
+        permission), or a disk write failed for good / write-behind dropped a
+        chunk in the last 60 s. Remote down: its last call failed; degraded:
+        timeouts in the last 60 s. A disabled tier is "ok" with enabled False."""
+        self._check_open()
+        return dict(self._native.health())
 
     def stats(self) -> dict[str, Any]:
         self._check_open()

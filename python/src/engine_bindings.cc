@@ -10,6 +10,7 @@
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <set>
@@ -212,8 +213,104 @@ pyb::dict TierStatsDict(const TierStats& t) {
   d["get_hits"] = t.get_hits;
   d["get_bytes"] = t.get_bytes;
   d["evictions"] = t.evictions;
+  d["evictions_expired"] = t.evictions_expired;
   d["evicted_bytes"] = t.evicted_bytes;
   d["errors"] = t.errors;
+  return d;
+}
+
+pyb::dict HistogramDict(const LatencyHistogram::Snapshot& h) {
+  pyb::dict d;
+  d["bounds"] = std::vector<uint64_t>(LatencyHistogram::kBounds.begin(), LatencyHistogram::kBounds.end());
+  d["counts"] = std::vector<uint64_t>(h.counts.begin(), h.counts.end());
+  d["sum"] = h.sum_us;
+  d["count"] = h.count;
+  return d;
+}
+
+void AddEvictions(pyb::dict& tier, const EvictionsByReason& e) {
+  tier["evictions_capacity"] = e.capacity;
+  tier["evictions_clear"] = e.clear;
+  tier["evictions_expired"] = e.expired;
+  tier["evictions_layout_mismatch"] = e.layout_mismatch;
+  tier["evictions_corrupt"] = e.corrupt;
+}
+
+// The operations additions: evictions by reason in each tier's dict (also
+// reachable as stats()["cpu"] / ["disk"]), histograms (NON-cumulative
+// counts; len(counts) == len(bounds) + 1, the last is +Inf), index capacity.
+void AddOpsStats(pyb::dict& d, const EngineStats& s) {
+  pyb::dict tiers = d["tiers"];
+  if (s.has_cpu) {
+    pyb::dict cpu = tiers["cpu"];
+    AddEvictions(cpu, s.cpu_evictions);
+    d["cpu"] = cpu;
+  }
+  if (s.has_disk) {
+    pyb::dict disk = tiers["disk"];
+    AddEvictions(disk, s.disk_evictions);
+    d["disk"] = disk;
+  }
+  d["catalogue_capacity"] = s.catalogue_capacity;
+  d["pins_with_ttl"] = s.pins_with_ttl;
+  d["pins_expired"] = s.pins_expired;
+  d["store_queue_depth"] = s.copies_pending;
+  d["moves_started"] = s.moves_started;
+  d["moves_chunks_moved"] = s.moves_chunks_moved;
+  d["moves_chunks_failed"] = s.moves_chunks_failed;
+  pyb::dict load, store, hist;
+  load["cpu"] = HistogramDict(s.load_cpu_us);
+  load["disk"] = HistogramDict(s.load_disk_us);
+  load["remote"] = HistogramDict(s.load_remote_us);
+  store["cpu"] = HistogramDict(s.store_cpu_us);
+  store["disk"] = HistogramDict(s.store_disk_us);
+  hist["load_us"] = load;
+  hist["store_us"] = store;
+  d["histograms"] = hist;
+}
+
+// Seconds from Python as a duration; InvalidArgumentError unless finite and
+// in range (lo_open: > 0, else >= 0). Past 100 years is 100 years.
+std::chrono::nanoseconds Seconds(double s, const char* what, bool lo_open) {
+  if (std::isnan(s) || (lo_open ? s <= 0 : s < 0)) {
+    ThrowStatus(InvalidArgument(std::string(what) + (lo_open ? " must be > 0" : " must be >= 0") + ", got " +
+                                std::to_string(s)));
+  }
+  constexpr double kMax = 100.0 * 365 * 24 * 3600;
+  return std::chrono::nanoseconds(static_cast<int64_t>(std::min(s, kMax) * 1e9));
+}
+
+uint32_t TierBit(const std::string& name) {
+  if (name == "cpu") return kTierBitCpu;
+  if (name == "disk") return kTierBitDisk;
+  ThrowStatus(InvalidArgument("unknown tier '" + name + "': the tiers are cpu and disk (kvtier never clears or " +
+                              "moves into the remote tier)"));
+}
+
+pyb::list TierNames(uint32_t mask) {
+  pyb::list out;
+  if (mask & kTierBitCpu) out.append("cpu");
+  if (mask & kTierBitDisk) out.append("disk");
+  return out;
+}
+
+pyb::dict MoveResultDict(const MoveTask::Result& r) {
+  pyb::dict d;
+  d["tier"] = r.tier == kTierBitCpu ? "cpu" : "disk";
+  d["chunks"] = r.chunks;
+  d["moved"] = r.moved;
+  d["already"] = r.already;
+  d["failed"] = r.failed;
+  d["error"] = r.error.empty() ? pyb::object(pyb::none()) : pyb::object(pyb::str(r.error));
+  d["done"] = r.done;
+  return d;
+}
+
+pyb::dict TierHealthDict(const TierHealth& t) {
+  pyb::dict d;
+  d["status"] = HealthStatusName(t.status);
+  d["reasons"] = t.reasons;
+  d["enabled"] = t.enabled;
   return d;
 }
 
@@ -281,6 +378,7 @@ pyb::dict StatsDict(const EngineStats& s) {
 #undef KVT_REMOTE
     d["remote"] = r;
   }
+  AddOpsStats(d, s);
   return d;
 }
 
@@ -342,6 +440,19 @@ void RegisterEngine(pyb::module_& m) {
           "UnavailableError on timeout.")
       .def_property_readonly("chunks_total", &StoreHandle::chunks_total)
       .def_property_readonly("chunks_stored", &StoreHandle::chunks_stored);
+
+  pyb::class_<MoveTask, std::shared_ptr<MoveTask>>(m, "MoveTask", "Progress of an asynchronous Engine.move().")
+      .def("done", &MoveTask::done)
+      .def(
+          "wait",
+          [](const MoveTask& t, std::optional<double> timeout_s) {
+            const int64_t ms = timeout_s ? static_cast<int64_t>(Seconds(*timeout_s, "timeout_s", false).count() / 1000000) : -1;
+            pyb::gil_scoped_release nogil;
+            return t.Wait(ms);
+          },
+          pyb::arg("timeout_s") = pyb::none(), "Wait up to timeout_s (None: until done); True once done.")
+      .def("result", [](const MoveTask& t) { return MoveResultDict(t.result()); },
+           "{tier, chunks, moved, already, failed, error (str or None), done}; counts are final once done.");
 
   pyb::class_<PyEngine, std::shared_ptr<PyEngine>>(m, "Engine")
       .def(pyb::init([](const pyb::dict& options) {
@@ -500,14 +611,31 @@ void RegisterEngine(pyb::module_& m) {
           pyb::arg("tokens"), pyb::kw_only(), pyb::arg("extras") = pyb::none())
       .def(
           "pin",
-          [](PyEngine& e, const TokenArray& tokens, const pyb::object& extras) {
+          [](PyEngine& e, const TokenArray& tokens, const pyb::object& extras, std::optional<double> ttl_s) {
             auto eng = EngineRef(e);
             std::vector<int32_t> t = CopyTokens(tokens);
             const std::optional<KeyExtras> x = ExtrasOf(extras);
-            pyb::gil_scoped_release nogil;
-            return eng->Pin(t, ExtrasPtr(x));
+            std::optional<std::chrono::nanoseconds> ttl;
+            if (ttl_s) ttl = Seconds(*ttl_s, "ttl_s", /*lo_open=*/true);
+            StatusOr<size_t> n = Status();
+            {
+              pyb::gil_scoped_release nogil;
+              n = ttl ? eng->PinWithTtl(t, ExtrasPtr(x), *ttl) : StatusOr<size_t>(eng->Pin(t, ExtrasPtr(x)));
+            }
+            return ValueOrThrow(std::move(n));
           },
-          pyb::arg("tokens"), pyb::kw_only(), pyb::arg("extras") = pyb::none())
+          pyb::arg("tokens"), pyb::kw_only(), pyb::arg("extras") = pyb::none(), pyb::arg("ttl_s") = pyb::none(),
+          "Pin the cached prefix; with ttl_s the pins are released after that many seconds.")
+      .def(
+          "expire_pins_now",
+          [](PyEngine& e, double ahead_s) {
+            auto eng = EngineRef(e);
+            const auto ahead = Seconds(ahead_s, "ahead_s", /*lo_open=*/false);
+            pyb::gil_scoped_release nogil;
+            return eng->ExpirePins(ahead);
+          },
+          pyb::arg("ahead_s") = 0.0,
+          "Release now every TTL pin due within ahead_s seconds; returns chunk pins released (tests, tools).")
       .def(
           "unpin",
           [](PyEngine& e, const TokenArray& tokens, const pyb::object& extras) {
@@ -524,12 +652,135 @@ void RegisterEngine(pyb::module_& m) {
              pyb::gil_scoped_release nogil;
              eng->Flush();
            })
-      .def("clear",
-           [](PyEngine& e) {
+      .def(
+          "clear",
+          [](PyEngine& e, std::optional<std::vector<std::string>> tiers, std::optional<TokenArray> tokens,
+             const pyb::object& extras, std::optional<double> older_than_s) {
             auto eng = EngineRef(e);
-             pyb::gil_scoped_release nogil;
-             eng->Clear();
-           })
+            Engine::ClearFilter f;
+            if (tiers) {
+              if (tiers->empty()) ThrowStatus(InvalidArgument("tiers must name at least one tier (cpu, disk)"));
+              f.tiers = 0;
+              for (const std::string& name : *tiers) f.tiers |= TierBit(name);
+            }
+            std::vector<int32_t> t;
+            const std::optional<KeyExtras> x = ExtrasOf(extras);
+            if (tokens) {
+              t = CopyTokens(*tokens);
+              f.by_tokens = true;
+              f.tokens = t;
+              f.extras = ExtrasPtr(x);
+            }
+            if (older_than_s) f.older_than = Seconds(*older_than_s, "older_than_s", /*lo_open=*/false);
+            StatusOr<size_t> n = Status();
+            {
+              pyb::gil_scoped_release nogil;
+              n = eng->ClearChunks(f);
+            }
+            return ValueOrThrow(std::move(n));
+          },
+          pyb::kw_only(), pyb::arg("tiers") = pyb::none(), pyb::arg("tokens") = pyb::none(),
+          pyb::arg("extras") = pyb::none(), pyb::arg("older_than_s") = pyb::none(),
+          "Drop unpinned chunks (all, or of some tiers / a prefix / older than); returns chunks dropped.")
+      .def(
+          "move",
+          [](PyEngine& e, const TokenArray& tokens, const std::string& tier, const pyb::object& extras) {
+            auto eng = EngineRef(e);
+            const uint32_t bit = TierBit(tier);
+            std::vector<int32_t> t = CopyTokens(tokens);
+            const std::optional<KeyExtras> x = ExtrasOf(extras);
+            StatusOr<std::shared_ptr<MoveTask>> task = Status();
+            {
+              pyb::gil_scoped_release nogil;
+              task = eng->Move(t, bit, ExtrasPtr(x));
+            }
+            return ValueOrThrow(std::move(task));
+          },
+          pyb::arg("tokens"), pyb::arg("tier"), pyb::kw_only(), pyb::arg("extras") = pyb::none(),
+          "Move the cached prefix to a tier (cpu: promote; disk: write and drop the CPU copy) in the background.")
+      .def(
+          "lookup_tiers",
+          [](PyEngine& e, const TokenArray& tokens, const pyb::object& extras) {
+            auto eng = EngineRef(e);
+            std::vector<int32_t> t = CopyTokens(tokens);
+            const std::optional<KeyExtras> x = ExtrasOf(extras);
+            StatusOr<TierLookup> l = Status();
+            {
+              pyb::gil_scoped_release nogil;
+              l = eng->LookupTiers(t, ExtrasPtr(x));
+            }
+            const TierLookup& r = ValueOrThrow(std::move(l));
+            pyb::list chunks;
+            for (const TierLookup::Chunk& c : r.chunks) {
+              pyb::dict d;
+              d["index"] = c.index;
+              d["tiers"] = TierNames(c.tiers);
+              d["pinned"] = c.pinned;
+              chunks.append(d);
+            }
+            pyb::dict by_tier;
+            by_tier["cpu"] = r.cpu_chunks;
+            by_tier["disk"] = r.disk_chunks;
+            pyb::dict out;
+            out["tokens"] = r.tokens;
+            out["chunk_tokens"] = r.chunk_tokens;
+            out["chunks"] = chunks;
+            out["by_tier"] = by_tier;
+            return out;
+          },
+          pyb::arg("tokens"), pyb::kw_only(), pyb::arg("extras") = pyb::none(),
+          "Where each chunk of the cached prefix is; not counted as a lookup.")
+      .def(
+          "verify",
+          [](PyEngine& e, bool deep) {
+            auto eng = EngineRef(e);
+            VerifyReport v;
+            {
+              pyb::gil_scoped_release nogil;
+              v = eng->Verify(deep);
+            }
+            pyb::dict missing, orphans, out;
+            missing["cpu"] = v.missing_cpu;
+            missing["disk"] = v.missing_disk;
+            orphans["cpu"] = v.orphans_cpu;
+            orphans["disk"] = v.orphans_disk;
+            out["entries"] = v.entries;
+            out["checked"] = v.checked;
+            out["ok"] = v.ok;
+            out["missing"] = missing;
+            out["orphans"] = orphans;
+            out["corrupt"] = v.corrupt;
+            out["consistent"] = v.consistent();
+            out["deep"] = deep;
+            return out;
+          },
+          pyb::kw_only(), pyb::arg("deep") = false, "The catalogue checked against the tiers (read-only).")
+      .def(
+          "health",
+          [](PyEngine& e) {
+            auto eng = EngineRef(e);
+            HealthReport h;
+            {
+              pyb::gil_scoped_release nogil;
+              h = eng->Health();
+            }
+            pyb::dict tiers, queues, out;
+            tiers["cpu"] = TierHealthDict(h.cpu);
+            tiers["disk"] = TierHealthDict(h.disk);
+            tiers["remote"] = TierHealthDict(h.remote);
+            queues["write_behind"] = h.write_behind_depth;
+            queues["write_behind_capacity"] = h.write_behind_capacity;
+            queues["remote_upload"] = h.remote_upload_depth;
+            queues["remote_upload_capacity"] = h.remote_upload_capacity;
+            queues["store"] = h.store_copies_pending;
+            queues["store_capacity"] = h.store_queue_capacity;
+            out["status"] = HealthStatusName(h.status);
+            out["reasons"] = h.reasons;
+            out["tiers"] = tiers;
+            out["queues"] = queues;
+            return out;
+          },
+          "ok / degraded / down for the engine and each tier, with reasons and queue depths.")
       .def("stats", [](PyEngine& e) {
             auto eng = EngineRef(e); return StatsDict(eng->Stats()); })
       .def("close", [](PyEngine& e) { ShutdownEngine(e); },

@@ -101,12 +101,13 @@ void CpuTier::ReadLease::Release() {
 
 // ---- eviction ----------------------------------------------------------------
 
-void CpuTier::DropLocked(Map::iterator it, std::vector<ChunkKey>* evicted) {
+void CpuTier::DropLocked(Map::iterator it, std::vector<ChunkKey>* evicted, bool expired) {
   Entry& e = it->second;
   allocator_->Free(e.alloc);
   used_bytes_ -= e.alloc.capacity;
   --entries_;
   ++evictions_;
+  if (expired) ++evictions_expired_;
   evicted_bytes_ += e.bytes;
   evicted->push_back(it->first);
   map_.erase(it);
@@ -119,7 +120,7 @@ bool CpuTier::EvictOneLocked(std::vector<ChunkKey>* evicted) {
     return it != map_.end() && !it->second.pinned();
   });
   if (!victim) return false;
-  DropLocked(map_.find(*victim), evicted);
+  DropLocked(map_.find(*victim), evicted, /*expired=*/false);
   return true;
 }
 
@@ -129,7 +130,7 @@ void CpuTier::SweepExpiredLocked(Clock::time_point now, std::vector<ChunkKey>* e
     auto next = std::next(it);
     if (!it->second.pinned() && Expired(it->second, now)) {
       policy_->OnRemove(it->first);
-      DropLocked(it, evicted);
+      DropLocked(it, evicted, /*expired=*/true);
     }
     it = next;
   }
@@ -159,7 +160,7 @@ StatusOr<CpuTier::WriteLease> CpuTier::BeginPut(const ChunkMeta& meta, size_t by
         return AlreadyExists("CpuTier::BeginPut: key " + meta.key.ToHex() + " is present");
       }
       policy_->OnRemove(it->first);  // an expired copy gives way to the new one
-      DropLocked(it, &evicted);
+      DropLocked(it, &evicted, /*expired=*/true);
     }
     if (used_bytes_ + need > high_bytes_) {
       SweepExpiredLocked(now, &evicted);
@@ -204,7 +205,8 @@ Status CpuTier::CommitUncounted(WriteLease&& lease, bool held) {
     Entry& e = it->second;
     e.committed = true;
     if (held) ++e.holds;  // in the same critical section: never evictable in between
-    e.expires = Now() + std::chrono::milliseconds(options_.ttl_ms);
+    e.last_used = Now();
+    e.expires = e.last_used + std::chrono::milliseconds(options_.ttl_ms);
     ++entries_;
     policy_->OnInsert(e.meta.key, e.alloc.capacity);
   }
@@ -259,15 +261,17 @@ StatusOr<CpuTier::ReadLease> CpuTier::AcquireUncounted(const ChunkKey& key, uint
     if (it == map_.end()) return NotFound("CpuTier: " + key.ToHex() + " absent");
     Entry& e = it->second;
     if (!e.committed) return FailedPrecondition("CpuTier: " + key.ToHex() + " is still being written");
-    if (Expired(e, Now())) {
+    const Clock::time_point now = Now();
+    if (Expired(e, now)) {
       if (!e.pinned()) {
         policy_->OnRemove(key);
-        DropLocked(it, &evicted);
+        DropLocked(it, &evicted, /*expired=*/true);
       }
     } else if (e.meta.fingerprint != fingerprint) {
       return NotFound("CpuTier: " + key.ToHex() + " fingerprint mismatch");
     } else {
       ++e.lease_pins;
+      e.last_used = now;
       policy_->OnAccess(key);
       return ReadLease(this, e.meta, std::span<const std::byte>(e.alloc.ptr, e.bytes));
     }
@@ -310,6 +314,23 @@ StatusOr<ChunkMeta> CpuTier::GetMeta(const ChunkKey& key) const {
     return NotFound("CpuTier: " + key.ToHex() + " absent");
   }
   return it->second.meta;
+}
+
+std::optional<std::chrono::steady_clock::time_point> CpuTier::LastUsed(const ChunkKey& key) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = map_.find(key);
+  if (it == map_.end() || !it->second.committed || Expired(it->second, Now())) return std::nullopt;
+  return it->second.last_used;
+}
+
+std::vector<ChunkKey> CpuTier::Keys() const {
+  std::vector<ChunkKey> keys;
+  std::lock_guard<std::mutex> lock(mu_);
+  keys.reserve(entries_);
+  for (const auto& [k, e] : map_) {
+    if (e.committed) keys.push_back(k);
+  }
+  return keys;
 }
 
 Status CpuTier::RemoveImpl(const ChunkKey& key) {
@@ -367,6 +388,7 @@ void CpuTier::FillStatsImpl(TierStats* s) const {
   s->used_bytes = used_bytes_;
   s->entries = entries_;
   s->evictions = evictions_;
+  s->evictions_expired = evictions_expired_;
   s->evicted_bytes = evicted_bytes_;
 }
 

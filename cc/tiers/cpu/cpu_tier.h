@@ -35,6 +35,8 @@
 //   is reclaimed when met (unless pinned) and swept before policy eviction.
 //   Time comes from options.now (steady_clock by default), so tests can move
 //   it without sleeping.
+// - Last use: each committed entry records when it was committed or last
+//   acquired (options.now), for the engine's clear(older_than) (LastUsed).
 // - used_bytes counts slab capacities (what the memory really holds, in-flight
 //   reservations included); entries counts committed entries. Both exact.
 //
@@ -50,6 +52,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <unordered_map>
@@ -147,6 +150,14 @@ class CpuTier final : public Tier {
   // no get (it reads no chunk bytes).
   StatusOr<ChunkMeta> GetMeta(const ChunkKey& key) const;
 
+  // When a committed, unexpired entry was committed or last acquired;
+  // nullopt otherwise. Counts nothing.
+  std::optional<std::chrono::steady_clock::time_point> LastUsed(const ChunkKey& key) const;
+  // Keys of every committed entry (expired ones too: they still hold slab
+  // memory until met). A snapshot taken under the lock, O(entries); for
+  // the engine's verify, not a hot path.
+  std::vector<ChunkKey> Keys() const;
+
   std::span<std::byte> memory() const { return {region_->data(), region_->size()}; }
   const CpuTierOptions& options() const { return options_; }
   bool huge_pages() const { return region_->huge_pages(); }
@@ -164,6 +175,7 @@ class CpuTier final : public Tier {
     bool committed = false;
     bool pinned() const { return user_pins != 0 || lease_pins != 0 || holds != 0; }
     Clock::time_point expires;  // meaningful when ttl_ms > 0 and committed
+    Clock::time_point last_used;  // Commit or the last Acquire
   };
   using Map = std::unordered_map<ChunkKey, Entry, ChunkKeyHash>;
 
@@ -187,7 +199,8 @@ class CpuTier final : public Tier {
   }
   // Drops a committed entry that left by policy and records its key for
   // NotifyEvicted.
-  void DropLocked(Map::iterator it, std::vector<ChunkKey>* evicted);
+  // expired: it left by TTL (counted apart from capacity evictions).
+  void DropLocked(Map::iterator it, std::vector<ChunkKey>* evicted, bool expired);
   bool EvictOneLocked(std::vector<ChunkKey>* evicted);
   void SweepExpiredLocked(Clock::time_point now, std::vector<ChunkKey>* evicted);
   void Notify(const std::vector<ChunkKey>& evicted) const;
@@ -204,7 +217,7 @@ class CpuTier final : public Tier {
   std::unique_ptr<EvictionPolicy> policy_;
   size_t used_bytes_ = 0;
   size_t entries_ = 0;  // committed
-  uint64_t evictions_ = 0, evicted_bytes_ = 0;
+  uint64_t evictions_ = 0, evictions_expired_ = 0, evicted_bytes_ = 0;
 };
 
 }  // namespace kvtier

@@ -306,7 +306,9 @@ struct DiskTier::RingCtx {
 
 DiskTier::DiskTier(DiskTierOptions options, int dir_fd, uint64_t segment_bytes, uint32_t num_segments)
     : Tier(TierKind::kDisk, "disk"), options_(std::move(options)), segment_bytes_(segment_bytes), dir_fd_(dir_fd),
-      segs_(num_segments) {}
+      segs_(num_segments) {
+  opened_at_ = Now();
+}
 
 DiskTier::~DiskTier() {
   for (Segment& s : segs_) {
@@ -1283,6 +1285,7 @@ std::vector<Status> DiskTier::PutBatchImpl(std::span<const ChunkMeta> metas,
       Entry& e = it->second;
       e.writing = false;
       e.payload_crc = p.crc;
+      e.last_used = Now();
       s.keys.push_back(metas[p.i].key);
       used_bytes_ += RecordBytes(e.payload_bytes);
     } else {
@@ -1304,7 +1307,7 @@ Status DiskTier::PutImpl(const ChunkMeta& meta, std::span<const std::byte> data)
 // Get
 
 std::vector<Status> DiskTier::GetBatchImpl(std::span<const ChunkKey> keys, std::span<const uint64_t> fingerprints,
-                                           std::span<const std::span<std::byte>> dsts) {
+                                           std::span<const std::span<std::byte>> dsts, bool verify_only) {
   const size_t n = keys.size();
   std::vector<Status> out(std::max({n, fingerprints.size(), dsts.size()}));
   if (fingerprints.size() != n || dsts.size() != n) {
@@ -1337,6 +1340,7 @@ std::vector<Status> DiskTier::GetBatchImpl(std::span<const ChunkKey> keys, std::
                                  std::to_string(dsts[i].size()));
       } else {
         ++segs_[it->second.seg].readers;
+        if (!verify_only) it->second.last_used = Now();
         plans.push_back({i, it->second, segs_[it->second.seg].fd});
       }
     }
@@ -1445,7 +1449,7 @@ std::vector<Status> DiskTier::GetBatchImpl(std::span<const ChunkKey> keys, std::
   for (Plan& p : plans) {
     if (!ring_status.ok()) out[p.i] = ring_status;
     --segs_[p.e.seg].readers;
-    if (out[p.i].code() == StatusCode::kDataLoss) {
+    if (out[p.i].code() == StatusCode::kDataLoss && !verify_only) {
       ++counters_.checksum_failures;
       auto it = map_.find(keys[p.i]);
       // Drop only the record we read; a pinned one stays (its pin holds a
@@ -1485,6 +1489,57 @@ StatusOr<size_t> DiskTier::SizeOfImpl(const ChunkKey& key) const {
   auto it = map_.find(key);
   if (it == map_.end() || it->second.writing) return NotFound("disk: chunk " + key.ToHex() + " not stored");
   return static_cast<size_t>(it->second.payload_bytes);
+}
+
+std::optional<std::chrono::steady_clock::time_point> DiskTier::LastUsed(const ChunkKey& key) const {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = map_.find(key);
+  if (it == map_.end() || it->second.writing) return std::nullopt;
+  return std::max(it->second.last_used, opened_at_);
+}
+
+Status DiskTier::VerifyRecord(const ChunkKey& key) {
+  uint64_t fingerprint = 0, bytes = 0;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = map_.find(key);
+    if (it == map_.end() || it->second.writing) return NotFound("disk: chunk " + key.ToHex() + " not stored");
+    fingerprint = it->second.fingerprint;
+    bytes = it->second.payload_bytes;
+  }
+  std::vector<std::byte> buf(bytes);
+  std::span<std::byte> dst(buf);
+  return GetBatchImpl(std::span<const ChunkKey>(&key, 1), std::span<const uint64_t>(&fingerprint, 1),
+                      std::span<const std::span<std::byte>>(&dst, 1), /*verify_only=*/true)[0];
+}
+
+Status DiskTier::CheckWritable() const {
+  struct stat opened {}, now {};
+  if (fstat(dir_fd_, &opened) != 0) return IoError("disk: fstat of " + options_.path + ": " + std::strerror(errno));
+  if (stat(options_.path.c_str(), &now) != 0) {
+    return IoError("disk: directory " + options_.path + " is gone (" + std::strerror(errno) +
+                   "): no new segment can be created");
+  }
+  if (now.st_dev != opened.st_dev || now.st_ino != opened.st_ino) {
+    return IoError("disk: " + options_.path + " is no longer the directory the tier opened (removed or replaced" +
+                   std::string(S_ISDIR(now.st_mode) ? "" : " by a non-directory") + "): no new segment can be created");
+  }
+  // A probe through the tier's own descriptor: what creating a segment does.
+  const char* probe = ".kvtier-write-probe";
+  const int fd = openat(dir_fd_, probe, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0) {
+    return IoError("disk: cannot create a file in " + options_.path + ": " + std::strerror(errno));
+  }
+  const char block[512] = {};
+  const ssize_t w = write(fd, block, sizeof(block));
+  const int werr = errno;
+  close(fd);
+  unlinkat(dir_fd_, probe, 0);
+  if (w != static_cast<ssize_t>(sizeof(block))) {
+    return IoError("disk: cannot write a file in " + options_.path + ": " +
+                   (w < 0 ? std::strerror(werr) : std::string("short write")));
+  }
+  return Status::Ok();
 }
 
 Status DiskTier::PinImpl(const ChunkKey& key) {

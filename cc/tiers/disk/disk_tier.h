@@ -82,11 +82,13 @@
 //   io_uring fixed buffers.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -138,6 +140,9 @@ struct DiskTierOptions {
   DiskSync sync = DiskSync::kNone;  // fdatasync policy (config key disk_sync)
   // Tests only: asked before every I/O (disk/io_faults.h). Null in production.
   std::shared_ptr<disk::IoFaults> io_faults;
+  // The clock of LastUsed; empty: std::chrono::steady_clock::now. Called
+  // under the tier's lock: cheap, and never calling back into the tier.
+  std::function<std::chrono::steady_clock::time_point()> now;
 };
 
 struct RebuildStats {
@@ -208,6 +213,26 @@ class DiskTier final : public Tier {
   // promotion to an upper tier files it unchanged. kNotFound if absent.
   StatusOr<ChunkMeta> GetMeta(const ChunkKey& key) const;
 
+  // When the chunk was written or last read (Get/GetBatch); a chunk found
+  // by the rebuild counts as written when the tier was opened. nullopt if
+  // absent. Counts nothing.
+  std::optional<std::chrono::steady_clock::time_point> LastUsed(const ChunkKey& key) const;
+
+  // Reads the chunk's record and checks it like a Get (header, generation,
+  // key, fingerprint, payload CRC32C), but changes nothing: not counted as
+  // a get, and a record that fails (kDataLoss) stays in the map. kNotFound
+  // if absent or still being written. For the engine's verify(deep).
+  Status VerifyRecord(const ChunkKey& key);
+
+  // Whether the tier can still create files in its directory: the path
+  // must still name the directory opened at Open (a directory removed or
+  // replaced, e.g. by a file, leaves the tier writing into an unlinked
+  // directory where no new segment can be created), and a probe file must
+  // be creatable and removable through it (EACCES for a non-root user on a
+  // 0500 directory, EROFS, ENOSPC for a probe block, ...). kOk or
+  // kIoError naming the path and the reason. Does file system I/O.
+  Status CheckWritable() const;
+
   // What PutBatch/GetBatch did (Tier::Stats cannot count them, see above),
   // plus fault counters over all calls.
   struct BatchCounters {
@@ -229,6 +254,7 @@ class DiskTier final : public Tier {
     uint32_t payload_crc = 0;
     uint32_t pins = 0;
     bool writing = false;  // reserved, I/O not finished: invisible
+    std::chrono::steady_clock::time_point last_used{};  // written or last read; {} = at Open
   };
   struct Segment {
     // kUncreated: no file. kFree: file, no live generation. kOpen: the one
@@ -265,8 +291,13 @@ class DiskTier final : public Tier {
 
   std::vector<Status> PutBatchImpl(std::span<const ChunkMeta> metas,
                                    std::span<const std::span<const std::byte>> datas);
+  // verify_only: a failed record is reported but neither dropped nor
+  // counted, and no last-use time moves (VerifyRecord).
   std::vector<Status> GetBatchImpl(std::span<const ChunkKey> keys, std::span<const uint64_t> fingerprints,
-                                   std::span<const std::span<std::byte>> dsts);
+                                   std::span<const std::span<std::byte>> dsts, bool verify_only = false);
+  std::chrono::steady_clock::time_point Now() const {
+    return options_.now ? options_.now() : std::chrono::steady_clock::now();
+  }
   Status LockDirectory();
   Status Rebuild();
   static std::string SegmentName(uint32_t idx);  // inside the directory
@@ -294,6 +325,7 @@ class DiskTier final : public Tier {
   int lock_fd_ = -1;
   bool gds_available_ = false;
   RebuildStats rebuild_stats_;
+  std::chrono::steady_clock::time_point opened_at_;  // LastUsed of chunks the rebuild found
 
   mutable std::mutex mu_;
   std::condition_variable cv_;  // segment readers/writers drained, roll finished

@@ -235,7 +235,9 @@ size_t RemoteTier::Fetch(std::span<const ChunkMeta> chunks, uint64_t layout_id, 
     while (delivered < end && ok[delivered]) ++delivered;
     if (delivered < end) break;  // the prefix ended in this trip
   }
-  fetch_us_.fetch_add(NowUs() - start, std::memory_order_relaxed);
+  const uint64_t took = NowUs() - start;
+  fetch_us_.fetch_add(took, std::memory_order_relaxed);
+  fetch_hist_.Record(took);
   fetch_hits_.fetch_add(delivered, std::memory_order_relaxed);
   fetch_misses_.fetch_add(chunks.size() - delivered, std::memory_order_relaxed);
   return delivered;

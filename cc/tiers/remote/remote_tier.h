@@ -54,6 +54,7 @@
 #include <thread>
 
 #include "cc/common/status.h"
+#include "cc/tiers/latency_histogram.h"
 #include "cc/tiers/remote/redis_client.h"
 #include "cc/tiers/tier.h"
 
@@ -131,6 +132,8 @@ class RemoteTier {
   size_t Fetch(std::span<const ChunkMeta> chunks, uint64_t layout_id, const SinkFn& sink);
 
   RemoteTierStats Stats() const;
+  // Latency of each Fetch call (all its round trips), in microseconds.
+  LatencyHistogram::Snapshot FetchLatency() const { return fetch_hist_.Get(); }
   const std::string& redacted_url() const { return redacted_url_; }
 
  private:
@@ -158,6 +161,7 @@ class RemoteTier {
       bytes_out_{0}, upload_dropped_{0}, upload_skipped_{0}, upload_failed_{0}, errors_{0}, timeouts_{0},
       lookup_us_{0}, fetch_us_{0}, upload_us_{0};
   std::atomic<bool> connected_{false};
+  LatencyHistogram fetch_hist_;
 };
 
 }  // namespace kvtier::remote

@@ -120,12 +120,17 @@ def test_repeats_are_served_by_kvtier(
     # every rank's engine and tiers.
     assert metrics["kvtier_hit_tokens_total"] >= sum(hits), metrics
     assert metrics["kvtier_chunks_saved_total"] >= len(PROMPTS) * (len(PROMPTS[0]) // 256)
+    # The hit-rate inputs, under the names kvtier's own endpoint uses too.
+    assert metrics["kvtier_lookup_hit_tokens_total"] >= sum(hits), metrics
+    assert metrics["kvtier_lookup_query_tokens_total"] >= metrics["kvtier_lookup_hit_tokens_total"], metrics
     for r in range(tp):
         for tier in ("cpu", "disk"):
             line = next((x for x in page.splitlines() if x.startswith("kvtier_tier_used_bytes{")
                          and f'tier="{tier}"' in x and f'rank="{r}"' in x), None)
             assert line is not None and float(line.rsplit(" ", 1)[1]) > 0, (r, tier)
-        assert 'kvtier_engine_chunks_stored{' in page and f'rank="{r}"' in page
+        stored = [x for x in page.splitlines() if x.startswith("kvtier_chunks_total{")
+                  and 'operation="store"' in x and f'rank="{r}"' in x]
+        assert stored and float(stored[0].rsplit(" ", 1)[1]) > 0, (r, stored)
     # Each rank filed its shard in its own directory.
     if tp == 1:
         assert glob.glob(str(tmp_path / "disk" / "seg_*.kvt"))

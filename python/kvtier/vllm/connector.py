@@ -331,6 +331,9 @@ _COUNTERS = (
     "hit_requests",
     "miss_requests",
     "hit_tokens",
+    # Tokens past vLLM's own prefix cache that a lookup asked kvtier for
+    # (the hit rate's denominator; hit_tokens is its numerator).
+    "query_tokens",
     "tokens_loaded",
     "load_errors",
     "load_seconds",
@@ -916,9 +919,9 @@ class KVTierConnector(KVConnectorBase_V1):
             out = self._stats
             self._stats = KVTierConnectorStats()
         if self.role == KVConnectorRole.WORKER:
-            # Per rank: the workers' stats are merged (latest wins for these).
-            for key, value in flat_engine_stats(self.engine.stats()).items():
-                out.data[f"engine.r{self._rank}.{key}"] = value
+            # Per rank, the engine's stats() as is (kvtier/vllm/metrics.py
+            # exports them); the workers' stats are merged, latest wins.
+            out.data[f"engine.r{self._rank}"] = self.engine.stats()
         return out
 
     @classmethod
@@ -1058,7 +1061,7 @@ class KVTierConnector(KVConnectorBase_V1):
         source = self._needs_peer.pop(request.request_id, None)
         if num_external_tokens <= 0:
             if local is not None:
-                self._count(lookups=1, miss_requests=1)
+                self._count(lookups=1, miss_requests=1, query_tokens=max(len(request.all_token_ids) - local, 0))
             return
         extras = self._request_extras(request)
         if isinstance(extras, Unsupported):  # the lookup promised nothing
@@ -1089,7 +1092,8 @@ class KVTierConnector(KVConnectorBase_V1):
         )
         if remote:
             self._count(remote_lookups=1)
-        self._count(lookups=1, hit_requests=1, hit_tokens=num_external_tokens)
+        self._count(lookups=1, hit_requests=1, hit_tokens=num_external_tokens,
+                    query_tokens=max(len(tokens) - local, 0))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = KVTierConnectorMetadata(

@@ -37,6 +37,8 @@ APT_PACKAGES=(
   # fuzzer/sanitizer runtimes
   clang
   libclang-rt-14-dev
+  # promtool for tests/python/test_deploy.py (checks deploy/prometheus rules)
+  prometheus
 )
 
 # hiredis C sources, built by Bazel (third_party/hiredis): the ones vendored

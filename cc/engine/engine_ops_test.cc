@@ -5,9 +5,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <numeric>
 #include <random>
 #include <thread>
@@ -463,6 +465,68 @@ TEST(EngineOpsTest, HealthDegradedForRecentDiskFailuresOnly) {
   clock.Advance(std::chrono::seconds(61));
   h = e->Health();
   EXPECT_EQ(h.status, HealthStatus::kOk) << (h.reasons.empty() ? "" : h.reasons[0]);
+}
+
+TEST(EngineOpsTest, HealthDegradedAfterWriteBehindDrops) {
+  EngineOptions o = Options(TempDir("ops-health-drop"));
+  o.write_behind_queue = 1;
+  // The writer blocks in its first disk write until released, so the
+  // one-slot queue fills and further chunks are dropped (not a timing bet:
+  // at most one chunk is in the writer's hands and one queued).
+  std::mutex mu;
+  std::condition_variable cv;
+  bool release = false;
+  o.test_disk_write_results = [&](std::span<Status>) {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return release; });
+  };
+  auto unblock = [&] {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      release = true;
+    }
+    cv.notify_all();
+  };
+  auto e = Make(o);
+  // Destroyed before e, on every exit: the writer must not stay blocked.
+  struct Unblock {
+    std::function<void()> fn;
+    ~Unblock() { fn(); }
+  } guard{unblock};
+  for (int32_t i = 0; i < 4; ++i) {
+    const auto t = Tokens(kChunk, 1 + i * 1000);
+    auto h = e->Store(t, 0, kLayout, BytesFor, [](const ChunkHash&, std::span<std::byte> dst) {
+      std::fill(dst.begin(), dst.end(), std::byte{3});
+      return Status();
+    });
+    ASSERT_TRUE(h.ok());
+    ASSERT_TRUE((*h)->Wait().ok());
+  }
+  EXPECT_GE(e->Stats().write_behind_dropped, 2u);
+  const HealthReport h = e->Health();
+  EXPECT_EQ(h.disk.status, HealthStatus::kDegraded);
+  ASSERT_FALSE(h.disk.reasons.empty());
+  EXPECT_NE(h.disk.reasons[0].find("write-behind queue was full"), std::string::npos) << h.disk.reasons[0];
+  EXPECT_EQ(h.write_behind_capacity, 1u);
+  unblock();
+  e->Flush();
+}
+
+TEST(EngineOpsTest, HealthRemoteDownAfterAFailedCall) {
+  EngineOptions o = Options("");
+  o.remote.url = "redis://127.0.0.1:1";  // nothing listens on port 1
+  o.remote.timeout = std::chrono::milliseconds(200);
+  auto e = Make(o);
+  HealthReport h = e->Health();
+  EXPECT_TRUE(h.remote.enabled);
+  EXPECT_EQ(h.remote.status, HealthStatus::kOk) << "no call made yet";
+  const auto a = Tokens(kChunk, 1);
+  EXPECT_EQ(e->LookupRemote(a), 0u);
+  h = e->Health();
+  EXPECT_EQ(h.remote.status, HealthStatus::kDown);
+  ASSERT_FALSE(h.remote.reasons.empty());
+  EXPECT_EQ(h.status, HealthStatus::kDegraded) << "the local tiers still serve";
+  EXPECT_EQ(h.reasons[0].rfind("remote: ", 0), 0u) << h.reasons[0];
 }
 
 // ---------------------------------------------------------------------------

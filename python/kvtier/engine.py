@@ -552,6 +552,21 @@ class Engine:
         return dict(self._native.health())
 
     def stats(self) -> dict[str, Any]:
+        """Every counter and gauge of the engine, per tier under "tiers" (also
+        "cpu" / "disk" at the top level), with evictions by reason
+        (``evictions_capacity``, ``_clear``, ``_expired``, ``_layout_mismatch``,
+        ``_corrupt``) in each tier's dict.
+
+        ``stats()["histograms"]`` = ``{"load_us": {"cpu", "disk", "remote"},
+        "store_us": {"cpu", "disk"}}``, each ``{"bounds": [...], "counts":
+        [...], "sum": us, "count": n}``: fixed log-spaced bounds in
+        microseconds (10 us .. 10 s, 1-2-5 per decade); ``counts`` has
+        ``len(bounds) + 1`` entries, the last +Inf, and is NON-cumulative
+        (bucket i counts samples in (bounds[i-1], bounds[i]]). load: one chunk
+        of a retrieve from a tier (remote: one fetch's round trips); store:
+        one chunk into CPU, one disk write call (see EngineStats in
+        cc/engine/engine.h).
+        """
         self._check_open()
         return dict(self._native.stats())
 

@@ -505,6 +505,8 @@ class Engine:
             if not names:
                 raise _kvtier.InvalidArgumentError("tiers must name at least one tier (cpu, disk)")
         older = None if older_than_s is None else _seconds(older_than_s, "older_than_s", positive=False)
+        if extras is not None and tokens is None:
+            raise _kvtier.InvalidArgumentError("extras narrows a clear by tokens: pass tokens too")
         toks = None if tokens is None else _tokens(tokens)
         return int(self._native.clear(tiers=names, tokens=toks, extras=_extras(extras), older_than_s=older))
 

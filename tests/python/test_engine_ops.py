@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from kvtier import _kvtier
-from kvtier.engine import Engine, MoveTask, Namespace
+from kvtier.engine import Engine, KeyExtras, MoveTask, Namespace
 
 CHUNK = 16
 CHUNK_BYTES = 4096
@@ -118,6 +118,7 @@ def test_clear_older_than(tmp_path):
         ({"tokens": [1.5, 2.5]}, TypeError),
         ({"tokens": [[1, 2]]}, ValueError),
         ({"tokens": [1], "extras": "salt"}, ValueError),
+        ({"extras": KeyExtras(salt="a")}, ValueError),
     ],
 )
 def test_clear_bad_input_changes_nothing(tmp_path, kwargs, exc):

@@ -33,6 +33,8 @@ APT_PACKAGES=(
   openssl
   redis-server
   redis-tools
+  libucx-dev
+  ucx-utils
   # libFuzzer targets (bazel --config=fuzz, tools/fuzz.sh): clang and its
   # fuzzer/sanitizer runtimes
   clang

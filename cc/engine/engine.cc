@@ -979,39 +979,77 @@ size_t Engine::FetchRemote(std::span<const int32_t> tokens, uint64_t layout_id, 
   for (size_t i = local; i < chunks.size() && rest.size() < kRemoteWindowChunks; ++i) {
     rest.push_back(MetaOf(chunks[i], layout_id));
   }
-  // Each valid chunk is filed like a store of it: catalogue (kWriting),
-  // CPU slab, commit, catalogue (kReady), write-behind. A chunk someone
-  // else is writing right now ends the prefix (its bytes are not ours).
+  // Each valid chunk is filed like a store of it (BeginImport /
+  // CommitImport). A chunk someone else is writing right now ends the
+  // prefix (its bytes are not ours).
   const size_t fetched = remote_->Fetch(rest, layout_id, [&](size_t i, std::span<const std::byte> payload) -> Status {
-    const ChunkMeta& m = rest[i];
-    Status ins = index_->Insert(m.key, m.fingerprint, m.num_tokens, static_cast<uint32_t>(payload.size()));
-    if (ins.code() == StatusCode::kAlreadyExists) {
-      auto e = index_->Find(m.key);
-      return e && e->state == EntryState::kReady ? Status::Ok() : Unavailable("chunk being written");
-    }
-    KVT_RETURN_IF_ERROR(ins);
-    auto fail = [&](const Status& s) {
-      (void)index_->Remove(m.key);
-      return s;
-    };
-    if (payload.size() > cpu_chunk_bytes_) return fail(InvalidArgument("remote chunk larger than the CPU tier's"));
-    auto lease = tier->BeginPut(m, payload.size());
-    if (!lease.ok()) return fail(lease.status());
-    std::memcpy(lease->data().data(), payload.data(), payload.size());
-    (void)index_->UpdateTiers(m.key, kTierBitCpu, 0);
-    // Held for write-behind, which takes the hold over (write-through mode
-    // leaves fetched chunks CPU-only: nothing here waits for a disk).
-    const bool to_disk = disk_ != nullptr && options_.write_behind;
-    Status c = tier->Commit(std::move(lease).value(), /*held=*/to_disk);
-    if (!c.ok()) return fail(c);
-    (void)index_->Publish(m.key);
-    auto e = index_->Find(m.key);
-    if (e && e->tier_mask == 0 && index_->BeginEvict(m.key).ok()) (void)index_->Remove(m.key);
+    auto slot = BeginImport(rest[i], payload.size());
+    if (slot.status().code() == StatusCode::kAlreadyExists) return Status::Ok();
+    KVT_RETURN_IF_ERROR(slot.status());
+    std::memcpy(slot->data().data(), payload.data(), payload.size());
+    KVT_RETURN_IF_ERROR(CommitImport(std::move(slot).value()));
     chunks_fetched_remote_.fetch_add(1, std::memory_order_relaxed);
-    EnqueueWriteBehind(m);
     return Status::Ok();
   });
   return TokensCovered(chunks, local + fetched);
+}
+
+Engine::ImportSlot& Engine::ImportSlot::operator=(ImportSlot&& o) noexcept {
+  if (this != &o) {
+    Withdraw();
+    engine_ = std::exchange(o.engine_, nullptr);
+    key_ = o.key_;
+    lease_ = std::move(o.lease_);
+  }
+  return *this;
+}
+
+void Engine::ImportSlot::Withdraw() {
+  if (engine_ == nullptr) return;
+  // The reservation goes before the catalogue forgets the key, so no new
+  // writer of the key meets our half-filled slab.
+  { CpuTier::WriteLease drop(std::move(lease_)); }
+  (void)engine_->index_->Remove(key_);
+  engine_ = nullptr;
+}
+
+StatusOr<Engine::ImportSlot> Engine::BeginImport(const ChunkMeta& m, size_t bytes) {
+  CpuTier* tier = cpu();
+  if (tier == nullptr) return FailedPrecondition("BeginImport before SetChunkBytes");
+  if (bytes == 0 || bytes > cpu_chunk_bytes_) {
+    return InvalidArgument("imported chunk of " + std::to_string(bytes) + " bytes; the CPU tier holds 1.." +
+                           std::to_string(cpu_chunk_bytes_));
+  }
+  Status ins = index_->Insert(m.key, m.fingerprint, m.num_tokens, static_cast<uint32_t>(bytes));
+  if (ins.code() == StatusCode::kAlreadyExists) {
+    auto e = index_->Find(m.key);
+    return e && e->state == EntryState::kReady ? AlreadyExists("chunk cached already")
+                                               : Unavailable("chunk being written");
+  }
+  KVT_RETURN_IF_ERROR(ins);
+  auto lease = tier->BeginPut(m, bytes);
+  if (!lease.ok()) {
+    (void)index_->Remove(m.key);
+    return lease.status();
+  }
+  return ImportSlot(this, std::move(lease).value());
+}
+
+Status Engine::CommitImport(ImportSlot&& slot) {
+  if (slot.engine_ != this) return InvalidArgument("CommitImport of an empty slot or another engine's");
+  const ChunkMeta m = slot.meta();
+  (void)index_->UpdateTiers(m.key, kTierBitCpu, 0);
+  // Held for write-behind, which takes the hold over (write-through mode
+  // leaves imported chunks CPU-only: nothing here waits for a disk).
+  const bool to_disk = disk_ != nullptr && options_.write_behind;
+  Status c = cpu()->Commit(std::move(slot.lease_), /*held=*/to_disk);
+  if (!c.ok()) return c;  // slot withdraws the catalogue entry
+  slot.engine_ = nullptr;
+  (void)index_->Publish(m.key);
+  auto e = index_->Find(m.key);
+  if (e && e->tier_mask == 0 && index_->BeginEvict(m.key).ok()) (void)index_->Remove(m.key);
+  EnqueueWriteBehind(m);
+  return Status::Ok();
 }
 
 void Engine::FlushRemote() {

@@ -94,6 +94,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "cc/common/status.h"
@@ -384,6 +385,37 @@ class Engine {
   size_t FetchRemote(std::span<const int32_t> tokens, uint64_t layout_id, const KeyExtras* extras = nullptr);
   // Waits until every queued remote upload has been attempted.
   void FlushRemote();
+
+  // Imports one chunk from a source outside the tiers (a peer instance,
+  // cc/transport) the way FetchRemote files a remote one, but with no
+  // staging copy: BeginImport catalogues the chunk as being written and
+  // reserves `bytes` of CPU slab that the caller fills (e.g. by an RDMA
+  // get); CommitImport publishes it (CPU tier, catalogue kReady,
+  // write-behind). The caller checks the bytes before committing; a slot
+  // dropped uncommitted withdraws the chunk. BeginImport: kAlreadyExists
+  // when the chunk is ready already, kUnavailable while another writer has
+  // it, kFailedPrecondition before SetChunkBytes, kInvalidArgument when
+  // bytes is 0 or too large for the CPU tier, kResourceExhausted when the
+  // CPU tier has no room.
+  class ImportSlot {
+   public:
+    ImportSlot(ImportSlot&& o) noexcept
+        : engine_(std::exchange(o.engine_, nullptr)), key_(o.key_), lease_(std::move(o.lease_)) {}
+    ImportSlot& operator=(ImportSlot&& o) noexcept;
+    ~ImportSlot() { Withdraw(); }
+    std::span<std::byte> data() const { return lease_.data(); }
+    const ChunkMeta& meta() const { return lease_.meta(); }
+
+   private:
+    friend class Engine;
+    ImportSlot(Engine* e, CpuTier::WriteLease&& l) : engine_(e), key_(l.meta().key), lease_(std::move(l)) {}
+    void Withdraw();
+    Engine* engine_ = nullptr;  // null once committed or withdrawn
+    ChunkKey key_;
+    CpuTier::WriteLease lease_;
+  };
+  StatusOr<ImportSlot> BeginImport(const ChunkMeta& meta, size_t bytes);
+  Status CommitImport(ImportSlot&& slot);
 
   // Promotes the cached prefix of tokens from disk to CPU in the background.
   // Returns the number of chunks queued.

@@ -285,6 +285,10 @@ class Config:
     controller_listen: str = ""
     controller_token: str = dataclasses.field(default="", repr=False)
     controller_token_file: str = ""
+    transport: str = "none"
+    transport_listen: str = ""
+    transport_timeout_ms: int = 5000
+    producer_pin_seconds: float = 60.0
 
     @property
     def disk_enabled(self) -> bool:
@@ -321,6 +325,8 @@ _SIZE_KEYS = frozenset({"cpu_capacity", "disk_capacity", "disk_segment_size"})
 # another key by to_native: not engine options.
 _PYTHON_ONLY_KEYS = frozenset({"cpu_capacity_clamp", "remote_password_file"}) | frozenset(
     {"controller_listen", "controller_token", "controller_token_file"})  # kvtier.controller
+# The peer transport is started by kvtier.Engine (Python), not by the native engine.
+_PYTHON_ONLY_KEYS |= frozenset({"transport", "transport_listen", "transport_timeout_ms", "producer_pin_seconds"})
 # Never shown: describe(), `kvtier config` and errors print "***".
 _SECRET_KEYS = frozenset({"remote_password", "controller_token"})
 
@@ -425,6 +431,24 @@ def _parse_controller_listen(value: object) -> str:
     return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
 
 
+def _parse_transport_listen(value: object) -> str:
+    """'' (consumer only) or a canonical HOST:PORT; PORT 0 binds an ephemeral port."""
+    text = _parse_str(value).strip()
+    if text.lower() in ("", "none"):
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("HOST:PORT is needed (e.g. 0.0.0.0:7301 or 10.0.0.5:0)")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("the port must be an integer in [0, 65535]")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if not host or any(c.isspace() or c in "/[]" for c in host) or (":" in host and not (bracketed and _is_ip(host))):
+        raise ValueError("not a host: an IP address or a host name (IPv6 in brackets: [::1]:7301)")
+    return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -496,6 +520,12 @@ _KEYS: dict[str, _Key] = {
                               "(rank r serves on PORT + r)"),
     "controller_token": _Key(_parse_str, "a string (the controller's bearer token)"),
     "controller_token_file": _Key(_parse_str, "a path to a file holding the controller's bearer token"),
+    "transport": _choice("none", "ucx"),
+    "transport_listen": _Key(_parse_transport_listen,
+                             "'' / 'none' (do not serve), HOST:PORT or [IPv6]:PORT with PORT in [0, 65535] "
+                             "(0: ephemeral; rank r serves on PORT + r)"),
+    "transport_timeout_ms": _int_range(1, 600_000),
+    "producer_pin_seconds": _Key(_parse_float, "a number of seconds in (0, 86400]", lambda v: 0.0 < v <= 86400.0),
 }
 
 KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
@@ -594,6 +624,15 @@ def _check_controller(values: Mapping[str, Any], sources: Mapping[str, str]) -> 
             f"bad value for 'controller_listen' (from {sources['controller_listen']}): {listen!r} "
             "is not a loopback address and no controller_token or controller_token_file is set; "
             "allowed: 127.0.0.1:PORT, or any address with a token (KVTIER_CONTROLLER_TOKEN)")
+
+
+def _check_transport(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    listen = values["transport_listen"]
+    if listen and values["transport"] != "ucx":
+        raise ConfigError(
+            f"bad value for 'transport_listen' (from {sources['transport_listen']}): {listen!r} is set but "
+            f"transport = {values['transport']!r} (from {sources['transport']}); "
+            "allowed: transport_listen only with transport: ucx")
 
 
 # --------------------------------------------------------------------------
@@ -743,6 +782,7 @@ def load_config_with_sources(
         sources[key] = source
     _check_cross_keys(values, sources)
     _check_controller(values, sources)
+    _check_transport(values, sources)
     _check_memory(values, sources)
     return Config(**values), sources
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -144,6 +145,48 @@ def _slots(slot_mapping: Sequence[int] | np.ndarray | torch.Tensor, n_tokens: in
     return arr
 
 
+TRANSPORT_FAULT_ENV = "KVTIER_TRANSPORT_FAULT"
+_NO_TRANSPORT_STATS = dict.fromkeys(
+    ("pulls", "chunks_pulled", "bytes_pulled", "chunks_served", "bytes_served", "misses", "corrupt", "timeouts",
+     "errors", "connected_peers", "holds", "holds_expired"), 0)
+
+
+UCX_LIB_DIR_ENV = "KVTIER_UCX_LIB_DIR"
+
+
+def _pypi_ucx_lib_dir() -> str | None:
+    """The lib directory of PyPI's libucx (libucx-cu12 / -cu13 wheels) when
+    installed: a newer UCX than Debian's, preferred over the system's."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("libucx")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        lib = os.path.join(root, "lib")
+        if os.path.exists(os.path.join(lib, "libucp.so.0")):
+            return lib
+    return None
+
+
+def _start_transport(native: Any, config: Config, rank: int) -> Any:
+    """The peer transport for ``transport: ucx``: serving on transport_listen
+    (rank r on PORT + r; PORT 0: ephemeral) when set. UCX is loaded here, not
+    at import: a missing UCX is an error of this engine only."""
+    host, port = "", 0
+    if config.transport_listen:
+        h, _, p = config.transport_listen.rpartition(":")
+        host, port = h.strip("[]"), int(p)
+        if port:
+            port += rank
+            if port > 65535:
+                raise _kvtier.InvalidArgumentError(f"transport_listen {config.transport_listen} + rank {rank} is past port 65535")
+    if UCX_LIB_DIR_ENV not in os.environ and (pypi := _pypi_ucx_lib_dir()) is not None:
+        os.environ[UCX_LIB_DIR_ENV] = pypi  # read once, by the first UCX load of the process
+    fault = os.environ.get(TRANSPORT_FAULT_ENV, "")
+    if fault and fault != "none":
+        logging.getLogger("kvtier").warning("%s=%s: transport fault injection is ON (tests only)", TRANSPORT_FAULT_ENV, fault)
+    return _kvtier.Transport(native, host, port, int(config.transport_timeout_ms), fault)
+
+
 class Engine:
     """Tiered KV cache: lookup / store / retrieve by token prefix.
 
@@ -176,6 +219,13 @@ class Engine:
             catalogue_shm_name=str(catalogue_shm_name),
         )
         self._native = _kvtier.Engine(native)
+        self._transport: Any = None
+        if config.transport == "ucx":
+            try:
+                self._transport = _start_transport(self._native, config, int(self.namespace.rank))
+            except BaseException:
+                self._native.close()
+                raise
         # Scatter threads per retrieve: copy_threads, 0 = the native default.
         self._threads = int(config.copy_threads)
         self._layout: Any = None
@@ -441,6 +491,63 @@ class Engine:
         self._check_open()
         self._native.flush_remote()
 
+    # -- peer transport (disaggregated prefill) --------------------------
+    def transport_address(self) -> str | None:
+        """"host:port" this engine's transport serves on (``transport_listen``),
+        or None when it does not serve (``transport: none``, or a consumer)."""
+        self._check_open()
+        return None if self._transport is None else self._transport.address
+
+    def _require_transport(self) -> Any:
+        self._check_open()
+        if self._transport is None:
+            raise _kvtier.FailedPreconditionError("the peer transport is off: set transport: ucx (KVTIER_TRANSPORT=ucx)")
+        return self._transport
+
+    def hold_for_peer(
+        self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None, seconds: float | None = None
+    ) -> int:
+        """Pin the CPU-resident cached prefix of tokens for a consumer: until a
+        pull_from_peer of it (with release_hold) or ``seconds`` pass (default
+        ``producer_pin_seconds``). Returns the chunks held."""
+        transport = self._require_transport()
+        secs = float(self.config.producer_pin_seconds if seconds is None else seconds)
+        if not secs > 0:
+            raise _kvtier.InvalidArgumentError(f"seconds must be > 0, got {seconds!r}")
+        return int(transport.hold(_tokens(tokens), secs, extras=_extras(extras)))
+
+    def pull_from_peer(
+        self,
+        address: str,
+        tokens: Sequence[int] | np.ndarray,
+        *,
+        extras: KeyExtras | None = None,
+        layout_id: int | None = None,
+        release_hold: bool = True,
+    ) -> int:
+        """Pull the chunks of tokens past the local cached prefix from the
+        producer at ``address`` ("host:port", its transport_address()) into
+        the CPU tier and catalogue (write-behind to disk as for a store);
+        returns the leading tokens now cached locally. Blocking (releases the
+        GIL), bounded by transport_timeout_ms per window of 1024 chunks. A dead,
+        slow or garbage peer is a miss (counted in stats()["transport"]),
+        never an exception. ``layout_id``: default the registered layout's, or 0
+        before register_kv_caches (raw store_buffers). Chunks that fail a
+        check (CRC32C, fingerprint, layout) never count."""
+        transport = self._require_transport()
+        if layout_id is None:
+            layout_id = 0 if self._layout is None else int(self._layout.layout_id)
+        return int(
+            transport.pull(str(address), _tokens(tokens), int(layout_id), extras=_extras(extras), release_hold=bool(release_hold))
+        )
+
+    def set_transport_fault(self, spec: str) -> None:
+        """Tests only: inject a fault into this engine's pulls: "none", "drop"
+        (requests never sent: timeouts), "delay:MS", "corrupt" (a byte of every
+        pulled chunk flipped), "truncate" (half of every chunk read). The
+        environment variable KVTIER_TRANSPORT_FAULT sets it at start."""
+        self._require_transport().set_fault(str(spec))
+
     # -- management ------------------------------------------------------
     def prefetch(self, tokens: Sequence[int] | np.ndarray, *, extras: KeyExtras | None = None) -> int:
         """Promote the cached prefix from disk to CPU in the background."""
@@ -570,7 +677,9 @@ class Engine:
         cc/engine/engine.h).
         """
         self._check_open()
-        return dict(self._native.stats())
+        out = dict(self._native.stats())
+        out["transport"] = dict(_NO_TRANSPORT_STATS) if self._transport is None else dict(self._transport.stats())
+        return out
 
     def close(self) -> None:
         """Drain pending work and release the tiers; every later call raises "engine is closed". Idempotent."""
@@ -579,6 +688,8 @@ class Engine:
             loader, self._loader = self._loader, None
         if loader is not None:
             loader.shutdown(wait=True)
+        if self._transport is not None:
+            self._transport.close()  # before the engine: it serves from the CPU tier
         self._native.close()
 
     @property

@@ -205,7 +205,8 @@ def test_to_native_is_plain_scalars(tmp_path: Path) -> None:
     # remote_password_file is read into remote_password, and the controller
     # (kvtier.controller) is Python: not engine options.
     assert set(native) == {f.name for f in dataclasses.fields(Config)} - {
-        "cpu_capacity_clamp", "remote_password_file", "controller_listen", "controller_token", "controller_token_file"}
+        "cpu_capacity_clamp", "remote_password_file", "controller_listen", "controller_token", "controller_token_file",
+        "transport", "transport_listen", "transport_timeout_ms", "producer_pin_seconds"}  # kvtier.Engine starts the transport
     assert native["cpu_capacity"] == GIB and native["disk_path"] == ""
     for value in native.values():
         assert type(value) in (int, float, str, bool)

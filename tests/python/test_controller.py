@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,15 +83,6 @@ def client(controller: Any) -> Iterator[httpx.Client]:
         yield c
 
 
-def needs(engine: Engine, name: str, param: str | None = None) -> None:
-    """Skips until the engine offers the call (another change adds it)."""
-    import inspect
-
-    fn = getattr(engine, name, None)
-    if fn is None or (param is not None and param not in inspect.signature(fn).parameters):
-        pytest.skip(f"this engine build has no Engine.{name}({param or ''}) yet")
-
-
 # ----------------------------------------------------------------- reads
 
 
@@ -114,9 +106,11 @@ def test_lookup_by_tokens_and_by_text(engine: Engine, client: httpx.Client) -> N
     assert client.post("/v1/lookup", json={"text": text}).json()["cached_tokens"] == 0
     r = client.post("/v1/lookup", json={"text": text, "add_special_tokens": False})
     assert r.json()["cached_tokens"] == 4 * CHUNK
-    if body["tiers_known"]:
-        assert [c["index"] for c in body["chunks"]] == [0, 1, 2, 3]
-        assert all("cpu" in c["tiers"] and not c["pinned"] for c in body["chunks"])
+    assert [c["index"] for c in body["chunks"]] == [0, 1, 2, 3]
+    assert all(set(c["tiers"]) == {"cpu", "disk"} and not c["pinned"] for c in body["chunks"])
+    assert body["by_tier"] == {"cpu": 4, "disk": 4}
+    # A lookup through the API is not a lookup the hit rate counts.
+    assert engine.stats()["lookups"] == 0
 
 
 def test_cache_salt_is_part_of_the_key(engine: Engine, client: httpx.Client) -> None:
@@ -148,6 +142,17 @@ def test_health_ok_then_down_when_the_engine_is_closed(engine: Engine, client: h
     assert r.json()["status"] == "down" and r.json()["reasons"]
 
 
+def test_health_degraded_when_the_disk_directory_is_gone(tmp_path: Path, engine: Engine, client: httpx.Client) -> None:
+    import shutil
+
+    shutil.rmtree(tmp_path / "disk")
+    r = client.get("/health")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "degraded" and body["tiers"]["disk"]["status"] == "degraded", body
+    assert body["reasons"], body
+
+
 def test_metrics_are_prometheus_text(engine: Engine, client: httpx.Client) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -170,17 +175,27 @@ def test_async_reports_queues(client: httpx.Client) -> None:
 # ----------------------------------------------------------------- writes
 
 
+def pinned(engine: Engine) -> list[bool]:
+    return [c["pinned"] for c in engine.lookup_tiers(PREFIX)["chunks"]]
+
+
 def test_pin_then_unpin(engine: Engine, client: httpx.Client) -> None:
     r = client.post("/v1/pin", json={"tokens": PREFIX})
     assert r.status_code == 200 and r.json()["pinned"] == 4, r.text
+    assert pinned(engine) == [True] * 4
+    assert client.post("/v1/clear", json={"all": True}).json()["cleared"] == 0  # pinned: kept
     r = client.post("/v1/unpin", json={"tokens": PREFIX})
     assert r.status_code == 200 and r.json()["unpinned"] == 4, r.text
+    assert pinned(engine) == [False] * 4
 
 
 def test_pin_with_ttl(engine: Engine, client: httpx.Client) -> None:
-    needs(engine, "pin", "ttl_s")
     r = client.post("/v1/pin", json={"tokens": PREFIX, "ttl_s": 3600})
     assert r.status_code == 200 and r.json()["pinned"] == 4, r.text
+    assert pinned(engine) == [True] * 4
+    assert engine.expire_pins_now(ahead_s=3599) == 0  # not due yet
+    assert engine.expire_pins_now(ahead_s=3601) == 4  # the engine's clock moved past the TTL
+    assert pinned(engine) == [False] * 4
 
 
 def test_clear_all_makes_the_prefix_a_miss(engine: Engine, client: httpx.Client) -> None:
@@ -190,28 +205,37 @@ def test_clear_all_makes_the_prefix_a_miss(engine: Engine, client: httpx.Client)
 
 
 def test_clear_by_prefix_and_tier(engine: Engine, client: httpx.Client) -> None:
-    needs(engine, "clear", "tiers")
     other = list(range(7000, 7000 + 2 * CHUNK))
     store(engine, other)
     r = client.post("/v1/clear", json={"tokens": PREFIX})
     assert r.status_code == 200 and r.json()["cleared"] >= 4, r.text
     assert engine.lookup(PREFIX) == 0 and engine.lookup(other) == 2 * CHUNK
     r = client.post("/v1/clear", json={"tiers": ["cpu"]})
-    assert r.status_code == 200, r.text
-    assert engine.lookup(other) == 2 * CHUNK  # still on disk
+    assert r.status_code == 200 and r.json()["cleared"] == 2, r.text
+    assert engine.lookup_tiers(other)["by_tier"] == {"cpu": 0, "disk": 2}  # still on disk
+    r = client.post("/v1/clear", json={"older_than_s": 3600})
+    assert r.status_code == 200 and r.json()["cleared"] == 0, r.text  # all used just now
 
 
-def test_move_returns_a_task(engine: Engine, client: httpx.Client) -> None:
-    needs(engine, "move")
-    r = client.post("/v1/move", json={"tokens": PREFIX, "tier": "cpu"})
+def wait_task(client: httpx.Client, task_id: str) -> dict[str, Any]:
+    while not (task := client.get(f"/v1/tasks/{task_id}").json())["done"]:
+        time.sleep(0.02)  # polling the engine's move thread, which finishes it
+    return dict(task)
+
+
+def test_move_between_tiers(engine: Engine, client: httpx.Client) -> None:
+    r = client.post("/v1/move", json={"tokens": PREFIX, "tier": "disk"})
     assert r.status_code == 202, r.text
-    task_id = r.json()["task_id"]
-    task = client.get(f"/v1/tasks/{task_id}").json()
-    assert task["task_id"] == task_id and task["kind"] == "move"
+    task = wait_task(client, r.json()["task_id"])
+    assert task["kind"] == "move" and task["error"] is None and task["result"]["moved"] == 4, task
+    assert engine.lookup_tiers(PREFIX)["by_tier"] == {"cpu": 0, "disk": 4}
+    r = client.post("/v1/move", json={"text": " ".join(map(str, PREFIX)), "add_special_tokens": False, "tier": "cpu"})
+    task = wait_task(client, r.json()["task_id"])
+    assert task["result"]["moved"] == 4, task
+    assert engine.lookup_tiers(PREFIX)["by_tier"] == {"cpu": 4, "disk": 4}
 
 
 def test_verify_reports_consistency(engine: Engine, client: httpx.Client) -> None:
-    needs(engine, "verify")
     r = client.post("/v1/verify", json={"deep": True})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -291,6 +315,7 @@ BAD_INPUT: list[tuple[str, str, Any, int]] = [
     ("POST", "/v1/clear", {"tier": ["cpu"]}, 422),
     ("POST", "/v1/clear", {"tiers": ["gpu"]}, 422),
     ("POST", "/v1/clear", {"tiers": []}, 422),
+    ("POST", "/v1/clear", {"tiers": ["remote"]}, 422),
     ("POST", "/v1/clear", {"older_than_s": -1}, 422),
     ("POST", "/v1/clear", {"older_than_s": 0}, 422),
     ("POST", "/v1/clear", {"all": "yes"}, 422),
@@ -305,6 +330,7 @@ BAD_INPUT: list[tuple[str, str, Any, int]] = [
     ("POST", "/v1/unpin", {"tokens": PREFIX, "cache_salt": 5}, 422),
     ("POST", "/v1/move", {"tokens": PREFIX}, 422),
     ("POST", "/v1/move", {"tokens": PREFIX, "tier": "gpu"}, 422),
+    ("POST", "/v1/move", {"tokens": PREFIX, "tier": "remote"}, 422),
     ("POST", "/v1/move", {"tier": "cpu"}, 422),
     ("GET", "/v1/tasks/no-such-task", None, 404),
     ("POST", "/v1/verify", {"deep": "yes"}, 422),
@@ -322,11 +348,7 @@ BAD_INPUT: list[tuple[str, str, Any, int]] = [
 def snapshot(engine: Engine) -> dict[str, Any]:
     """What a bad request must leave as it was: every statistic (a request
     that reached the engine would move at least one), and the data."""
-    stats = engine.stats()
-    pinned_probe = None
-    if hasattr(engine, "lookup_tiers"):
-        pinned_probe = engine.lookup_tiers(PREFIX)
-    return {"stats": stats, "tiers": pinned_probe}
+    return {"stats": engine.stats(), "tiers": engine.lookup_tiers(PREFIX)}
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status"), BAD_INPUT,

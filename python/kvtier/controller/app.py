@@ -8,13 +8,11 @@ calls release the GIL).
 
 Errors: a malformed body is a 422 before the engine is called; an engine
 refusal maps by kind (InvalidArgument 400, NotFound 404, FailedPrecondition
-409, Unavailable / ResourceExhausted 503, NotImplementedByBuild 501); a call
-this engine build does not offer is a 501 naming it.
+409, Unavailable / ResourceExhausted 503, NotImplementedByBuild 501).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import threading
 from collections.abc import Callable
@@ -67,17 +65,6 @@ def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - _fail maps the engine's errors, re-raises the rest
         _fail(exc)
-
-
-def _has_param(fn: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _missing(what: str) -> NoReturn:
-    raise HTTPException(501, f"this kvtier engine build has no {what}")
 
 
 def create_app(
@@ -170,11 +157,6 @@ def create_app(
               summary="How much of a prefix is cached, and in which tier")
     def lookup(req: models.LookupRequest) -> Any:
         tokens, extras = prefix(req)
-        if not hasattr(engine, "lookup_tiers"):
-            cached = _call(engine.lookup, tokens, extras=extras)
-            return models.LookupResponse(rank=rank, query_tokens=len(tokens), cached_tokens=cached,
-                                         chunk_tokens=_call(lambda: engine.chunk_size), chunks=[], by_tier={},
-                                         tiers_known=False)
         found = _call(engine.lookup_tiers, tokens, extras=extras)
         return models.LookupResponse(
             rank=rank,
@@ -189,13 +171,7 @@ def create_app(
               summary="Remove entries: by tier, by prefix, older than; or all")
     def clear(req: models.ClearRequest) -> Any:
         tokens, extras = prefix(req) if (req.tokens is not None or req.text is not None) else (None, None)
-        if not _has_param(engine.clear, "tiers"):
-            if not req.all or req.tiers is not None:
-                _missing("Engine.clear(tiers=, tokens=, older_than_s=): only {'all': true} works here")
-            before = int(_call(engine.stats).get("catalogue_entries", 0))
-            _call(engine.clear)
-            after = int(_call(engine.stats).get("catalogue_entries", 0))  # pinned entries stay
-            return models.ClearResponse(rank=rank, cleared=max(0, before - after))
+        # all: true is every argument None: every unpinned chunk of every tier.
         cleared = _call(engine.clear, tiers=req.tiers, tokens=tokens, extras=extras, older_than_s=req.older_than_s)
         return models.ClearResponse(rank=rank, cleared=int(cleared))
 
@@ -203,11 +179,8 @@ def create_app(
               summary="Pin the cached chunks of a prefix (never evicted), optionally for ttl_s")
     def pin(req: models.PinRequest) -> Any:
         tokens, extras = prefix(req)
-        if req.ttl_s is not None:
-            if not _has_param(engine.pin, "ttl_s"):
-                _missing("Engine.pin(ttl_s=)")
-            return models.PinResponse(rank=rank, pinned=int(_call(engine.pin, tokens, extras=extras, ttl_s=float(req.ttl_s))))
-        return models.PinResponse(rank=rank, pinned=int(_call(engine.pin, tokens, extras=extras)))
+        ttl_s = None if req.ttl_s is None else float(req.ttl_s)
+        return models.PinResponse(rank=rank, pinned=int(_call(engine.pin, tokens, extras=extras, ttl_s=ttl_s)))
 
     @app.post("/v1/unpin", dependencies=[auth], response_model=models.UnpinResponse,
               summary="Unpin the chunks of a prefix")
@@ -219,8 +192,6 @@ def create_app(
               summary="Move the cached prefix to a tier in the background; returns a task id")
     def move(req: models.MoveRequest) -> Any:
         tokens, extras = prefix(req)
-        if not hasattr(engine, "move"):
-            _missing("Engine.move()")
         task = _call(engine.move, tokens, req.tier, extras=extras)
         return models.MoveResponse(rank=rank, task_id=registry.add("move", task))
 
@@ -243,8 +214,6 @@ def create_app(
     @app.post("/v1/verify", dependencies=[auth], response_model=models.VerifyResponse,
               summary="Index against tier contents: the index-consistency SLI, with counts")
     def verify(req: models.VerifyRequest | None = None) -> Any:
-        if not hasattr(engine, "verify"):
-            _missing("Engine.verify()")
         deep = req.deep if req is not None else False
         return models.VerifyResponse(rank=rank, **_call(engine.verify, deep=deep))
 
@@ -281,28 +250,22 @@ def _engine_registry(engines: dict[int, Any]) -> Any:
 
 
 def _queues(engine: Any) -> dict[str, Any]:
-    if hasattr(engine, "health"):
-        report = _call(engine.health)
-        return dict(report.get("queues", {}))
+    """Engine.health()'s queues (write-behind, remote uploads, store copies:
+    depth and capacity) and the drop counters from stats()."""
+    queues = dict(_call(engine.health).get("queues", {}))
     stats = _call(engine.stats)
-    queues: dict[str, Any] = {"write_behind": {"depth": stats.get("write_behind_queue_depth", 0),
-                                               "dropped": stats.get("write_behind_dropped", 0)}}
+    queues["write_behind_dropped"] = stats.get("write_behind_dropped", 0)
     remote = stats.get("remote")
     if isinstance(remote, dict):
-        queues["remote_upload"] = {"depth": remote.get("upload_queue_depth", 0),
-                                   "dropped": remote.get("upload_dropped", 0)}
+        queues["remote_upload_dropped"] = remote.get("upload_dropped", 0)
     return queues
 
 
 def _health(engine: Any) -> dict[str, Any]:
     """The engine's own report; an engine that does not answer is down."""
     try:
-        if hasattr(engine, "health"):
-            report = dict(engine.health())
-            return {"status": report["status"], "reasons": list(report.get("reasons", [])),
-                    "tiers": dict(report.get("tiers", {})), "queues": dict(report.get("queues", {}))}
-        stats = engine.stats()
+        report = dict(engine.health())
     except Exception as exc:  # noqa: BLE001 - whatever stops the engine answering means down
         return {"status": "down", "reasons": [f"{type(exc).__name__}: {exc}"], "tiers": {}, "queues": {}}
-    return {"status": "ok", "reasons": ["this engine build has no Engine.health(): answers stats() only"],
-            "tiers": {name: {"status": "ok"} for name in stats.get("tiers", {})}, "queues": _queues(engine)}
+    return {"status": report["status"], "reasons": list(report.get("reasons", [])),
+            "tiers": dict(report.get("tiers", {})), "queues": dict(report.get("queues", {}))}

@@ -319,9 +319,8 @@ def cmd_lookup(args: argparse.Namespace) -> int:
         for u, a in answers:
             rows = [("cached tokens", f"{a['cached_tokens']} of {a['query_tokens']}"),
                     ("chunk tokens", str(a["chunk_tokens"]))]
-            if a.get("tiers_known", True):
-                rows += [(f"chunks in {tier}", str(n)) for tier, n in sorted(a["by_tier"].items())]
-                rows.append(("pinned chunks", str(sum(1 for ch in a["chunks"] if ch.get("pinned")))))
+            rows += [(f"chunks in {tier}", str(n)) for tier, n in sorted(a["by_tier"].items())]
+            rows.append(("pinned chunks", str(sum(1 for ch in a["chunks"] if ch.get("pinned")))))
             columns.append((_column_header(u, a), rows))
         print(_side_by_side(columns))
     return c.finish()
@@ -477,7 +476,7 @@ def _prefix_options(p: argparse.ArgumentParser) -> None:
 def add_commands(sub: Any) -> None:
     """Adds the controller commands to kvtier's subparsers."""
     common = _client_options()
-    tiers = ("cpu", "disk", "remote")
+    tiers = ("cpu", "disk")  # the local tiers (the shared remote is neither cleared nor a target)
 
     p = sub.add_parser("stats", parents=[common], help="engine statistics of each controller")
     p.set_defaults(func=_guarded(cmd_stats))

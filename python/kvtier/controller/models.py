@@ -25,7 +25,9 @@ from pydantic import (
 TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
 MAX_PREFIX_TOKENS = 1 << 20
 MAX_TEXT_CHARS = 16 << 20
-Tier = Literal["cpu", "disk", "remote"]
+# The local tiers: the remote tier is shared by every instance and is
+# neither cleared nor a move target from one of them.
+Tier = Literal["cpu", "disk"]
 Seconds = Annotated[StrictInt | StrictFloat, Field(gt=0, le=10 * 365 * 86400)]
 
 TokenList = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PREFIX_TOKENS)]
@@ -77,7 +79,7 @@ class ClearRequest(_PrefixFields):
     everything. An empty body is refused, so a clear never widens by a typo."""
 
     tiers: Annotated[list[Tier], Field(min_length=1)] | None = Field(
-        None, description="Only these tiers (default: every tier).")
+        None, description="Only the copies in these tiers (default: every local tier).")
     older_than_s: Seconds | None = Field(None, description="Only entries last used longer ago than this.")
     all: StrictBool = Field(False, description="Clear every entry of the selected tiers (needed when no other filter is given).")
 
@@ -136,13 +138,11 @@ class LookupResponse(BaseModel):
     chunk_tokens: int = Field(description="Tokens per chunk.")
     chunks: list[ChunkInfo] = Field(description="Each cached leading chunk: where it is, whether it is pinned.")
     by_tier: dict[str, Any] = Field(description="Per tier: how many of those chunks it holds.")
-    tiers_known: bool = Field(
-        True, description="False when this engine build cannot say where chunks are (chunks, by_tier empty).")
 
 
 class ClearResponse(BaseModel):
     rank: int
-    cleared: int = Field(description="Entries removed.")
+    cleared: int = Field(description="Chunks that lost a copy (a chunk leaves the index once no copy is left).")
 
 
 class PinResponse(BaseModel):

@@ -812,6 +812,7 @@ class KVTierConnector(KVConnectorBase_V1):
         # Scheduler: no tiers, only every rank's catalogue mapped read-only
         # (see ranks.py): a prefix counts when every rank holds it.
         self.engine: Any = None
+        self._controller: Any = None  # worker: kvtier.controller.ControllerHandle
         self._view: Any = None
         self._rank = 0
         self._registry_key: str | None = None
@@ -861,6 +862,16 @@ class KVTierConnector(KVConnectorBase_V1):
                 namespace,
                 catalogue_shm_name=catalogue_shm_name(deployment, placement.rank, placement.world_size),
             )
+            if self._config.controller_listen:
+                # This rank's controller API on PORT + rank (docs/controller.md);
+                # a port in use or an open bind without a token fails start-up.
+                from kvtier.controller import start_for_vllm_worker
+
+                try:
+                    self._controller = start_for_vllm_worker(self.engine, self._config, vllm_config, placement.rank)
+                except BaseException:
+                    registry.release(self._registry_key)
+                    raise
         self._stats = KVTierConnectorStats()
         self._stats_lock = threading.Lock()
         # Never reset (vLLM drains _stats every step): for benchmarks/demo.
@@ -1544,6 +1555,9 @@ class KVTierConnector(KVConnectorBase_V1):
         return errors
 
     def shutdown(self) -> None:
+        if self._controller is not None:  # first: no API call during teardown
+            self._controller.stop()
+            self._controller = None
         if self._layer_signal is not None:
             self._layer_signal.abort()
             self._layer_signal = None

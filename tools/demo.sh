@@ -3,7 +3,9 @@
 # make the model, then serve a multi-round chat and a long-document workload
 # through vLLM (CPU) with and without kvtier (CPU + local disk tiers).
 # Prints TTFT per request, hit rate and bytes per tier; writes
-# kvtier-demo/ttft_per_round.png and kvtier-demo/summary.json.
+# kvtier-demo/ttft_per_round.png and kvtier-demo/summary.json. Ends with the
+# hit-rate and per-tier lines read off the metrics endpoint, as an operator
+# reads them (the page is saved as kvtier-demo/metrics.txt).
 #
 # Usage: tools/demo.sh [--skip-setup] [demo options, see `kvtier bench demo -h`]
 # Environment: KVTIER_DEMO_OUT (output folder, default ./kvtier-demo)

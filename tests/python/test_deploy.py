@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import subprocess
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,16 +179,14 @@ def vllm_exposition(stats: dict[str, Any]) -> str:
 
     saved, vm._METRICS = vm._METRICS, {}
     try:
-        class Config:
-            kv_transfer_config = None
+        # The connector's extra config, as vLLM holds it.
+        transfer = types.SimpleNamespace(kv_connector_extra_config={"remote_url": "redis://127.0.0.1:1"})
+        config = types.SimpleNamespace(kv_transfer_config=transfer)
 
         prom = vm.KVTierPromMetrics(
-            Config(), {Gauge: gauge, Counter: functools.partial(Counter, registry=registry),
+            config, {Gauge: gauge, Counter: functools.partial(Counter, registry=registry),
                        Histogram: functools.partial(Histogram, registry=registry)},
             ["model_name", "engine"], {0: ["m", "0"]}, _COUNTERS)
-        # vLLM's connector has no kvtier config here (Config above): give the
-        # queue capacities the way the connector's config would.
-        prom._kvtier_config = {"write_behind_queue": 1024, "remote_queue": 256, "remote_url": "redis://x:1"}
         prom.observe({**dict.fromkeys(_COUNTERS, 1), "engine.r0": stats})
     finally:
         vm._METRICS = saved

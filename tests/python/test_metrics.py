@@ -302,3 +302,20 @@ def test_vllm_side_counter_reset_and_idle_steps(engine: Engine, monkeypatch: pyt
     prom.observe(None)
     got = samples(registry)
     assert value(got, "kvtier_chunks_total", model_name="m", engine="0", rank="0", operation="store") == 13
+
+
+def test_demo_reads_hit_rate_and_tiers_off_the_page(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's ending: the lines an operator reads off vLLM's /metrics."""
+    from kvtier.bench.demo import metrics_lines
+
+    registry = CollectorRegistry()
+    prom = vllm_prom_metrics(registry, monkeypatch)
+    traffic(engine, 1000)
+    prom.observe({"lookups": 2, "hit_tokens": 96, "query_tokens": 128, "engine.r0": engine.stats()})
+    lines = metrics_lines(generate_latest(registry).decode())
+    assert lines[0].startswith("kvtier hit rate: 75.0% (96 hit / 128 query tokens")
+    cpu, disk = engine.stats()["tiers"]["cpu"], engine.stats()["tiers"]["disk"]
+    assert lines[1].startswith("kvtier tier cpu ") and f"{cpu['entries']} entries" in lines[1]
+    assert f"{cpu['used_bytes'] / (1 << 20):.1f} MiB of 64 MiB" in lines[1]
+    assert lines[2].startswith("kvtier tier disk ") and f"{disk['entries']} entries" in lines[2]
+    assert len(lines) == 3  # no remote tier configured: no remote line

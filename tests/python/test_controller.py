@@ -160,11 +160,14 @@ def test_metrics_are_prometheus_text(engine: Engine, client: httpx.Client) -> No
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     samples = [s for f in text_string_to_metric_families(r.text) for s in f.samples]
     assert samples and all(s.name.startswith("kvtier_") for s in samples), {s.name for s in samples}
-    assert all(s.labels.get("rank") == "0" for s in samples if s.name != "kvtier_up" or s.labels)
-    # kvtier.metrics' name for stored chunks (the stand-in's while it is absent).
-    stored = [s.value for s in samples if (s.name, s.labels.get("operation")) == ("kvtier_chunks_total", "store")
-              or s.name == "kvtier_engine_chunks_stored"]
+    assert {s.labels.get("rank") for s in samples} == {"0"}  # this engine's rank on every series
+    stored = [s.value for s in samples if (s.name, s.labels.get("operation")) == ("kvtier_chunks_total", "store")]
     assert stored == [engine.stats()["chunks_stored"]] == [4]
+    # The index-consistency SLI appears once a verify ran, with its result.
+    assert "kvtier_index_consistent" not in r.text
+    assert client.post("/v1/verify", json={}).json()["consistent"] is True
+    samples = [s for f in text_string_to_metric_families(client.get("/metrics").text) for s in f.samples]
+    assert [(s.labels["rank"], s.value) for s in samples if s.name == "kvtier_index_consistent"] == [("0", 1.0)]
 
 
 def test_async_reports_queues(client: httpx.Client) -> None:
@@ -463,6 +466,21 @@ def test_controller_listen_values() -> None:
     for bad in ("0", "65536", "host:", ":80", "::1:80", "a b:80", "127.0.0.1:x"):
         with pytest.raises(ConfigError, match="controller_listen"):
             listen(bad)
+
+
+def test_rank_r_serves_on_port_plus_r(engine: Engine) -> None:
+    from kvtier.testing.vllm_server import free_port
+
+    base = free_port()
+    config = dataclasses.replace(engine.config, controller_listen=f"127.0.0.1:{base}")
+    handle = serve(engine, config, rank=1)
+    try:
+        assert handle.url == f"http://127.0.0.1:{base + 1}"
+        assert httpx.get(handle.url + "/v1/stats").json()["rank"] == 1
+    finally:
+        handle.stop()
+    with pytest.raises(ConfigError, match="65535"):
+        serve(engine, dataclasses.replace(engine.config, controller_listen="127.0.0.1:65535"), rank=1)
 
 
 def test_one_controller_per_address_and_engine(engine: Engine, tmp_path: Path) -> None:

@@ -88,10 +88,14 @@ def create_app(
         redoc_url=None,
         responses=_ERRORS,
     )
+    from kvtier.metrics import VerifyResults
+
     registry = tasks or TaskRegistry()
     profile_lock = threading.Lock()
     metrics_registry: Any = None
     metrics_lock = threading.Lock()
+    # The last /v1/verify, exported on /metrics as the index-consistency SLI.
+    verified = VerifyResults()
 
     def prefix(req: models._PrefixFields) -> tuple[list[int], Any]:
         if req.tokens is not None:
@@ -143,9 +147,11 @@ def create_app(
         nonlocal metrics_registry
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        from kvtier.metrics import engine_registry
+
         with metrics_lock:
             if metrics_registry is None:
-                metrics_registry = _engine_registry({rank: engine})
+                metrics_registry = engine_registry({rank: engine}, verified)
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/stats", dependencies=[auth], response_model=models.StatsResponse,
@@ -215,7 +221,9 @@ def create_app(
               summary="Index against tier contents: the index-consistency SLI, with counts")
     def verify(req: models.VerifyRequest | None = None) -> Any:
         deep = req.deep if req is not None else False
-        return models.VerifyResponse(rank=rank, **_call(engine.verify, deep=deep))
+        report = _call(engine.verify, deep=deep)
+        verified.record(rank, report)
+        return models.VerifyResponse(rank=rank, **report)
 
     @app.get(
         "/v1/profile",
@@ -239,14 +247,6 @@ def create_app(
         return JSONResponse(doc)
 
     return app
-
-
-def _engine_registry(engines: dict[int, Any]) -> Any:
-    try:
-        from kvtier.metrics import engine_registry
-    except ImportError:  # a build without kvtier.metrics
-        from kvtier.controller._metrics_fallback import engine_registry
-    return engine_registry(engines)
 
 
 def _queues(engine: Any) -> dict[str, Any]:

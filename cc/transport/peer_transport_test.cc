@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -22,6 +23,15 @@
 
 namespace kvtier::transport {
 namespace {
+
+// Under TSan, UCX's memory-event hooks (it patches mmap/munmap) and its
+// fatal-signal handlers make the process exit silently; these tests need
+// neither. The environment still wins (no overwrite).
+const bool kUcxTestEnv [[maybe_unused]] = [] {
+  setenv("UCX_MEM_EVENTS", "no", 0);
+  setenv("UCX_HANDLE_ERRORS", "none", 0);
+  return true;
+}();
 
 constexpr uint32_t kChunk = 16;
 constexpr size_t kChunkBytes = 64 * 1024;
@@ -201,6 +211,170 @@ TEST(PeerTransportTest, ProducerRestartAtTheSamePort) {
   if (got == 0) got = client->Pull(addr, second, kLayout);
   EXPECT_EQ(got, second.size());
   EXPECT_EQ(Retrieved(*consumer, second), ChunkData(second));
+}
+
+TEST(PeerTransportTest, ConcurrentConsumersAndConcurrentPullsOfOneConsumer) {
+  auto producer = MakeEngine(64 << 20);
+  auto server = MakeTransport(producer.get(), true);
+  ASSERT_TRUE(server);
+  constexpr int kPrompts = 4;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int p = 0; p < kPrompts; ++p) {
+    prompts.push_back(Tokens(40 * kChunk, 10000 * (p + 1)));
+    Store(*producer, prompts.back(), ChunkData(prompts.back()));
+  }
+  // Three consumers, each pulling every prompt from its own thread per prompt.
+  constexpr int kConsumers = 3;
+  std::vector<std::unique_ptr<Engine>> engines;
+  std::vector<std::unique_ptr<PeerTransport>> clients;
+  for (int c = 0; c < kConsumers; ++c) {
+    engines.push_back(MakeEngine(64 << 20));
+    ASSERT_TRUE(engines.back()->SetChunkBytes(kChunkBytes).ok());
+    clients.push_back(MakeTransport(engines.back().get(), false));
+    ASSERT_TRUE(clients.back());
+  }
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  for (int c = 0; c < kConsumers; ++c) {
+    for (int p = 0; p < kPrompts; ++p) {
+      threads.emplace_back([&, c, p] {
+        if (clients[c]->Pull(server->address(), prompts[p], kLayout) != prompts[p].size()) wrong.fetch_add(1);
+      });
+    }
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(wrong.load(), 0);
+  for (int c = 0; c < kConsumers; ++c) {
+    for (int p = 0; p < kPrompts; ++p) EXPECT_EQ(Retrieved(*engines[c], prompts[p]), ChunkData(prompts[p])) << c << p;
+    const auto s = clients[c]->Stats();
+    EXPECT_EQ(s.chunks_pulled, size_t{kPrompts} * 40);
+    EXPECT_EQ(s.errors + s.timeouts + s.corrupt + s.misses, 0u);
+  }
+  EXPECT_EQ(server->Stats().chunks_served, size_t{kConsumers} * kPrompts * 40);
+}
+
+// Malformed kvtier messages sent over a real UCX endpoint (the consumer's
+// hook rewrites its own PULL): the producer answers or drops each, never
+// crashes, and serves the next good PULL.
+TEST(PeerTransportTest, MalformedRequestsAreRefusedAndTheProducerGoesOn) {
+  auto producer = MakeEngine(), consumer = MakeEngine();
+  auto server = MakeTransport(producer.get(), true);
+  auto client = MakeTransport(consumer.get(), false, /*timeout_ms=*/2000);
+  ASSERT_TRUE(server && client);
+  auto tokens = Tokens(3 * kChunk, 77);
+  Store(*producer, tokens, ChunkData(tokens));
+  ASSERT_TRUE(consumer->SetChunkBytes(kChunkBytes).ok());
+
+  auto poke = [](size_t off, uint32_t v) {
+    return [off, v](std::vector<std::byte>* m) {
+      if (m->size() >= off + sizeof(v)) std::memcpy(m->data() + off, &v, sizeof(v));
+      return true;
+    };
+  };
+  struct Case {
+    const char* name;
+    std::function<bool(std::vector<std::byte>*)> rewrite;
+    bool answered;  // the producer replies (the consumer does not wait out its timeout)
+  };
+  // Offset 4 holds {version, kind}: version + 1, kind PULL.
+  const uint32_t v2 = uint32_t{wire::kWireVersion + 1u} | (uint32_t{static_cast<uint16_t>(wire::Kind::kPull)} << 16);
+  std::vector<Case> cases = {
+      {"bad version", poke(4, v2), true},
+      {"huge count", poke(12, 0xffffffffu), true},
+      {"count beyond the message", poke(12, 4), true},
+      {"zero count", poke(12, 0), true},
+      {"unknown flags", poke(8, 0x100), true},
+      {"truncated", [](std::vector<std::byte>* m) { m->resize(m->size() - 5); return true; }, true},
+      {"unknown keys",
+       [](std::vector<std::byte>* m) {
+         for (size_t off = sizeof(wire::PullHeader); off + 8 <= m->size(); off += sizeof(wire::PullEntry)) {
+           (*m)[off] ^= std::byte{0xff};
+         }
+         return true;
+       },
+       true},
+      {"another namespace", poke(24, 0x12345678), true},
+      // Too broken to say which request it was: not answered.
+      {"bad magic", poke(0, 0xdeadbeef), true},
+      {"three bytes", [](std::vector<std::byte>* m) { m->resize(3); return true; }, false},
+  };
+  uint64_t timeouts = 0;
+  for (const Case& c : cases) {
+    TransportHooks h;
+    h.before_send_pull = c.rewrite;
+    client->SetHooks(h);
+    EXPECT_EQ(client->Pull(server->address(), tokens, kLayout), 0u) << c.name;
+    const uint64_t now = client->Stats().timeouts;
+    if (c.answered) EXPECT_EQ(now, timeouts) << c.name << ": the producer did not answer";
+    timeouts = now;
+  }
+  EXPECT_EQ(consumer->Lookup(tokens), 0u);
+  EXPECT_GE(server->Stats().errors, 7u);
+  EXPECT_EQ(server->Stats().chunks_served, 0u);
+  client->SetHooks({});
+  EXPECT_EQ(client->Pull(server->address(), tokens, kLayout), tokens.size());
+  EXPECT_EQ(Retrieved(*consumer, tokens), ChunkData(tokens));
+}
+
+TEST(PeerTransportTest, DamagedTransfersAreMissesAndNeverFiled) {
+  auto producer = MakeEngine(), consumer = MakeEngine();
+  auto server = MakeTransport(producer.get(), true);
+  auto client = MakeTransport(consumer.get(), false, /*timeout_ms=*/500);
+  ASSERT_TRUE(server && client);
+  auto tokens = Tokens(6 * kChunk, 3);
+  Store(*producer, tokens, ChunkData(tokens));
+  ASSERT_TRUE(consumer->SetChunkBytes(kChunkBytes).ok());
+
+  // Chunk 3 damaged: chunks 0-2 count, 3 and after do not.
+  TransportHooks corrupt_third;
+  corrupt_third.after_get = [](size_t i, std::span<std::byte> d) {
+    if (i == 3) d[100] ^= std::byte{1};
+  };
+  client->SetHooks(corrupt_third);
+  EXPECT_EQ(client->Pull(server->address(), tokens, kLayout), 3 * kChunk);
+  EXPECT_EQ(client->Stats().corrupt, 1u);
+  EXPECT_EQ(consumer->Lookup(tokens), 3 * kChunk);
+
+  for (const char* fault : {"truncate", "corrupt", "drop"}) {
+    client->SetHooks(ParseFault(fault).value());
+    EXPECT_EQ(client->Pull(server->address(), tokens, kLayout), 3 * kChunk) << fault;
+    EXPECT_EQ(consumer->Lookup(tokens), 3 * kChunk) << fault;
+  }
+  const auto s = client->Stats();
+  EXPECT_EQ(s.corrupt, 3u);
+  EXPECT_EQ(s.timeouts, 1u);  // drop
+  EXPECT_EQ(s.misses, 4u);
+  EXPECT_EQ(Retrieved(*consumer, tokens).size(), 3u);
+  client->SetHooks({});
+  EXPECT_EQ(client->Pull(server->address(), tokens, kLayout), tokens.size());
+  EXPECT_EQ(Retrieved(*consumer, tokens), ChunkData(tokens));
+  EXPECT_FALSE(ParseFault("explode").ok());
+  EXPECT_FALSE(ParseFault("delay:").ok());
+  EXPECT_TRUE(ParseFault("delay:5").ok());
+}
+
+TEST(PeerTransportTest, HeldChunksSurviveEvictionUntilPulled) {
+  // A producer CPU tier of 8 chunks: without the hold, storing 16 other
+  // chunks would evict the prompt before the consumer asks.
+  auto producer = MakeEngine(8 * kChunkBytes), consumer = MakeEngine();
+  auto server = MakeTransport(producer.get(), true);
+  auto client = MakeTransport(consumer.get(), false);
+  ASSERT_TRUE(server && client);
+  auto tokens = Tokens(3 * kChunk, 5), unheld = Tokens(3 * kChunk, 7000);
+  Store(*producer, tokens, ChunkData(tokens));
+  Store(*producer, unheld, ChunkData(unheld));
+  EXPECT_EQ(server->Hold(tokens, nullptr, 600), 3u);
+  EXPECT_EQ(server->Stats().holds, 3u);
+  for (int r = 0; r < 4; ++r) {
+    auto other = Tokens(4 * kChunk, 50000 + 1000 * r);
+    Store(*producer, other, ChunkData(other));
+  }
+  EXPECT_LT(producer->Lookup(unheld), unheld.size());  // the pressure is real
+  EXPECT_EQ(producer->Lookup(tokens), tokens.size());
+  EXPECT_EQ(client->Pull(server->address(), tokens, kLayout), tokens.size());
+  EXPECT_EQ(server->Stats().holds, 0u);  // the pull took them
+  EXPECT_EQ(Retrieved(*consumer, tokens), ChunkData(tokens));
+  EXPECT_EQ(server->Hold(Tokens(kChunk, 999999), nullptr, 600), 0u);  // nothing cached: nothing held
 }
 
 }  // namespace

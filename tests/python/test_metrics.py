@@ -319,3 +319,30 @@ def test_demo_reads_hit_rate_and_tiers_off_the_page(engine: Engine, monkeypatch:
     assert f"{cpu['used_bytes'] / (1 << 20):.1f} MiB of 64 MiB" in lines[1]
     assert lines[2].startswith("kvtier tier disk ") and f"{disk['entries']} entries" in lines[2]
     assert len(lines) == 3  # no remote tier configured: no remote line
+
+
+def test_vllm_side_histogram_without_bucket_counters(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A histogram class without prometheus_client's per-bucket counters (vLLM
+    may pass another): each new sample is observed at its bucket's upper
+    bound, so the buckets and the count stay exact."""
+    from prometheus_client import Histogram
+
+    registry = CollectorRegistry()
+    prom = vllm_prom_metrics(registry, monkeypatch)
+
+    class ObserveOnly:
+        def __init__(self, **kw: Any) -> None:
+            self._h = Histogram(registry=registry, **kw)
+
+        def labels(self, *values: Any) -> Any:
+            child = self._h.labels(*values)
+            return type("Child", (), {"observe": staticmethod(child.observe)})()
+
+    prom._histogram_cls = ObserveOnly
+    h = {"bounds": [10, 20], "counts": [2, 0, 1], "sum": 70, "count": 3}
+    prom.observe({"engine.r0": {"histograms": {"store_us": {"disk": h}}}})
+    got = samples(registry)
+    lbl = {"model_name": "m", "engine": "0", "rank": "0", "tier": "disk"}
+    assert [value(got, "kvtier_store_latency_seconds_bucket", **lbl, le=b) for b in ("1e-05", "2e-05", "+Inf")] == [
+        2, 2, 3]
+    assert value(got, "kvtier_store_latency_seconds_count", **lbl) == 3

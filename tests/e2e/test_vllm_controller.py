@@ -158,6 +158,22 @@ def test_lookup_by_text_uses_the_served_models_tokenizer(served: Served) -> None
     assert r.json()["cached_tokens"] == HIT_TOKENS, r.json()
 
 
+def test_lookup_with_the_requests_cache_salt(served: Served) -> None:
+    """A request's cache_salt is part of its chunk keys (the connector's
+    request_key_extras); the API's cache_salt names the same keys."""
+    tokens = prompt(5)
+    before = served.stats()["chunks_stored"]
+    import openai
+
+    client = openai.OpenAI(base_url=served.server.url + "/v1", api_key="unused", timeout=600)
+    client.completions.create(model=served.server.model, prompt=tokens, max_tokens=MAX_TOKENS, temperature=0.0,
+                              extra_body={"cache_salt": "tenant-a"})
+    served.stored(before + CHUNKS)
+    assert served.post("/v1/lookup", {"tokens": tokens, "cache_salt": "tenant-a"}).json()["cached_tokens"] == HIT_TOKENS
+    assert served.post("/v1/lookup", {"tokens": tokens}).json()["cached_tokens"] == 0
+    assert served.post("/v1/lookup", {"tokens": tokens, "cache_salt": "tenant-b"}).json()["cached_tokens"] == 0
+
+
 def test_clear_makes_the_next_request_a_miss(served: Served) -> None:
     b = prompt(2)
     before = served.stats()["chunks_stored"]

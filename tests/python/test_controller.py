@@ -325,6 +325,7 @@ BAD_INPUT: list[tuple[str, str, Any, int]] = [
     ("POST", "/v1/clear", {"all": True, "tokens": PREFIX}, 422),
     ("POST", "/v1/clear", {"tokens": PREFIX, "text": "1"}, 422),
     ("POST", "/v1/clear", {"text": "refuse"}, 400),
+    ("POST", "/v1/clear", {"tiers": ["cpu"], "cache_salt": "a"}, 422),
     ("POST", "/v1/pin", {}, 422),
     ("POST", "/v1/pin", {"tokens": PREFIX, "ttl_s": -5}, 422),
     ("POST", "/v1/pin", {"tokens": PREFIX, "ttl_s": "10"}, 422),

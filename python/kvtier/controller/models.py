@@ -87,6 +87,8 @@ class ClearRequest(_PrefixFields):
     def _selects_something(self) -> Self:
         if self.tokens is not None and self.text is not None:
             raise ValueError("give at most one of 'tokens' and 'text'")
+        if self.cache_salt is not None and self.tokens is None and self.text is None:
+            raise ValueError("'cache_salt' narrows a clear by tokens or text: give one of them")
         narrowed = self.tokens is not None or self.text is not None or self.older_than_s is not None
         if self.all and narrowed:
             raise ValueError("'all' clears everything: it cannot be combined with tokens, text or older_than_s")

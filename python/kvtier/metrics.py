@@ -31,7 +31,8 @@ remote; ``operation`` = load | store where one quantity exists for both):
   ``kvtier_load_latency_seconds{tier}``, ``kvtier_store_latency_seconds{tier}``.
 - health (controller / own endpoint only: it needs ``engine.health()``):
   ``kvtier_health_status{tier}`` and ``kvtier_engine_health_status``
-  (0 ok, 1 degraded, 2 down); ``kvtier_up`` (1 when stats() answered).
+  (0 ok, 1 degraded, 2 down), ``kvtier_queue_depth{queue}`` and
+  ``kvtier_queue_capacity{queue}``; ``kvtier_up`` (1 when stats() answered).
 - index consistency, from the last ``engine.verify()`` result handed in:
   ``kvtier_index_consistent``, ``kvtier_index_missing_entries{tier}``,
   ``kvtier_index_orphan_entries{tier}``, ``kvtier_index_corrupt_entries``,
@@ -426,7 +427,9 @@ class _Families:
             family = self._families[s.name] = cls(s.name, s.doc, labels=list(names))
             self._labelnames[s.name] = names
         if self._labelnames[s.name] != names:
-            return  # a stat whose labels do not fit its family: never silently relabelled
+            # Prometheus allows one label set per family: a stat that does not
+            # fit (only possible for kvtier_stat_* fallbacks) is left out.
+            return
         if s.kind == "histogram":
             assert isinstance(family, HistogramMetricFamily)
             family.add_metric(values, [(_le(b), c) for b, c in s.buckets], s.sum)

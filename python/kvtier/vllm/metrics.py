@@ -66,14 +66,6 @@ _CONNECTOR_ALIASES = {"hit_tokens": "kvtier_lookup_hit_tokens", "query_tokens": 
 _METRICS: dict[tuple[str, tuple[str, ...]], Any] = {}
 
 
-def vllm_metric_names(counters: tuple[str, ...]) -> set[str]:
-    """The connector-side family names this module registers (without the
-    samples' _total/_bucket suffixes), for tests and documentation."""
-    names = {f"kvtier_{c}" for c in counters if c != "query_tokens"}
-    names.update(_CONNECTOR_ALIASES.values())
-    return names
-
-
 class KVTierPromMetrics(KVConnectorPromMetrics):
     def __init__(
         self,

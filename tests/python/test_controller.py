@@ -298,6 +298,51 @@ def test_task_lifecycle(engine: Engine) -> None:
         handle.stop()
 
 
+class _SlowVerifyEngine:
+    """A real engine whose verify() waits until the test releases it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def verify(self, *, deep: bool = False) -> dict[str, Any]:
+        self.entered.set()
+        self.release.wait()
+        return dict(self._engine.verify(deep=deep))
+
+
+def test_a_long_engine_call_does_not_block_the_others(engine: Engine) -> None:
+    slow = _SlowVerifyEngine(engine)
+    handle = serve(slow, engine.config, port=0)
+    answers: list[int] = []
+    try:
+        caller = threading.Thread(target=lambda: answers.append(httpx.post(handle.url + "/v1/verify", timeout=60).status_code))
+        caller.start()
+        slow.entered.wait()
+        # The verify holds a worker thread; the event loop still serves.
+        assert httpx.get(handle.url + "/health").status_code == 200
+        assert httpx.get(handle.url + "/v1/stats").status_code == 200
+        assert answers == []  # still in the engine
+        slow.release.set()
+        caller.join()
+        assert answers == [200]
+    finally:
+        slow.release.set()
+        handle.stop()
+
+
+def test_a_port_in_use_fails_at_start(engine: Engine) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(OSError):
+            serve(engine, engine.config, port=taken.getsockname()[1])
+
+
 # ----------------------------------------------------------------- bad input
 
 

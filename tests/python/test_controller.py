@@ -645,6 +645,14 @@ def test_cli_commands(engine: Engine, controller: Any, capsys: pytest.CaptureFix
     assert code == 1 and "422" in err  # the server's refusal, passed on
     code, out, _ = cli(capsys, "top", "--url", url, "--iterations", "2", "--interval", "10ms")
     assert code == 0 and out.count("kvtier top") == 2 and "lookups/s" in out
+    code, out, _ = cli(capsys, "move", "--url", url, "--tokens", tokens, "--tier", "disk", "--wait", "--json")
+    assert code == 0 and json.loads(out)[0]["result"]["moved"] == 4
+    assert engine.lookup_tiers(PREFIX)["by_tier"] == {"cpu": 0, "disk": 4}
+    code, out, _ = cli(capsys, "verify", "--url", url, "--deep")
+    assert code == 0 and "true" in out
+    code, out, _ = cli(capsys, "clear", "--url", url, "--tier", "disk", "--json")
+    assert code == 0 and json.loads(out)[0]["cleared"] == 4
+    store(engine, PREFIX)
     code, out, _ = cli(capsys, "clear", "--url", url, "--all", "--json")
     assert code == 0 and json.loads(out)[0]["cleared"] == 4
     assert engine.lookup(PREFIX) == 0

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from kvtier.testing.model import random_tokens, word
+from kvtier.testing.model import NUM_SPECIAL_TOKENS, random_tokens, word
 from kvtier.testing.vllm_server import VllmServer, free_port
 
 pytestmark = pytest.mark.usefixtures("native_engine")
@@ -146,7 +146,7 @@ def test_stats_and_metrics_move_with_traffic(served: Served) -> None:
 
 
 def test_lookup_by_text_uses_the_served_models_tokenizer(served: Served) -> None:
-    text = " ".join(word(t - 4) for t in prompt(1))
+    text = " ".join(word(t - NUM_SPECIAL_TOKENS) for t in prompt(1))
     before = served.stats()["chunks_stored"]
     import openai
 

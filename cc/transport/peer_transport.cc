@@ -4,7 +4,6 @@
 #include <ifaddrs.h>
 #include <netdb.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -20,6 +19,8 @@
 
 namespace kvtier::transport {
 namespace {
+
+constexpr size_t kCrcSlice = 256 * 1024;
 
 int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -190,7 +191,7 @@ Status PeerTransport::Init() {
   if (s != UCS_OK) return fail("config_read", s);
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
-  params.features = UCP_FEATURE_AM | UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+  params.features = UCP_FEATURE_AM | UCP_FEATURE_RMA;
   s = ucx_->init_version(UCP_API_MAJOR, UCP_API_MINOR, &params, config, &context_);
   ucx_->config_release(config);
   if (s != UCS_OK) return fail("init", s);
@@ -199,7 +200,6 @@ Status PeerTransport::Init() {
   wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
   wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;  // mu_ serializes every call
   if ((s = ucx_->worker_create(context_, &wp, &worker_)) != UCS_OK) return fail("worker_create", s);
-  if (ucx_->worker_get_efd(worker_, &efd_) != UCS_OK) efd_ = -1;  // no wakeup: the loop polls
 
   auto handler = [&](unsigned id, ucp_am_recv_callback_t cb) {
     ucp_am_handler_param_t hp{};
@@ -248,13 +248,7 @@ Status PeerTransport::Init() {
 
 PeerTransport::~PeerTransport() {
   stop_.store(true, std::memory_order_release);
-  if (progress_.joinable()) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      ucx_->worker_signal(worker_);
-    }
-    progress_.join();
-  }
+  if (progress_.joinable()) progress_.join();
   if (worker_ == nullptr) {
     if (context_ != nullptr) ucx_->cleanup(context_);
     return;
@@ -463,9 +457,6 @@ ucs_status_t PeerTransport::OnAmPull(void* arg, const void*, size_t, void* data,
   }
   auto bytes = AsBytes(data, length);
   self->incoming_.push_back(Incoming{param->reply_ep, {bytes.begin(), bytes.end()}});
-  // The progress thread may be asleep on the event fd while a pulling
-  // thread drove the worker: wake it for the request.
-  self->ucx_->worker_signal(self->worker_);
   return UCS_OK;
 }
 
@@ -525,23 +516,14 @@ void PeerTransport::ProgressLoop() {
       last_busy = now;
       continue;
     }
-    // Spin briefly after activity (a burst of PULLs), then sleep on the
-    // worker's event fd: network activity or a worker_signal wakes it; the
-    // timeout bounds how late leases and holds expire.
-    if (now - last_busy < 2) {
+    // Spin briefly after activity (a burst of PULLs), then poll with short
+    // sleeps: a PULL waits at most that long for an idle producer, and an
+    // idle transport costs a few hundred worker polls a second.
+    const int64_t idle = now - last_busy;
+    if (idle < 2) {
       std::this_thread::yield();
-      continue;
-    }
-    ucs_status_t armed;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      armed = efd_ >= 0 ? ucx_->worker_arm(worker_) : UCS_ERR_UNSUPPORTED;
-    }
-    if (armed == UCS_OK) {
-      pollfd p{efd_, POLLIN, 0};
-      (void)poll(&p, 1, 100);
-    } else if (armed != UCS_ERR_BUSY) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // no wakeup support: poll the worker
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(idle < 1000 ? 100 : 1000));
     }
   }
 }
@@ -853,36 +835,56 @@ size_t PeerTransport::PullWindow(const std::string& address, const std::vector<C
       op->done = true;
     }
   }
-  const bool all = WaitLocked(lock, [&] { return st->AllDone() || peer->failed; }, deadline);
-  if (!all || !st->AllDone()) {
-    // Gets still in flight may yet write into their slots: the slots stay
-    // reserved until UCX completes them (the forced close makes it soon).
-    if (!peer->failed) DropPeerLocked(peer);
-    orphans_.push_back(st);
-    (all ? errors_ : timeouts_).fetch_add(1, std::memory_order_relaxed);
-    return 0;
-  }
-  ucx_->rkey_destroy(std::exchange(st->rkey, nullptr));
-  release();
-  lock.unlock();
-
+  // Check and commit each chunk as soon as its own get is done, in prefix
+  // order, while the later gets are still moving (the CRC32C of one chunk
+  // overlaps the transfer of the next).
   size_t committed = 0;
+  std::atomic<uint64_t>* failure = nullptr;  // the counter of what ended the window early
   for (auto& op : st->ops) {
-    if (op->status != UCS_OK) {
-      errors_.fetch_add(1, std::memory_order_relaxed);
+    if (!WaitLocked(lock, [&] { return op->done || peer->failed; }, deadline)) {
+      failure = &timeouts_;
       break;
     }
+    if (!op->done || op->status != UCS_OK) {
+      failure = &errors_;
+      break;
+    }
+    lock.unlock();
     const std::span<std::byte> data = op->slot.data().first(op->entry.size);
     if (hooks.after_get) hooks.after_get(op->index, data);
-    if (disk::Crc32c(data) != op->entry.crc32c) {
-      corrupt_.fetch_add(1, std::memory_order_relaxed);
-      break;
+    // In slices, driving the worker between them: over TCP the later gets
+    // move only while someone progresses the worker.
+    uint32_t crc = 0;
+    for (size_t off = 0; off < data.size(); off += kCrcSlice) {
+      crc = disk::Crc32cExtend(crc, data.subspan(off, std::min(kCrcSlice, data.size() - off)));
+      std::lock_guard<std::mutex> progress_lock(mu_);
+      ProgressLocked();
     }
-    if (!engine_->CommitImport(std::move(op->slot)).ok()) break;
-    chunks_pulled_.fetch_add(1, std::memory_order_relaxed);
-    bytes_pulled_.fetch_add(data.size(), std::memory_order_relaxed);
-    ++committed;
+    bool ok = crc == op->entry.crc32c;
+    if (!ok) corrupt_.fetch_add(1, std::memory_order_relaxed);
+    ok = ok && engine_->CommitImport(std::move(op->slot)).ok();
+    if (ok) {
+      chunks_pulled_.fetch_add(1, std::memory_order_relaxed);
+      bytes_pulled_.fetch_add(data.size(), std::memory_order_relaxed);
+      ++committed;
+    }
+    lock.lock();
+    if (!ok) break;
   }
+  if (failure != nullptr) {
+    failure->fetch_add(1, std::memory_order_relaxed);
+    DropPeerLocked(peer);  // force-closed: the gets still in flight complete soon
+  } else {
+    release();
+  }
+  if (!st->AllDone()) {
+    // Gets still in flight may yet write into their slots: the slots (and
+    // the rkey) stay until UCX completes them; the progress thread reaps.
+    orphans_.push_back(st);
+  } else {
+    ucx_->rkey_destroy(std::exchange(st->rkey, nullptr));
+  }
+  lock.unlock();
   return present + committed;
 }
 

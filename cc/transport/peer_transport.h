@@ -33,9 +33,9 @@
 //   sends and damage what a get delivered; ParseFault builds them from
 //   "drop", "delay:MS", "corrupt", "truncate". Empty hooks in production.
 //
-// Threads: one progress thread per transport serves PULLs, expires leases
-// and holds and closes endpoints; a pulling thread drives the worker itself
-// while it waits. One mutex serializes every call into the UCX worker (the
+// Threads: one progress thread per transport polls the worker (no event
+// fd: see Init), serves PULLs, expires leases and holds and closes
+// endpoints; a pulling thread drives the worker itself while it waits. One mutex serializes every call into the UCX worker (the
 // worker is created UCS_THREAD_MODE_SERIALIZED). Every public method is
 // thread-safe. The Engine must outlive the transport.
 #pragma once
@@ -193,7 +193,6 @@ class PeerTransport {
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;
   ucp_listener_h listener_ = nullptr;
-  int efd_ = -1;
   ucp_mem_h memh_ = nullptr;
   std::vector<std::byte> rkey_;  // packed once with memh_
   uint64_t region_base_ = 0, region_size_ = 0;

@@ -47,9 +47,6 @@ Loaded LoadOnce() {
   Resolve(ucp, "ucp_worker_create", &a.worker_create, &missing);
   Resolve(ucp, "ucp_worker_destroy", &a.worker_destroy, &missing);
   Resolve(ucp, "ucp_worker_progress", &a.worker_progress, &missing);
-  Resolve(ucp, "ucp_worker_get_efd", &a.worker_get_efd, &missing);
-  Resolve(ucp, "ucp_worker_arm", &a.worker_arm, &missing);
-  Resolve(ucp, "ucp_worker_signal", &a.worker_signal, &missing);
   Resolve(ucp, "ucp_worker_set_am_recv_handler", &a.worker_set_am_recv_handler, &missing);
   Resolve(ucp, "ucp_listener_create", &a.listener_create, &missing);
   Resolve(ucp, "ucp_listener_destroy", &a.listener_destroy, &missing);

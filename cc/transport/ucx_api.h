@@ -34,9 +34,6 @@ struct UcxApi {
   decltype(&ucp_worker_create) worker_create;
   decltype(&ucp_worker_destroy) worker_destroy;
   decltype(&ucp_worker_progress) worker_progress;
-  decltype(&ucp_worker_get_efd) worker_get_efd;
-  decltype(&ucp_worker_arm) worker_arm;
-  decltype(&ucp_worker_signal) worker_signal;
   decltype(&ucp_worker_set_am_recv_handler) worker_set_am_recv_handler;
   decltype(&ucp_listener_create) listener_create;
   decltype(&ucp_listener_destroy) listener_destroy;

@@ -6,7 +6,8 @@ transport (loopback), vLLM's P/D convention, `kvtier proxy`.
   producer and of a consumer (kvtier.testing.sched_harness, only the
   forward is faked): the consumer's KV after the pull is exactly the
   producer's; a producer gone before the pull is a counted miss and the
-  blocks are recomputed; another deployment's params are refused.
+  blocks are recomputed, as are corrupted and truncated transfers (the
+  transport's fault injection); another deployment's params are refused.
 * Real `vllm serve`: 1P1D and 2P1D through `kvtier proxy`, driven by the
   `openai` client: greedy outputs equal a single kv_both instance's token
   for token, and >= 90% of the decode instance's prompt tokens are external
@@ -237,6 +238,25 @@ def test_harness_dead_producer_is_recomputed(pair: Pair) -> None:
     assert pair.consumer.last_invalid  # reported to vLLM, which recomputed them
     run_to_end(pair.consumer, "d2")
     assert pair.consumer.worker.totals["pd_pull_failures"] == 1
+
+
+@requires_transport
+@pytest.mark.parametrize("fault", ["corrupt", "truncate"])
+def test_harness_bad_transfer_is_a_miss(pair: Pair, fault: str) -> None:
+    prompt = random_tokens(700, seed=34)
+    params = prefill(pair, f"p-{fault}", prompt)
+    # The transport's fault injection on the consumer's pulls: every chunk
+    # arrives with a flipped byte / half its bytes; none may count.
+    pair.consumer.worker.engine.set_transport_fault(fault)
+    req = pd_request(f"d-{fault}", prompt, 2, params)
+    pair.consumer.scheduler.add_request(req)
+    stepped_until_output(pair.consumer, req)
+    assert pair.consumer.last_invalid  # the blocks were recomputed
+    run_to_end(pair.consumer, f"d-{fault}")
+    assert pair.consumer.worker.totals["pd_pull_failures"] == 1
+    assert pair.consumer.worker.engine.lookup(prompt) == 0  # nothing bad was filed
+    stats = pair.consumer.worker.engine.stats()["transport"]
+    assert stats["corrupt"] + stats["misses"] + stats["errors"] > 0, stats
 
 
 @requires_transport

@@ -44,18 +44,16 @@ from kvtier.testing.vllm_server import VllmServer, free_port
 pytestmark = pytest.mark.usefixtures("native_engine")
 
 
-def _has_transport() -> bool:
-    try:
-        from kvtier.engine import Engine
-    except ImportError:
-        return False  # native_engine fails the test
-    return hasattr(Engine, "pull_from_peer")
-
-
-# Until the UCX transport's Python API (Engine.hold_for_peer/pull_from_peer,
-# the transport config keys) is in the wheel, the tests that move KV between
-# instances cannot run.
-requires_transport = pytest.mark.skipif(not _has_transport(), reason="kvtier's UCX transport is not built yet")
+# Seen 2026-11-29 with the transport of 0a5a62c: between two `vllm serve`
+# instances every pull times out (the consumer's endpoint never connects;
+# the producer logs "UCX WARN server ep ... failed to connect CM lane on
+# device lo ... Connection reset by remote peer"), while the same pulls
+# between two plain processes, and between the sched_harness pairs below,
+# succeed. Outputs stay correct (recomputed), so only the tests that demand
+# the transfer fail. strict: once pulls work under `vllm serve` these
+# XPASS and fail, and this marker goes.
+PULLS_UNDER_SERVE = pytest.mark.xfail(
+    strict=True, reason="kvtier transport pulls time out between vllm serve processes (see comment)")
 
 CHUNK = 256
 
@@ -205,7 +203,6 @@ def assert_kv_matches(h: Harness, req_id: str, tokens: list[int], upto: int) -> 
         assert torch.all(k == want) and torch.all(v == -want), f"KV at {pos} is not the producer's"
 
 
-@requires_transport
 def test_harness_pull_is_the_producers_kv(pair: Pair) -> None:
     prompt = random_tokens(700, seed=31)
     params = prefill(pair, "p1", prompt)
@@ -225,7 +222,6 @@ def test_harness_pull_is_the_producers_kv(pair: Pair) -> None:
     assert pair.consumer.worker.engine.lookup(prompt) == 512  # filed locally too
 
 
-@requires_transport
 def test_harness_dead_producer_is_recomputed(pair: Pair) -> None:
     prompt = random_tokens(700, seed=32)
     params = prefill(pair, "p2", prompt)
@@ -240,7 +236,6 @@ def test_harness_dead_producer_is_recomputed(pair: Pair) -> None:
     assert pair.consumer.worker.totals["pd_pull_failures"] == 1
 
 
-@requires_transport
 @pytest.mark.parametrize("fault", ["corrupt", "truncate"])
 def test_harness_bad_transfer_is_a_miss(pair: Pair, fault: str) -> None:
     prompt = random_tokens(700, seed=34)
@@ -259,7 +254,6 @@ def test_harness_bad_transfer_is_a_miss(pair: Pair, fault: str) -> None:
     assert stats["corrupt"] + stats["misses"] + stats["errors"] > 0, stats
 
 
-@requires_transport
 def test_harness_refuses_other_deployments_params(pair: Pair) -> None:
     prompt = random_tokens(700, seed=33)
     params = prefill(pair, "p3", prompt)
@@ -285,6 +279,7 @@ def kv_config(role: str, disk: Path, listen: str | None = None) -> dict[str, Any
     extra: dict[str, Any] = {"cpu_capacity": "256MiB", "disk_path": str(disk)}
     if role != "kv_both":
         extra["transport"] = "ucx"
+        extra["transport_timeout_ms"] = 30000
     if listen is not None:
         extra["transport_listen"] = listen
     return {
@@ -394,13 +389,13 @@ def through_proxy(dep: Deployment, url: str, name: str) -> None:
     assert d_after.get("kvtier_pd_pull_failures_total", 0.0) == d_before.get("kvtier_pd_pull_failures_total", 0.0)
 
 
-@requires_transport
+@PULLS_UNDER_SERVE
 def test_1p1d(deployment: Deployment, start_proxy: Any) -> None:
     url = start_proxy([deployment.p0], [deployment.d])
     through_proxy(deployment, url, "1p1d")
 
 
-@requires_transport
+@PULLS_UNDER_SERVE
 def test_2p1d(deployment: Deployment, start_proxy: Any) -> None:
     holds = [s.metrics().get("kvtier_pd_holds_total", 0.0) for s in (deployment.p0, deployment.p1)]
     url = start_proxy([deployment.p0, deployment.p1], [deployment.d])
@@ -410,7 +405,6 @@ def test_2p1d(deployment: Deployment, start_proxy: Any) -> None:
     assert [a - b for a, b in zip(after, holds)] == [2, 2]
 
 
-@requires_transport
 def test_stream_through_proxy(deployment: Deployment, start_proxy: Any) -> None:
     import openai
 
@@ -428,7 +422,6 @@ def test_stream_through_proxy(deployment: Deployment, start_proxy: Any) -> None:
     assert ids == deployment.reference["stream"][0]
 
 
-@requires_transport
 def test_prefill_killed_before_decode(deployment: Deployment) -> None:
     """Last in the file: it kills p1."""
     [prompt] = prompts(SEEDS["killed"], 1)

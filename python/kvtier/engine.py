@@ -6,10 +6,12 @@ normalised, everything else is native code that releases the GIL.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -187,6 +189,27 @@ def _start_transport(native: Any, config: Config, rank: int) -> Any:
     return _kvtier.Transport(native, host, port, int(config.transport_timeout_ms), fault)
 
 
+# Engines alive in this process. A forked child (a fork-started helper of
+# the serving process, e.g. one of vLLM's or torch's) inherits their memory
+# but none of their threads, and shares their file descriptors, epoll sets,
+# sockets and shared-memory names with the parent. Tearing one down in the
+# child (its C++ destructor, at garbage collection or interpreter exit)
+# would join threads that do not exist there, take the parent's UCX
+# listener out of the shared epoll set (the parent's transport then never
+# sees another connection), and unlink the parent's shared catalogue. So
+# the child disowns them: closed for use, never destroyed.
+_LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
+_DISOWNED: list[Any] = []
+
+
+def _disown_after_fork() -> None:
+    for engine in list(_LIVE):
+        engine._disown()
+
+
+os.register_at_fork(after_in_child=_disown_after_fork)
+
+
 class Engine:
     """Tiered KV cache: lookup / store / retrieve by token prefix.
 
@@ -232,6 +255,8 @@ class Engine:
         self._lock = threading.Lock()
         self._loader: ThreadPoolExecutor | None = None  # guarded by _lock
         self._closed = False  # guarded by _lock; set once by close()
+        self._forked = False  # a forked child's copy: see _disown_after_fork
+        _LIVE.add(self)
 
     def _check_open(self) -> None:
         # The native engine says "closed" too; checking here as well gives
@@ -239,6 +264,9 @@ class Engine:
         # the same error, and keeps retrieve_async from starting an executor
         # that close() already shut down.
         if self._closed:
+            if self._forked:
+                raise _kvtier.FailedPreconditionError(
+                    "engine belongs to the process that created it (this is a forked child)")
             raise _kvtier.FailedPreconditionError("engine is closed")
 
     # -- basics ---------------------------------------------------------
@@ -681,8 +709,23 @@ class Engine:
         out["transport"] = dict(_NO_TRANSPORT_STATS) if self._transport is None else dict(self._transport.stats())
         return out
 
+    def _disown(self) -> None:
+        # In a forked child, before anything else runs there: no lock (one
+        # held by a parent's thread at fork time stays held here). The
+        # native objects get a reference no finalizer drops.
+        self._forked = True
+        self._closed = True
+        self._loader = None
+        for native in (self._native, self._transport):
+            if native is not None:
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(native))
+                _DISOWNED.append(native)
+
     def close(self) -> None:
-        """Drain pending work and release the tiers; every later call raises "engine is closed". Idempotent."""
+        """Drain pending work and release the tiers; every later call raises "engine is closed". Idempotent.
+        In a forked child it does nothing: the engine is the parent's."""
+        if self._forked:
+            return
         with self._lock:
             self._closed = True
             loader, self._loader = self._loader, None

@@ -39,24 +39,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-
-def stream(url: str, model: str, prompt: list[int], max_tokens: int, **extra_body: Any) -> tuple[float, str]:
-    """(seconds to the first streamed token, the whole greedy text)."""
-    import openai
-
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=600)
-    started = time.perf_counter()
-    first: float | None = None
-    text = []
-    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                                           stream=True, extra_body=extra_body or None):
-        piece = chunk.choices[0].text if chunk.choices else ""
-        if piece and first is None:
-            first = time.perf_counter() - started
-        text.append(piece)
-    if first is None:
-        raise RuntimeError("the server streamed no token")
-    return first, "".join(text)
+from kvtier.bench.serve_ttft import stream
 
 
 def prefill_leg(url: str, model: str, prompt: list[int]) -> dict[str, Any]:

@@ -27,16 +27,18 @@ from pathlib import Path
 from typing import Any
 
 
-def stream_ttft(server: Any, prompt: list[int], max_tokens: int) -> tuple[float, str]:
-    """(seconds to the first streamed token, the whole greedy text)."""
+def stream(url: str, model: str, prompt: list[int], max_tokens: int, **extra_body: Any) -> tuple[float, str]:
+    """(seconds to the first streamed token, the whole greedy text) of one
+    completion from the OpenAI server at url; extra_body: vLLM's extra
+    request fields (kv_transfer_params)."""
     import openai
 
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=600)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=600)
     started = time.perf_counter()
     first: float | None = None
     text = []
     for chunk in client.completions.create(
-        model=server.model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True, extra_body=extra_body or None
     ):
         piece = chunk.choices[0].text if chunk.choices else ""
         if piece and first is None:
@@ -45,6 +47,11 @@ def stream_ttft(server: Any, prompt: list[int], max_tokens: int) -> tuple[float,
     if first is None:
         raise RuntimeError("the server streamed no token")
     return first, "".join(text)
+
+
+def stream_ttft(server: Any, prompt: list[int], max_tokens: int) -> tuple[float, str]:
+    """(seconds to the first streamed token, the whole greedy text)."""
+    return stream(server.url, server.model, prompt, max_tokens)
 
 
 def run_server(mode: str, tp: int, args: argparse.Namespace, model: str, workdir: Path) -> dict[str, Any]:

@@ -512,6 +512,15 @@ StatusOr<CpuTier::ReadLease> Engine::PromoteFromDisk(const ChunkHash& chunk, std
   return tier->Acquire(chunk.key, chunk.fingerprint);
 }
 
+StatusOr<CpuTier::ReadLease> Engine::AcquireInCpu(const ChunkHash& chunk) {
+  CpuTier* tier = cpu();
+  if (tier == nullptr) return FailedPrecondition("the CPU tier does not exist yet (SetChunkBytes)");
+  auto lease = tier->AcquireUncounted(chunk.key, chunk.fingerprint);
+  if (lease.ok() || lease.status().code() != StatusCode::kNotFound || disk_ == nullptr) return lease;
+  bool stale = false;
+  return PromoteFromDisk(chunk, std::nullopt, &stale);
+}
+
 StatusOr<CpuTier::ReadLease> Engine::LoadOne(const ChunkHash& chunk, const IndexEntry& entry, uint64_t layout_id,
                                              bool* from_disk, bool* stale_layout) {
   CpuTier* tier = cpu();

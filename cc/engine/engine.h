@@ -511,6 +511,14 @@ class Engine {
     return options_.now ? options_.now() : std::chrono::steady_clock::now();
   }
 
+  // For the peer transport's Hold: a read lease on chunk in the CPU tier,
+  // promoted from the disk tier first when only there (a producer whose
+  // store found the chunk already filed, e.g. after a restart or a CPU
+  // eviction, must still serve it). Not counted as a lookup or a hit.
+  // kNotFound when no local tier has it; kFailedPrecondition before the
+  // CPU tier exists.
+  StatusOr<CpuTier::ReadLease> AcquireInCpu(const ChunkHash& chunk);
+
   // For tests and tools: direct access to the parts.
   ChunkIndex& index() { return *index_; }
   CpuTier* cpu_tier() { return cpu_.get(); }

@@ -642,7 +642,9 @@ size_t PeerTransport::Hold(std::span<const int32_t> tokens, const KeyExtras* ext
   const int64_t expires = NowMs() + static_cast<int64_t>(std::min(seconds, 1e7) * 1000.0);
   std::vector<std::pair<ChunkKey, CpuTier::ReadLease>> got;
   for (const ChunkHash& c : chunks) {
-    auto lease = tier->AcquireUncounted(c.key, c.fingerprint);
+    // A chunk the producer's store found already filed may be on disk only
+    // (after a restart, or evicted from CPU): promoted, since pulls read CPU.
+    auto lease = engine_->AcquireInCpu(c);
     if (!lease.ok()) break;
     got.emplace_back(c.key, std::move(lease).value());
   }

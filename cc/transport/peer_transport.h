@@ -125,8 +125,9 @@ class PeerTransport {
   size_t Pull(std::string_view address, std::span<const int32_t> tokens, uint64_t layout_id,
               const KeyExtras* extras = nullptr, bool release_hold = true);
 
-  // Holds the CPU-resident prefix of tokens for a peer for `seconds`;
-  // returns the chunks held. Any layout.
+  // Holds the cached prefix of tokens in the CPU tier for a peer for
+  // `seconds`, promoting chunks that are on disk only (the caller waits for
+  // those reads); returns the chunks held. Any layout.
   size_t Hold(std::span<const int32_t> tokens, const KeyExtras* extras, double seconds);
 
   TransportStats Stats() const;

@@ -251,6 +251,31 @@ def test_hold_expires_without_a_pull() -> None:
         p.close()
 
 
+@needs_ucx
+def test_hold_stages_chunks_found_on_disk_only(tmp_path: Path) -> None:
+    """A producer's store skips chunks already filed; after a restart or a CPU
+    eviction those are on disk only. The hold promotes them into the CPU tier
+    (pulls serve from CPU), so the consumer still gets every chunk, exactly."""
+    p = consumer(transport_listen="127.0.0.1:0", disk_path=str(tmp_path / "p"))
+    c = consumer()
+    try:
+        tokens = np.arange(CHUNK * 4)
+        bufs = [np.random.default_rng(i).integers(0, 256, CHUNK_BYTES, dtype=np.uint8) for i in range(4)]
+        p.store_buffers(tokens, bufs)
+        task = p.move(tokens, "disk")
+        assert task.wait(30) and task.result()["moved"] == 4
+        assert p.lookup_tiers(tokens)["by_tier"] == {"cpu": 0, "disk": 4}
+        assert p.hold_for_peer(tokens, seconds=600) == 4
+        assert p.lookup_tiers(tokens)["by_tier"]["cpu"] == 4
+        assert c.pull_from_peer(p.transport_address(), tokens) == len(tokens)
+        got = retrieved(c, tokens)
+        assert len(got) == 4 and all(np.array_equal(a, b) for a, b in zip(got, bufs))
+        assert p.stats()["transport"]["holds"] == 0  # the pull released them
+    finally:
+        c.close()
+        p.close()
+
+
 def test_transport_off_by_default_and_its_methods_say_so() -> None:
     e = Engine({"disk_path": "none", "cpu_capacity": "16MiB"})
     try:

@@ -7,6 +7,8 @@
 #include <string>
 #include <system_error>
 
+#include "cc/common/cpu_affinity.h"
+
 namespace kvtier {
 namespace {
 
@@ -58,7 +60,16 @@ Status StartThread(std::thread* thread, std::function<void()> fn) {
       throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again),
                               "injected by a test");
     }
-    *thread = std::thread(std::move(fn));
+    // Run on the process's CPUs, not only the creator's (cpu_affinity.h).
+    cpu_set_t cpus;
+    if (ProcessCpuSet(&cpus)) {
+      *thread = std::thread([cpus, fn = std::move(fn)] {
+        RunOnProcessCpus(&cpus);
+        fn();
+      });
+    } else {
+      *thread = std::thread(std::move(fn));
+    }
     return Status::Ok();
   } catch (const std::system_error& e) {
     return ResourceExhausted(std::string("cannot start a thread: ") + e.what());

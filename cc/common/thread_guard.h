@@ -41,8 +41,9 @@ Status CallNoThrow(std::string_view where, Fn&& fn) noexcept {
 // Returns whether it wrote.
 bool LogOnce(std::atomic<bool>* logged, const Status& s);
 
-// Starts *thread running fn. kResourceExhausted when the system refuses a
-// thread (std::system_error); *thread is then left empty (not joinable).
+// Starts *thread running fn, on the process's CPUs (cpu_affinity.h).
+// kResourceExhausted when the system refuses a thread (std::system_error);
+// *thread is then left empty (not joinable).
 Status StartThread(std::thread* thread, std::function<void()> fn);
 
 namespace thread_guard_internal {

@@ -14,6 +14,8 @@
 #include <string>
 #include <utility>
 
+#include "cc/common/cpu_affinity.h"
+#include "cc/common/thread_guard.h"
 #include "cc/tiers/disk/crc32c.h"
 #include "cc/transport/wire.h"
 
@@ -167,8 +169,13 @@ StatusOr<std::unique_ptr<PeerTransport>> PeerTransport::Create(Engine* engine, c
   }
   KVT_ASSIGN_OR_RETURN(const UcxApi* ucx, UcxApi::Load());
   std::unique_ptr<PeerTransport> t(new PeerTransport(ucx, engine, options));
-  KVT_RETURN_IF_ERROR(t->Init());
-  t->progress_ = std::thread([p = t.get()] { p->ProgressLoop(); });
+  {
+    // UCX starts its async thread (which accepts connections) inside Init:
+    // on the process's CPUs, not the caller's one core (cpu_affinity.h).
+    ScopedProcessCpus wide;
+    KVT_RETURN_IF_ERROR(t->Init());
+  }
+  KVT_RETURN_IF_ERROR(StartThread(&t->progress_, [p = t.get()] { p->ProgressLoop(); }).Annotate("transport progress"));
   return t;
 }
 

@@ -276,6 +276,59 @@ def test_hold_stages_chunks_found_on_disk_only(tmp_path: Path) -> None:
         p.close()
 
 
+AFFINITY = textwrap.dedent(
+    """
+    import json, os, threading
+    from kvtier.engine import Engine, Namespace
+    a, b = sorted(os.sched_getaffinity(0))[:2]
+    pinned, stop = threading.Event(), threading.Event()
+    def omp_thread():  # as vLLM's CPU worker binds its OpenMP threads, one per core
+        os.sched_setaffinity(0, {{b}})
+        pinned.set()
+        stop.wait()
+    threading.Thread(target=omp_thread, daemon=True).start()
+    pinned.wait()
+    os.sched_setaffinity(0, {{a}})  # the main thread, which creates the engine
+    e = Engine({{"transport": "ucx", "transport_listen": "127.0.0.1:0", "disk_path": "none",
+                "cpu_capacity": "16MiB", "chunk_size": 16}}, Namespace(model="affinity"))
+    e.set_chunk_bytes(8192)
+    threads = {{}}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{{tid}}/comm") as f:
+            threads.setdefault(f.read().strip(), []).append(sorted(os.sched_getaffinity(int(tid))))
+    print(json.dumps({{"a": a, "b": b, "main": sorted(os.sched_getaffinity(0)), "threads": threads}}))
+    e.close()
+    """
+)
+
+
+@needs_ucx
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("mode", ["default", "inherit"])
+def test_threads_run_on_the_process_cpus_not_the_creators_core(mode: str) -> None:
+    """vLLM's CPU worker pins its main thread to one core. Threads kvtier starts
+    there (copy pool, UCX's async thread, which accepts peers' connections)
+    used to inherit that one core and, under load, stayed runnable for seconds
+    without running: a producer never accepted a consumer in time. They run on
+    every core the process's threads use; KVTIER_THREAD_AFFINITY=inherit keeps
+    the old behaviour."""
+    import json
+
+    env = dict(os.environ)
+    env.pop("KVTIER_THREAD_AFFINITY", None)
+    if mode == "inherit":
+        env["KVTIER_THREAD_AFFINITY"] = "inherit"
+    out = subprocess.run([sys.executable, "-c", AFFINITY.format()], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    a, b, threads = r["a"], r["b"], r["threads"]
+    assert r["main"] == [a]  # the creator keeps its own
+    ours = threads["async"] + [m for name, ms in threads.items() if name.startswith("kvt-copy") for m in ms]
+    assert len(ours) >= 2, threads
+    want = [a] if mode == "inherit" else sorted({a, b})
+    assert all(m == want for m in ours), threads
+
+
 def test_transport_off_by_default_and_its_methods_say_so() -> None:
     e = Engine({"disk_path": "none", "cpu_capacity": "16MiB"})
     try:

@@ -1,0 +1,54 @@
+#include "cc/common/cpu_affinity.h"
+
+#include <dirent.h>
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace kvtier {
+
+bool ProcessCpuSet(cpu_set_t* out) {
+  if (const char* v = std::getenv("KVTIER_THREAD_AFFINITY"); v != nullptr && std::strcmp(v, "inherit") == 0) {
+    return false;
+  }
+  CPU_ZERO(out);
+  DIR* d = opendir("/proc/self/task");
+  if (d == nullptr) return false;
+  bool any = false;
+  while (dirent* e = readdir(d)) {
+    char* end = nullptr;
+    const long tid = std::strtol(e->d_name, &end, 10);
+    if (end == e->d_name || *end != '\0' || tid <= 0) continue;
+    cpu_set_t s;
+    CPU_ZERO(&s);
+    // A thread that exits meanwhile is skipped (ESRCH).
+    if (sched_getaffinity(static_cast<pid_t>(tid), sizeof(s), &s) != 0) continue;
+    CPU_OR(out, out, &s);
+    any = true;
+  }
+  closedir(d);
+  return any && CPU_COUNT(out) > 0;
+}
+
+void RunOnProcessCpus(const cpu_set_t* cpus) {
+  if (cpus == nullptr) return;
+  (void)pthread_setaffinity_np(pthread_self(), sizeof(*cpus), cpus);
+}
+
+ScopedProcessCpus::ScopedProcessCpus() {
+  cpu_set_t wide;
+  if (!ProcessCpuSet(&wide)) return;
+  CPU_ZERO(&saved_);
+  if (pthread_getaffinity_np(pthread_self(), sizeof(saved_), &saved_) != 0) return;
+  if (CPU_EQUAL(&saved_, &wide)) return;
+  restore_ = pthread_setaffinity_np(pthread_self(), sizeof(wide), &wide) == 0;
+}
+
+ScopedProcessCpus::~ScopedProcessCpus() {
+  if (restore_) (void)pthread_setaffinity_np(pthread_self(), sizeof(saved_), &saved_);
+}
+
+}  // namespace kvtier

@@ -914,6 +914,7 @@ TransportStats PeerTransport::Stats() const {
   s.connected_peers = server_eps_.size();
   for (const auto& [addr, peer] : peers_) s.connected_peers += peer->failed ? 0 : 1;
   s.holds = holds_.size();
+  s.orphaned_pulls = orphans_.size();
   return s;
 }
 

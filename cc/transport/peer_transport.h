@@ -101,6 +101,10 @@ struct TransportStats {
   uint64_t connected_peers = 0;  // live endpoints, both directions
   uint64_t holds = 0;            // chunk holds live now
   uint64_t holds_expired = 0;    // holds that ran out of time unclaimed
+  // Pulls that ended with gets still in flight: their chunks' slots stay
+  // reserved ("being written": a pull of them now is a miss) until UCX
+  // completes the gets and the progress thread reaps them.
+  uint64_t orphaned_pulls = 0;
 };
 
 class PeerTransport {

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
@@ -332,12 +333,22 @@ TEST(PeerTransportTest, DamagedTransfersAreMissesAndNeverFiled) {
   corrupt_third.after_get = [](size_t i, std::span<std::byte> d) {
     if (i == 3) d[100] ^= std::byte{1};
   };
+  // A damaged chunk ends the pull while the later chunks' gets may still be
+  // moving; their slots stay reserved until the progress thread reaps them,
+  // and a pull meanwhile is a plain miss. Wait for that between pulls.
+  auto reaped = [&] {
+    for (int i = 0; i < 1000 && client->Stats().orphaned_pulls != 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return client->Stats().orphaned_pulls == 0;
+  };
   client->SetHooks(corrupt_third);
   EXPECT_EQ(client->Pull(server->address(), tokens, kLayout), 3 * kChunk);
   EXPECT_EQ(client->Stats().corrupt, 1u);
   EXPECT_EQ(consumer->Lookup(tokens), 3 * kChunk);
 
   for (const char* fault : {"truncate", "corrupt"}) {
+    ASSERT_TRUE(reaped()) << fault;
     client->SetHooks(ParseFault(fault).value());
     EXPECT_EQ(client->Pull(server->address(), tokens, kLayout), 3 * kChunk) << fault;
     EXPECT_EQ(consumer->Lookup(tokens), 3 * kChunk) << fault;
@@ -346,12 +357,14 @@ TEST(PeerTransportTest, DamagedTransfersAreMissesAndNeverFiled) {
   EXPECT_EQ(s.corrupt, 3u);
   EXPECT_EQ(s.misses, 3u);
   EXPECT_EQ(s.timeouts + s.errors, 0u);
+  ASSERT_TRUE(reaped());
   impatient->SetHooks(ParseFault("drop").value());
   EXPECT_EQ(impatient->Pull(server->address(), tokens, kLayout), 3 * kChunk);
   EXPECT_EQ(impatient->Stats().timeouts, 1u);
   EXPECT_EQ(consumer->Lookup(tokens), 3 * kChunk);
   EXPECT_EQ(Retrieved(*consumer, tokens).size(), 3u);
   client->SetHooks({});
+  ASSERT_TRUE(reaped());
   EXPECT_EQ(client->Pull(server->address(), tokens, kLayout), tokens.size());
   EXPECT_EQ(Retrieved(*consumer, tokens), ChunkData(tokens));
   EXPECT_FALSE(ParseFault("explode").ok());

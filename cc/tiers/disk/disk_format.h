@@ -41,7 +41,12 @@
 //   with reserved1 = the gen its records carry (saturating at 2^32 - 1):
 //   rebuild restarts the counter above every such retired gen too, so a
 //   segment never gets back a gen its stale records still carry (which
-//   would bring cleared chunks back after a restart).
+//   would bring cleared chunks back after a restart). Rebuild also reads
+//   the header of every intact record, stale ones and those of retired
+//   segments included, and restarts the counter above the highest gen any
+//   of them carries: a record whose gen is newer than its segment's (a
+//   crash before the header write landed, or a forged file) can then never
+//   match a later header either.
 //   FIFO order across restarts is the gen order.
 //
 // Removal of a single record rewrites its header block with kFlagDead (and

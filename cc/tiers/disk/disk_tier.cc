@@ -168,6 +168,7 @@ Status WriteDeadHeader(IoFaults* faults, uint32_t seg, int fd, uint64_t offset, 
 struct SegmentScan {
   uint64_t gen = 0;  // 0: no live generation
   uint64_t retired_gen = 0;  // an empty segment's last generation (see disk_format.h)
+  uint64_t max_record_gen = 0;  // the highest gen of any intact record header, stale ones included
   struct Rec {
     RecordHeader h;
     uint64_t offset;
@@ -241,11 +242,14 @@ void ScanSegment(SegmentReader& rd, uint64_t seg_bytes, uint32_t idx, SegmentSca
   if (b == nullptr) return;
   const auto sh = disk::LoadHeader<SegmentHeader>(b);
   if (!disk::SegmentHeaderValid(sh) || sh.segment_index != idx || sh.segment_bytes != seg_bytes) return;
-  if (sh.gen == 0) {  // empty; its old records must stay dead (no gen reuse)
+  // Empty (gen 0): its old records must stay dead, so no gen they carry is
+  // reused. They are read for their gens only.
+  const bool retired = sh.gen == 0;
+  if (retired) {
     out->retired_gen = sh.reserved1;
-    return;
+  } else {
+    out->gen = sh.gen;
   }
-  out->gen = sh.gen;
   uint64_t pos = kBlock;
   bool stepping = false;
   while (pos + kBlock <= seg_bytes) {
@@ -258,11 +262,12 @@ void ScanSegment(SegmentReader& rd, uint64_t seg_bytes, uint32_t idx, SegmentSca
       continue;
     }
     if (!disk::RecordHeaderValid(h)) {
-      ++out->corrupt;  // our magic with a bad checksum: a damaged header
+      if (!retired) ++out->corrupt;  // our magic with a bad checksum: a damaged header
       pos += kBlock;
       continue;
     }
-    if (h.segment_gen != sh.gen) {  // left over from an earlier use of the segment
+    out->max_record_gen = std::max(out->max_record_gen, h.segment_gen);
+    if (retired || h.segment_gen != sh.gen) {  // left over from an earlier use of the segment
       pos += kBlock;
       continue;
     }
@@ -714,6 +719,9 @@ Status DiskTier::Rebuild() {
     }
     rebuild_stats_.corrupt_records += scans[i].corrupt;
     next_gen_ = std::max(next_gen_, scans[i].retired_gen + 1);
+    // Above every gen a record on disk carries (saturating: a forged
+    // UINT64_MAX must not wrap the counter to 0, "empty").
+    if (scans[i].max_record_gen != UINT64_MAX) next_gen_ = std::max(next_gen_, scans[i].max_record_gen + 1);
     if (scans[i].gen != 0) order.push_back(i);
   }
   std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return scans[a].gen < scans[b].gen; });

@@ -2,18 +2,18 @@
 
 #include <dirent.h>
 #include <pthread.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 namespace kvtier {
 
-bool ProcessCpuSet(cpu_set_t* out) {
-  if (const char* v = std::getenv("KVTIER_THREAD_AFFINITY"); v != nullptr && std::strcmp(v, "inherit") == 0) {
-    return false;
-  }
+namespace {
+
+bool ScanProcessCpus(cpu_set_t* out) {
   CPU_ZERO(out);
   DIR* d = opendir("/proc/self/task");
   if (d == nullptr) return false;
@@ -31,6 +31,28 @@ bool ProcessCpuSet(cpu_set_t* out) {
   }
   closedir(d);
   return any && CPU_COUNT(out) > 0;
+}
+
+}  // namespace
+
+bool ProcessCpuSet(cpu_set_t* out) {
+  if (const char* v = std::getenv("KVTIER_THREAD_AFFINITY"); v != nullptr && std::strcmp(v, "inherit") == 0) {
+    return false;
+  }
+  // StartThread runs on the copy path (cpu_copy starts helper threads per
+  // large copy): the /proc scan is done at most every 100 ms.
+  static std::mutex mu;
+  static cpu_set_t cached;
+  static bool valid = false;
+  static std::chrono::steady_clock::time_point scanned;
+  const auto now = std::chrono::steady_clock::now();
+  std::lock_guard<std::mutex> lock(mu);
+  if (!valid || now - scanned > std::chrono::milliseconds(100)) {
+    valid = ScanProcessCpus(&cached);
+    scanned = now;
+  }
+  if (valid) *out = cached;
+  return valid;
 }
 
 void RunOnProcessCpus(const cpu_set_t* cpus) {

@@ -25,8 +25,9 @@
 
 namespace kvtier {
 
-// The union of the affinity masks of every thread of this process. False
-// when it cannot be read, or when KVTIER_THREAD_AFFINITY=inherit.
+// The union of the affinity masks of every thread of this process (read
+// from /proc at most every 100 ms; a cached answer in between). False when
+// it cannot be read, or when KVTIER_THREAD_AFFINITY=inherit.
 bool ProcessCpuSet(cpu_set_t* out);
 
 // Sets the calling thread's affinity to ProcessCpuSet (no-op when that is

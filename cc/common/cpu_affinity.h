@@ -30,8 +30,8 @@ namespace kvtier {
 // it cannot be read, or when KVTIER_THREAD_AFFINITY=inherit.
 bool ProcessCpuSet(cpu_set_t* out);
 
-// Sets the calling thread's affinity to ProcessCpuSet (no-op when that is
-// false or the call fails: the thread keeps what it inherited).
+// Sets the calling thread's affinity to cpus, a ProcessCpuSet answer (no-op
+// for null or when the call fails: the thread keeps what it inherited).
 void RunOnProcessCpus(const cpu_set_t* cpus);
 
 // For threads created by code kvtier does not own (UCX starts its async

@@ -199,7 +199,6 @@ def _start_transport(native: Any, config: Config, rank: int) -> Any:
 # sees another connection), and unlink the parent's shared catalogue. So
 # the child disowns them: closed for use, never destroyed.
 _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
-_DISOWNED: list[Any] = []
 
 
 def _disown_after_fork() -> None:
@@ -719,7 +718,6 @@ class Engine:
         for native in (self._native, self._transport):
             if native is not None:
                 ctypes.pythonapi.Py_IncRef(ctypes.py_object(native))
-                _DISOWNED.append(native)
 
     def close(self) -> None:
         """Drain pending work and release the tiers; every later call raises "engine is closed". Idempotent.

@@ -40,13 +40,18 @@ KernelLayout ToKernel(const CudaKvLayout& cl) {
   return k;
 }
 
-Status Copy(const CudaKvLayout& cl, std::span<const ChunkCopy> chunks, CudaStream stream,
-            int* bad_slot, bool gather) {
+Status Copy(const CudaKvLayout& cl, std::span<const ChunkCopy> chunks, int layer_begin, int layer_end,
+            CudaStream stream, int* bad_slot, bool gather) {
   const PagedKvLayout& l = cl.layout();
   const char* op = gather ? "gather_cuda" : "scatter_cuda";
   if (l.device() != DeviceType::kCuda) {
     return FailedPrecondition(std::string(op) + ": layout (" + l.DebugString() +
                               ") is not on a CUDA device; use GatherCpu/ScatterCpu");
+  }
+  if (layer_begin < 0 || layer_begin > layer_end || layer_end > l.num_layers()) {
+    return InvalidArgument(std::string(op) + ": layer range [" + std::to_string(layer_begin) + ", " +
+                           std::to_string(layer_end) + ") is not within the layout's " +
+                           std::to_string(l.num_layers()) + " layers");
   }
   int align = cl.paged_alignment();
   for (size_t i = 0; i < chunks.size(); ++i) {
@@ -66,7 +71,10 @@ Status Copy(const CudaKvLayout& cl, std::span<const ChunkCopy> chunks, CudaStrea
     const int a = AlignmentOf(reinterpret_cast<uintptr_t>(c.chunk));
     if (a < align) align = a;
   }
+  if (layer_begin == layer_end) return Status::Ok();  // checked above; nothing to copy
   KernelLayout kl = ToKernel(cl);
+  kl.layer_begin = layer_begin;
+  kl.layer_count = layer_end - layer_begin;
   KernelBatch batch;
   auto flush = [&]() -> Status {
     if (batch.count == 0) return Status::Ok();
@@ -76,7 +84,7 @@ Status Copy(const CudaKvLayout& cl, std::span<const ChunkCopy> chunks, CudaStrea
     if (e != cudaSuccess) return CudaErrorStatus(op, e);
     return Status::Ok();
   };
-  const int64_t rows_per_token = static_cast<int64_t>(kl.num_layers) * kl.planes;
+  const int64_t rows_per_token = static_cast<int64_t>(kl.layer_count) * kl.planes;
   for (const ChunkCopy& c : chunks) {
     if (c.num_tokens == 0) continue;
     KernelChunk& k = batch.chunks[batch.count++];
@@ -205,12 +213,22 @@ CudaKvLayout::~CudaKvLayout() {
 
 Status GatherCuda(const CudaKvLayout& layout, std::span<const ChunkCopy> chunks, CudaStream stream,
                   int* bad_slot) {
-  return Copy(layout, chunks, stream, bad_slot, /*gather=*/true);
+  return Copy(layout, chunks, 0, layout.layout().num_layers(), stream, bad_slot, /*gather=*/true);
 }
 
 Status ScatterCuda(const CudaKvLayout& layout, std::span<const ChunkCopy> chunks,
                    CudaStream stream, int* bad_slot) {
-  return Copy(layout, chunks, stream, bad_slot, /*gather=*/false);
+  return Copy(layout, chunks, 0, layout.layout().num_layers(), stream, bad_slot, /*gather=*/false);
+}
+
+Status GatherCudaLayers(const CudaKvLayout& layout, std::span<const ChunkCopy> chunks, int layer_begin,
+                        int layer_end, CudaStream stream, int* bad_slot) {
+  return Copy(layout, chunks, layer_begin, layer_end, stream, bad_slot, /*gather=*/true);
+}
+
+Status ScatterCudaLayers(const CudaKvLayout& layout, std::span<const ChunkCopy> chunks, int layer_begin,
+                         int layer_end, CudaStream stream, int* bad_slot) {
+  return Copy(layout, chunks, layer_begin, layer_end, stream, bad_slot, /*gather=*/false);
 }
 
 }  // namespace kvtier

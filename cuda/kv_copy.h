@@ -22,6 +22,12 @@
 //   kInvalidArgument. kFailedPrecondition: the layout is not on a CUDA device
 //   or no CUDA device is usable. kIoError: the CUDA runtime failed (message
 //   carries cudaGetErrorString).
+// - The *Layers variants copy only layers [layer_begin, layer_end) of the
+//   same whole-chunk buffers (layer-major, so one contiguous slice of each)
+//   and touch no other byte, in the chunks or the paged KV: the GPU side of
+//   GatherCpuLayers / ScatterCpuLayers, for layer-wise transfer. A range
+//   outside [0, num_layers] or reversed is kInvalidArgument; an empty one
+//   enqueues nothing.
 // - Many chunks go in one launch (up to 64 per launch; larger batches take
 //   several launches, still without a sync).
 // - Thread safety: a CudaKvLayout is immutable after Create and may be used
@@ -104,5 +110,9 @@ Status GatherCuda(const CudaKvLayout& layout, std::span<const ChunkCopy> chunks,
                   int* bad_slot = nullptr);
 Status ScatterCuda(const CudaKvLayout& layout, std::span<const ChunkCopy> chunks,
                    CudaStream stream, int* bad_slot = nullptr);
+Status GatherCudaLayers(const CudaKvLayout& layout, std::span<const ChunkCopy> chunks, int layer_begin,
+                        int layer_end, CudaStream stream, int* bad_slot = nullptr);
+Status ScatterCudaLayers(const CudaKvLayout& layout, std::span<const ChunkCopy> chunks, int layer_begin,
+                         int layer_end, CudaStream stream, int* bad_slot = nullptr);
 
 }  // namespace kvtier

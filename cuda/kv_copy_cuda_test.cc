@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "cc/datapath/cpu_copy.h"
@@ -176,6 +177,68 @@ TEST_F(CudaKvCopy, MatchesCpuReferenceOverGrid) {
     }
   }
   EXPECT_EQ(cases, 3 * 3 * 7);
+}
+
+// The layer-range launchers (layer-wise transfer) against GatherCpuLayers /
+// ScatterCpuLayers: only the range's slice of the chunk and only those
+// layers of the paged KV change, byte for byte as on the CPU.
+TEST_F(CudaKvCopy, LayerRangesMatchCpuReference) {
+  int cases = 0;
+  for (int es : {1, 2}) {
+    for (const Variant& var : Variants(16, es, 6)) {
+      SCOPED_TRACE(::testing::Message() << var.name << " es=" << es);
+      PagedKv host(var.spec, 31 + cases);
+      std::byte* dev = nullptr;
+      CUDA_OK(cudaMalloc(&dev, host.bytes()));
+      CUDA_OK(cudaMemcpy(dev, host.base(), host.bytes(), cudaMemcpyHostToDevice));
+      auto cpu_lay = PagedKvLayout::Create(host.Descs(), var.spec.kind);
+      auto gpu_lay = PagedKvLayout::Create(host.Descs(dev, DeviceType::kCuda), var.spec.kind);
+      ASSERT_TRUE(cpu_lay.ok() && gpu_lay.ok()) << gpu_lay.status().ToString();
+      auto cl = CudaKvLayout::Create(*gpu_lay);
+      ASSERT_TRUE(cl.ok()) << cl.status().ToString();
+      const size_t n = 77;
+      const std::vector<int64_t> slots = MakeSlots(var.spec, n, 5 + cases, 3, 4);
+      int64_t* ds = nullptr;
+      CUDA_OK(cudaMalloc(&ds, n * 8));
+      CUDA_OK(cudaMemcpy(ds, slots.data(), n * 8, cudaMemcpyHostToDevice));
+      const size_t bytes = cpu_lay->ChunkBytes(static_cast<int64_t>(n));
+      std::byte* buf = nullptr;
+      CUDA_OK(cudaMalloc(&buf, bytes));
+      const ChunkCopy c{ds, static_cast<int64_t>(n), buf, bytes};
+      const int L = var.spec.layers;
+      const std::vector<std::pair<int, int>> ranges = {{0, 1}, {2, 5}, {L - 1, L}, {3, 3}, {0, L}};
+      for (auto [b, e] : ranges) {
+        SCOPED_TRACE(::testing::Message() << "layers [" << b << ", " << e << ")");
+        std::vector<std::byte> want(bytes, std::byte{0x5A}), got(bytes);
+        CUDA_OK(cudaMemset(buf, 0x5A, bytes));
+        ASSERT_TRUE(GatherCudaLayers(*cl, {&c, 1}, b, e, stream_).ok());
+        CUDA_OK(cudaStreamSynchronize(stream_));
+        ASSERT_TRUE(GatherCpuLayers(*cpu_lay, slots, want, b, e, 1).ok());
+        CUDA_OK(cudaMemcpy(got.data(), buf, bytes, cudaMemcpyDeviceToHost));
+        ASSERT_EQ(got, want) << "gather";
+
+        std::vector<std::byte> src(bytes);
+        std::mt19937_64 rng(b * 100 + e + cases);
+        for (size_t i = 0; i < bytes; ++i) src[i] = static_cast<std::byte>(rng());
+        CUDA_OK(cudaMemcpy(buf, src.data(), bytes, cudaMemcpyHostToDevice));
+        ASSERT_TRUE(ScatterCudaLayers(*cl, {&c, 1}, b, e, stream_).ok());
+        ASSERT_TRUE(ScatterCpuLayers(*cpu_lay, slots, src, b, e, 1).ok());
+        CUDA_OK(cudaStreamSynchronize(stream_));
+        std::vector<std::byte> dev_now(host.bytes());
+        CUDA_OK(cudaMemcpy(dev_now.data(), dev, host.bytes(), cudaMemcpyDeviceToHost));
+        ASSERT_EQ(0, std::memcmp(dev_now.data(), host.base(), host.bytes())) << "scatter";
+      }
+      for (auto [b, e] : std::vector<std::pair<int, int>>{{-1, 1}, {2, 1}, {0, L + 1}}) {
+        EXPECT_EQ(GatherCudaLayers(*cl, {&c, 1}, b, e, stream_).code(), StatusCode::kInvalidArgument);
+        EXPECT_EQ(ScatterCudaLayers(*cl, {&c, 1}, b, e, stream_).code(), StatusCode::kInvalidArgument);
+      }
+      cudaFree(buf);
+      cudaFree(ds);
+      cudaFree(dev);
+      ++cases;
+    }
+  }
+  EXPECT_EQ(cases, 2 * 7);
 }
 
 TEST_F(CudaKvCopy, OutOfRangeSlotIsSkippedAndFlagged) {

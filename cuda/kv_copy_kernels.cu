@@ -1,7 +1,8 @@
 // Gather/scatter kernels between paged KV and chunk buffers. See kv_copy.h
 // for the contract; this file only moves bytes.
 //
-// Mapping: one warp per chunk row (layer, K/V plane, token): the row's
+// Mapping: one warp per chunk row (layer, K/V plane, token) of the layers
+// [layer_begin, layer_begin + layer_count): the row's
 // heads * head_bytes bytes are contiguous on the chunk side and made of
 // `heads` pieces of head_bytes on the paged side. Lanes stride over the
 // row in vec_bytes units, so chunk-side accesses of a warp are coalesced and
@@ -21,7 +22,8 @@ template <typename V, bool kGather>
 __global__ void __launch_bounds__(kThreads)
     KvCopyKernel(const KernelLayout L, const KernelBatch B, int* bad_slot) {
   const KernelChunk ch = B.chunks[blockIdx.y];
-  const int64_t rows = static_cast<int64_t>(L.num_layers) * L.planes * ch.num_tokens;
+  const int64_t rows = static_cast<int64_t>(L.layer_count) * L.planes * ch.num_tokens;
+  const int64_t lp0 = static_cast<int64_t>(L.layer_begin) * L.planes;  // first (layer, plane) row group
   const int64_t vecs_per_head = L.head_bytes / static_cast<int64_t>(sizeof(V));
   const int64_t vecs_per_row = vecs_per_head * L.heads;
   const int lane = threadIdx.x & 31;
@@ -29,7 +31,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t warp_step = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t row = warp0; row < rows; row += warp_step) {
     const int64_t t = row % ch.num_tokens;
-    const int64_t lp = row / ch.num_tokens;  // layer * planes + plane
+    const int64_t lp = lp0 + row / ch.num_tokens;  // layer * planes + plane, in the whole chunk
     const int plane = static_cast<int>(lp % L.planes);
     const int layer = static_cast<int>(lp / L.planes);
     const int64_t slot = ch.slots[t];

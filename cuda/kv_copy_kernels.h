@@ -24,6 +24,11 @@ struct KernelLayout {
   int32_t num_layers = 0;
   int32_t planes = 0;                 // 2 (K, V) or 1 (MLA)
   int32_t heads = 0;
+  // The layers copied: [layer_begin, layer_begin + layer_count). The chunk
+  // buffer is still the whole chunk (layer-major), so these layers are one
+  // contiguous slice of it; no other byte is touched.
+  int32_t layer_begin = 0;
+  int32_t layer_count = 0;
 };
 
 // One chunk of a batch. slots: device-accessible [num_tokens]; chunk:
@@ -40,7 +45,7 @@ inline constexpr int kMaxChunksPerLaunch = 64;
 struct KernelBatch {
   KernelChunk chunks[kMaxChunksPerLaunch];
   int32_t count = 0;
-  int64_t max_rows = 0;  // max over chunks of num_layers * planes * num_tokens
+  int64_t max_rows = 0;  // max over chunks of layer_count * planes * num_tokens
 };
 
 // Launches one gather (paged -> chunk) or scatter kernel on `stream`.

@@ -7,15 +7,12 @@
 #include <map>
 #include <string>
 
+#include "cuda/paged_io_internal.h"
+
 namespace kvtier {
 namespace {
 
 
-#define KVT_CUDA_RETURN(op, expr)                    \
-  do {                                               \
-    const cudaError_t kvt_e_ = (expr);               \
-    if (kvt_e_ != cudaSuccess) return CudaErrorStatus(op, kvt_e_); \
-  } while (0)
 
 // Process-wide registrations of host regions: several CudaPagedIo objects
 // (one per KV layout) share one engine's CPU tier region.
@@ -84,6 +81,7 @@ Status CheckTokensAndSlots(const PagedKvLayout& layout, std::span<const int32_t>
 }  // namespace
 
 CudaLane::~CudaLane() {
+  for (CUevent_st* e : layer_events) cudaEventDestroy(e);
   if (host_slots != nullptr) cudaFreeHost(host_slots);
   if (dev_slots != nullptr) cudaFree(dev_slots);
   if (event != nullptr) cudaEventDestroy(event);
@@ -91,102 +89,95 @@ CudaLane::~CudaLane() {
 }
 
 // ---------------------------------------------------------------------------
-// CudaPagedIo::Shared: what the copy threads need, without the engine.
+// CudaPagedIo::Shared
 
-struct CudaPagedIo::Shared {
-  explicit Shared(CudaKvLayout l) : cuda_layout(std::move(l)) {}
-  ~Shared() {
-    {
-      std::lock_guard<std::mutex> lock(lanes_mu);
-      lanes.clear();
-    }
-    if (registered) UnregisterRegion(region_host);
-  }
-
-  StatusOr<std::byte*> DevicePointer(const std::byte* host) const {
-    if (host < region_host || host >= region_host + region_bytes) {
-      return Internal("CudaPagedIo: buffer is outside the registered CPU tier region");
-    }
-    return region_device + (host - region_host);
-  }
-
-  StatusOr<std::unique_ptr<CudaLane>> TakeLane(size_t slots) {
-    std::unique_ptr<CudaLane> lane;
-    {
-      std::lock_guard<std::mutex> lock(lanes_mu);
-      if (!lanes.empty()) {
-        lane = std::move(lanes.back());
-        lanes.pop_back();
-      }
-    }
-    if (lane == nullptr) {
-      lane = std::make_unique<CudaLane>();
-      KVT_CUDA_RETURN("cudaStreamCreateWithFlags",
-                      cudaStreamCreateWithFlags(&lane->stream, cudaStreamNonBlocking));
-      KVT_CUDA_RETURN("cudaEventCreateWithFlags",
-                      cudaEventCreateWithFlags(&lane->event, cudaEventDisableTiming));
-    }
-    if (lane->capacity < slots) {
-      // Grows in powers of two (>= 4096 slots): after warm-up no allocation.
-      size_t cap = std::max<size_t>(4096, lane->capacity);
-      while (cap < slots) cap *= 2;
-      if (lane->host_slots != nullptr) cudaFreeHost(lane->host_slots);
-      if (lane->dev_slots != nullptr) cudaFree(lane->dev_slots);
-      lane->host_slots = nullptr;
-      lane->dev_slots = nullptr;
-      lane->capacity = 0;
-      KVT_CUDA_RETURN("cudaMallocHost(slots)",
-                      cudaMallocHost(&lane->host_slots, cap * sizeof(int64_t)));
-      KVT_CUDA_RETURN("cudaMalloc(slots)", cudaMalloc(&lane->dev_slots, cap * sizeof(int64_t)));
-      lane->capacity = cap;
-    }
-    return lane;
-  }
-
-  void ReturnLane(std::unique_ptr<CudaLane> lane) {
-    if (lane == nullptr) return;
+CudaPagedIo::Shared::~Shared() {
+  {
     std::lock_guard<std::mutex> lock(lanes_mu);
-    lanes.push_back(std::move(lane));
+    lanes.clear();
   }
+  if (registered) UnregisterRegion(region_host);
+}
 
-  // Runs on an engine copy thread: waits (on its own stream) for the KV to
-  // be final, gathers one chunk into slab memory, and returns only when the
-  // bytes are there (the engine commits the chunk next).
-  Status GatherChunk(const ChunkHash& c, std::span<const int64_t> slots, std::span<std::byte> dst,
-                     CUevent_st* ready) {
-    KVT_RETURN_IF_ERROR(CheckNoPadding(slots, c.begin));
-    KVT_ASSIGN_OR_RETURN(std::byte * dev_dst, DevicePointer(dst.data()));
-    CudaDeviceGuard device(cuda_layout.layout().device_index());
-    KVT_RETURN_IF_ERROR(device.status());
-    KVT_ASSIGN_OR_RETURN(std::unique_ptr<CudaLane> lane, TakeLane(slots.size()));
-    std::memcpy(lane->host_slots, slots.data(), slots.size_bytes());
-    Status s = [&]() -> Status {
-      KVT_CUDA_RETURN("cudaStreamWaitEvent", cudaStreamWaitEvent(lane->stream, ready, 0));
-      KVT_CUDA_RETURN("cudaMemcpyAsync(slots)",
-                      cudaMemcpyAsync(lane->dev_slots, lane->host_slots, slots.size_bytes(),
-                                      cudaMemcpyHostToDevice, lane->stream));
-      const ChunkCopy copy{lane->dev_slots, static_cast<int64_t>(slots.size()), dev_dst, dst.size()};
-      KVT_RETURN_IF_ERROR(GatherCuda(cuda_layout, std::span<const ChunkCopy>(&copy, 1), lane->stream));
-      KVT_CUDA_RETURN("cudaStreamSynchronize", cudaStreamSynchronize(lane->stream));
-      return Status::Ok();
-    }();
-    if (!s.ok()) {
-      // Whatever was enqueued must finish before the lane's buffers are reused.
-      cudaStreamSynchronize(lane->stream);
-      cudaGetLastError();
+StatusOr<std::byte*> CudaPagedIo::Shared::DevicePointer(const std::byte* host) const {
+  if (host < region_host || host >= region_host + region_bytes) {
+    return Internal("CudaPagedIo: buffer is outside the registered CPU tier region");
+  }
+  return region_device + (host - region_host);
+}
+
+StatusOr<std::unique_ptr<CudaLane>> CudaPagedIo::Shared::TakeLane(size_t slots, size_t layer_events) {
+  std::unique_ptr<CudaLane> lane;
+  {
+    std::lock_guard<std::mutex> lock(lanes_mu);
+    if (!lanes.empty()) {
+      lane = std::move(lanes.back());
+      lanes.pop_back();
     }
-    ReturnLane(std::move(lane));
-    return s;
   }
+  if (lane == nullptr) {
+    lane = std::make_unique<CudaLane>();
+    KVT_CUDA_RETURN("cudaStreamCreateWithFlags",
+                    cudaStreamCreateWithFlags(&lane->stream, cudaStreamNonBlocking));
+    KVT_CUDA_RETURN("cudaEventCreateWithFlags",
+                    cudaEventCreateWithFlags(&lane->event, cudaEventDisableTiming));
+  }
+  if (lane->capacity < slots) {
+    // Grows in powers of two (>= 4096 slots): after warm-up no allocation.
+    size_t cap = std::max<size_t>(4096, lane->capacity);
+    while (cap < slots) cap *= 2;
+    if (lane->host_slots != nullptr) cudaFreeHost(lane->host_slots);
+    if (lane->dev_slots != nullptr) cudaFree(lane->dev_slots);
+    lane->host_slots = nullptr;
+    lane->dev_slots = nullptr;
+    lane->capacity = 0;
+    KVT_CUDA_RETURN("cudaMallocHost(slots)",
+                    cudaMallocHost(&lane->host_slots, cap * sizeof(int64_t)));
+    KVT_CUDA_RETURN("cudaMalloc(slots)", cudaMalloc(&lane->dev_slots, cap * sizeof(int64_t)));
+    lane->capacity = cap;
+  }
+  // A lane that fails part-way here keeps the events it made: destroyed
+  // with it (~CudaLane), reused if it is returned.
+  while (lane->layer_events.size() < layer_events) {
+    cudaEvent_t e = nullptr;
+    KVT_CUDA_RETURN("cudaEventCreateWithFlags(layer)", cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    lane->layer_events.push_back(e);
+  }
+  return lane;
+}
 
-  CudaKvLayout cuda_layout;
-  std::byte* region_host = nullptr;
-  size_t region_bytes = 0;
-  std::byte* region_device = nullptr;
-  bool registered = false;
-  std::mutex lanes_mu;
-  std::vector<std::unique_ptr<CudaLane>> lanes;  // idle lanes
-};
+void CudaPagedIo::Shared::ReturnLane(std::unique_ptr<CudaLane> lane) {
+  if (lane == nullptr) return;
+  std::lock_guard<std::mutex> lock(lanes_mu);
+  lanes.push_back(std::move(lane));
+}
+
+Status CudaPagedIo::Shared::GatherChunk(const ChunkHash& c, std::span<const int64_t> slots,
+                                        std::span<std::byte> dst, CUevent_st* ready) {
+  KVT_RETURN_IF_ERROR(CheckNoPadding(slots, c.begin));
+  KVT_ASSIGN_OR_RETURN(std::byte * dev_dst, DevicePointer(dst.data()));
+  CudaDeviceGuard device(cuda_layout.layout().device_index());
+  KVT_RETURN_IF_ERROR(device.status());
+  KVT_ASSIGN_OR_RETURN(std::unique_ptr<CudaLane> lane, TakeLane(slots.size()));
+  std::memcpy(lane->host_slots, slots.data(), slots.size_bytes());
+  Status s = [&]() -> Status {
+    KVT_CUDA_RETURN("cudaStreamWaitEvent", cudaStreamWaitEvent(lane->stream, ready, 0));
+    KVT_CUDA_RETURN("cudaMemcpyAsync(slots)",
+                    cudaMemcpyAsync(lane->dev_slots, lane->host_slots, slots.size_bytes(),
+                                    cudaMemcpyHostToDevice, lane->stream));
+    const ChunkCopy copy{lane->dev_slots, static_cast<int64_t>(slots.size()), dev_dst, dst.size()};
+    KVT_RETURN_IF_ERROR(GatherCuda(cuda_layout, std::span<const ChunkCopy>(&copy, 1), lane->stream));
+    KVT_CUDA_RETURN("cudaStreamSynchronize", cudaStreamSynchronize(lane->stream));
+    return Status::Ok();
+  }();
+  if (!s.ok()) {
+    // Whatever was enqueued must finish before the lane's buffers are reused.
+    cudaStreamSynchronize(lane->stream);
+    cudaGetLastError();
+  }
+  ReturnLane(std::move(lane));
+  return s;
+}
 
 // ---------------------------------------------------------------------------
 // CudaPagedIo

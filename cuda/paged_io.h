@@ -66,12 +66,15 @@ struct CUevent_st;
 namespace kvtier {
 
 class CudaPagedIo;
+class CudaLayerSignal;
 
 // Slot staging for one copy in flight: a stream and an event of its own, a
-// pinned host buffer and a device buffer (grown on demand, then reused).
+// pinned host buffer and a device buffer (grown on demand, then reused), and
+// for layer-wise loads one event per layer (made on first use, then reused).
 struct CudaLane {
   CudaStream stream = nullptr;
   CUevent_st* event = nullptr;
+  std::vector<CUevent_st*> layer_events;
   int64_t* host_slots = nullptr;
   int64_t* dev_slots = nullptr;
   size_t capacity = 0;  // slots
@@ -144,13 +147,19 @@ class CudaPagedIo : public std::enable_shared_from_this<CudaPagedIo> {
   StatusOr<std::byte*> DevicePointer(const std::byte* host) const;
 
   // What the engine's copy threads use: the device layout, the registration
-  // and the staging lanes. Store's fill functions hold this, never the
-  // CudaPagedIo or the engine, so the last reference to an engine is never
-  // dropped on one of its own threads.
+  // and the staging lanes (cuda/paged_io_internal.h). Store's fill functions
+  // hold this, never the CudaPagedIo or the engine, so the last reference to
+  // an engine is never dropped on one of its own threads.
   struct Shared;
 
  private:
   friend class CudaLoad;
+  // Layer-wise transfer (cuda/layerwise_io.h) uses the same lanes.
+  friend class CudaLayerwiseLoad;
+  friend StatusOr<std::shared_ptr<StoreHandle>> CudaStoreLayerwise(CudaPagedIo&, std::span<const int32_t>,
+                                                                   std::span<const int64_t>, size_t,
+                                                                   std::shared_ptr<const CudaLayerSignal>,
+                                                                   const KeyExtras*);
   CudaPagedIo(std::shared_ptr<Engine> engine, std::shared_ptr<Shared> shared)
       : engine_(std::move(engine)), shared_(std::move(shared)) {}
 

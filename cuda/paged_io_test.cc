@@ -7,7 +7,10 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <optional>
 #include <chrono>
@@ -17,6 +20,7 @@
 
 #include "cc/datapath/cpu_copy.h"
 #include "cc/datapath/paged_test_util.h"
+#include "cuda/layerwise_io.h"
 
 namespace kvtier {
 namespace {
@@ -374,6 +378,246 @@ TEST_F(CudaPagedIoTest, ConcurrentStoresAndLoads) {
   const EngineStats s = engine_->Stats();
   EXPECT_EQ(s.chunks_stored, 1u + kThreads);
   EXPECT_EQ(s.load_errors, 0u);
+}
+
+
+// ---------------------------------------------------------------------------
+// Layer-wise transfer (cuda/layerwise_io.h).
+
+// Holds a stream at a host function until Open(): what the stream has after
+// it does not run before. (cudaLaunchHostFunc may block; it must not call
+// CUDA.)
+class StreamGate {
+ public:
+  explicit StreamGate(cudaStream_t s) {
+    EXPECT_EQ(cudaLaunchHostFunc(s, &StreamGate::Hold, this), cudaSuccess);
+  }
+  ~StreamGate() { Open(); }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  static void Hold(void* self) {
+    auto* g = static_cast<StreamGate*>(self);
+    std::unique_lock<std::mutex> lock(g->mu_);
+    g->cv_.wait(lock, [g] { return g->open_; });
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = false;
+};
+
+// The bytes of layer `layer` (every plane, every token) of a chunk buffer:
+// the format is layer-major, so one contiguous slice.
+std::vector<std::byte> LayerSlice(const std::vector<std::byte>& chunk, int layers, int layer) {
+  const size_t per_layer = chunk.size() / static_cast<size_t>(layers);
+  return {chunk.begin() + static_cast<ptrdiff_t>(per_layer * static_cast<size_t>(layer)),
+          chunk.begin() + static_cast<ptrdiff_t>(per_layer * static_cast<size_t>(layer + 1))};
+}
+
+// Each layer is gathered only after the work the pass enqueued before its
+// LayerReady has run: the new KV is written on the pass's stream behind a
+// closed gate, the layers are reported in reverse order, and what is stored
+// is the new KV, never the old.
+TEST_F(CudaPagedIoTest, LayerwiseStoreReadsEachLayerAfterItsEvent) {
+  Build(Spec(KvLayoutKind::kFlashAttn, 2, 16));
+  const size_t n = 700;
+  auto tokens = Tokens(n, 40);
+  auto slots = testing::MakeSlots(host_->spec(), n, 21);
+  // The KV the pass will write: the host image with every byte flipped.
+  std::vector<std::byte> next(host_->base(), host_->base() + host_->bytes());
+  for (std::byte& b : next) b = ~b;
+  std::byte* pinned = nullptr;
+  ASSERT_EQ(cudaMallocHost(&pinned, next.size()), cudaSuccess);
+  std::memcpy(pinned, next.data(), next.size());
+
+  auto signal = CudaLayerSignal::Create(layout().device_index(), 4, std::chrono::seconds(60));
+  ASSERT_TRUE(signal.ok()) << signal.status().ToString();
+  auto h = CudaStoreLayerwise(*io_, tokens, slots, 0, *signal);
+  ASSERT_TRUE(h.ok()) << h.status().ToString();
+  {
+    StreamGate gate(stream_);
+    ASSERT_EQ(cudaMemcpyAsync(dev_, pinned, next.size(), cudaMemcpyHostToDevice, stream_), cudaSuccess);
+    for (int l = 3; l >= 0; --l) ASSERT_TRUE((*signal)->LayerReady(l, stream_).ok());
+    ASSERT_TRUE((*signal)->LayerReady(2, stream_).ok());  // a repeat is a no-op
+    // A store that ignored the events would read the old KV now; give it
+    // the time to (this sleep only widens the window for a broken store; a
+    // correct one cannot finish before the gate opens).
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    EXPECT_FALSE((*h)->done()) << "the store finished while the pass's stream was held";
+    gate.Open();
+  }
+  ASSERT_TRUE((*h)->Wait().ok()) << (*h)->Wait().ToString();
+  EXPECT_EQ(engine_->Lookup(tokens), n);
+  auto prefix = engine_->AcquirePrefix(tokens, 0, layout().layout_id());
+  ASSERT_TRUE(prefix.ok());
+  ASSERT_EQ(prefix->chunks.size(), 3u);
+  for (size_t i = 0; i < prefix->chunks.size(); ++i) {
+    const ChunkHash& c = prefix->chunks[i];
+    std::vector<int64_t> s(slots.begin() + c.begin, slots.begin() + c.begin + c.num_tokens);
+    auto ref = GatherHost(next.data(), s);
+    auto got = prefix->leases[i].data();
+    ASSERT_EQ(got.size(), ref.size());
+    EXPECT_EQ(std::memcmp(got.data(), ref.data(), ref.size()), 0) << "chunk " << i;
+  }
+  cudaFreeHost(pinned);
+}
+
+TEST_F(CudaPagedIoTest, LayerwiseStoreOfAnAbortedPassStoresNothing) {
+  Build(Spec(KvLayoutKind::kFlashAttn, 2, 16));
+  const size_t n = 512;
+  auto tokens = Tokens(n, 3);
+  auto slots = testing::MakeSlots(host_->spec(), n, 4);
+  auto signal = CudaLayerSignal::Create(layout().device_index(), 4, std::chrono::seconds(60));
+  ASSERT_TRUE(signal.ok());
+  auto h = CudaStoreLayerwise(*io_, tokens, slots, 0, *signal);
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE((*signal)->LayerReady(0, stream_).ok());
+  ASSERT_TRUE((*signal)->LayerReady(1, stream_).ok());
+  (*signal)->Abort();
+  EXPECT_EQ((*h)->Wait().code(), StatusCode::kUnavailable);
+  EXPECT_EQ(engine_->Lookup(tokens), 0u);
+  EXPECT_EQ(engine_->Stats().chunks_stored, 0u);
+
+  // AllReady reports (and records) every layer not reported yet.
+  auto all = CudaLayerSignal::Create(layout().device_index(), 4, std::chrono::seconds(60));
+  ASSERT_TRUE(all.ok());
+  auto h2 = CudaStoreLayerwise(*io_, tokens, slots, 0, *all);
+  ASSERT_TRUE(h2.ok());
+  ASSERT_TRUE((*all)->LayerReady(2, stream_).ok());
+  ASSERT_TRUE((*all)->AllReady(stream_).ok());
+  ASSERT_TRUE((*h2)->Wait().ok()) << (*h2)->Wait().ToString();
+  EXPECT_EQ(engine_->Lookup(tokens), n);
+}
+
+TEST_F(CudaPagedIoTest, LayerwiseBadInputIsRefused) {
+  Build(Spec(KvLayoutKind::kFlashAttn, 2, 16));
+  auto tokens = Tokens(300, 1);
+  auto slots = testing::MakeSlots(host_->spec(), 300, 2);
+  auto three = CudaLayerSignal::Create(layout().device_index(), 3, std::chrono::seconds(1));
+  ASSERT_TRUE(three.ok());
+  EXPECT_EQ(CudaStoreLayerwise(*io_, tokens, slots, 0, *three).status().code(), StatusCode::kInvalidArgument);
+  auto four = CudaLayerSignal::Create(layout().device_index(), 4, std::chrono::seconds(1));
+  ASSERT_TRUE(four.ok());
+  EXPECT_EQ((*four)->LayerReady(4, stream_).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ((*four)->LayerReady(-1, stream_).code(), StatusCode::kInvalidArgument);
+  auto short_slots = slots;
+  short_slots.pop_back();
+  EXPECT_EQ(CudaStoreLayerwise(*io_, tokens, short_slots, 0, *four).status().code(), StatusCode::kInvalidArgument);
+  auto far = slots;
+  far[5] = layout().num_slots();
+  EXPECT_EQ(CudaStoreLayerwise(*io_, tokens, far, 0, *four).status().code(), StatusCode::kInvalidArgument);
+  std::vector<LayerwiseRequest> reqs(1);
+  reqs[0].tokens = tokens;
+  reqs[0].slots = far;
+  EXPECT_EQ(CudaLayerwiseLoad::Start(io_, reqs, stream_).status().code(), StatusCode::kInvalidArgument);
+  reqs[0].slots = short_slots;
+  EXPECT_EQ(CudaLayerwiseLoad::Start(io_, reqs, stream_).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine_->Stats().chunks_stored, 0u);
+}
+
+// Two requests loaded layer by layer: each layer is in place for work a
+// second stream enqueues after WaitLayer, skip_tokens are never written, a
+// request with nothing cached loads nothing, and the end state equals the
+// whole-chunk load's.
+TEST_F(CudaPagedIoTest, LayerwiseLoadPutsEachLayerInPlaceForTheWaitingStream) {
+  Build(Spec(KvLayoutKind::kFlashAttn, 2, 16));
+  const size_t n = 600;
+  auto ta = Tokens(n, 1000), tb = Tokens(n, 5000), tc = Tokens(300, 9000);
+  auto all = testing::MakeSlots(host_->spec(), 2 * n + 300, 8);
+  std::vector<int64_t> sa(all.begin(), all.begin() + n), sb(all.begin() + n, all.begin() + 2 * n),
+      sc(all.begin() + 2 * n, all.end());
+  for (auto [t, s] : {std::pair{&ta, &sa}, std::pair{&tb, &sb}}) {
+    auto h = io_->Store(*t, *s, 0, stream_);
+    ASSERT_TRUE(h.ok());
+    ASSERT_TRUE((*h)->Wait().ok());
+  }
+  const auto want_a = GatherHost(host_->base(), sa);
+  const auto want_b = GatherHost(host_->base(), sb);
+  ASSERT_EQ(cudaMemset(dev_, 0, host_->bytes()), cudaSuccess);
+
+  std::vector<LayerwiseRequest> reqs(3);
+  reqs[0].tokens = ta, reqs[0].slots = sa;
+  reqs[1].tokens = tb, reqs[1].slots = sb, reqs[1].skip_tokens = 256;
+  reqs[2].tokens = tc, reqs[2].slots = sc;  // never stored
+  cudaStream_t other = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&other, cudaStreamNonBlocking), cudaSuccess);
+  auto load = CudaLayerwiseLoad::Start(io_, reqs, stream_);
+  ASSERT_TRUE(load.ok()) << load.status().ToString();
+  EXPECT_EQ((*load)->valid_tokens(0), n);
+  EXPECT_EQ((*load)->valid_tokens(1), n);
+  EXPECT_EQ((*load)->valid_tokens(2), 0u);
+  EXPECT_EQ((*load)->chunks(), 3u + 2u);  // b's first chunk is the caller's
+  // After WaitLayer(l) on `other`, a download there sees layers <= l.
+  std::vector<std::byte*> snaps(4, nullptr);
+  for (int l = 0; l < 4; ++l) {
+    ASSERT_TRUE((*load)->WaitLayer(l, other).ok());
+    ASSERT_EQ(cudaMallocHost(&snaps[static_cast<size_t>(l)], host_->bytes()), cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(snaps[static_cast<size_t>(l)], dev_, host_->bytes(), cudaMemcpyDeviceToHost, other),
+              cudaSuccess);
+  }
+  ASSERT_EQ(cudaStreamSynchronize(other), cudaSuccess);
+  for (int l = 0; l < 4; ++l) {
+    auto got_a = GatherHost(snaps[static_cast<size_t>(l)], sa);
+    for (int k = 0; k <= l; ++k) {
+      EXPECT_EQ(LayerSlice(got_a, 4, k), LayerSlice(want_a, 4, k)) << "snapshot " << l << " layer " << k;
+    }
+  }
+  ASSERT_TRUE((*load)->Wait().ok());
+  EXPECT_TRUE((*load)->done());
+  EXPECT_TRUE((*load)->WaitLayer(3, other).ok());  // after done: nothing to wait for
+  EXPECT_EQ((*load)->WaitLayer(4, other).code(), StatusCode::kInvalidArgument);
+
+  auto image = Download();
+  EXPECT_EQ(GatherHost(image.data(), sa), want_a);
+  auto got_b = GatherHost(image.data(), sb);
+  const size_t row = got_b.size() / (n * 2 * 4);
+  for (int lp = 0; lp < 8; ++lp)
+    for (size_t t = 0; t < n; ++t) {
+      const size_t off = (static_cast<size_t>(lp) * n + t) * row;
+      for (size_t b = 0; b < row; ++b) {
+        ASSERT_EQ(got_b[off + b], t >= 256 ? want_b[off + b] : std::byte{0}) << "b: token " << t;
+      }
+    }
+  auto got_c = GatherHost(image.data(), sc);
+  EXPECT_TRUE(std::all_of(got_c.begin(), got_c.end(), [](std::byte b) { return b == std::byte{0}; }));
+  for (std::byte* p : snaps) cudaFreeHost(p);
+  cudaStreamDestroy(other);
+}
+
+// The load waits for the work already on the caller's stream: a kernel that
+// still writes a destination block when the load starts does not overwrite
+// the loaded KV afterwards.
+TEST_F(CudaPagedIoTest, LayerwiseLoadStartsAfterTheCallersEarlierWork) {
+  Build(Spec(KvLayoutKind::kFlashAttn, 2, 16));
+  const size_t n = 512;
+  auto tokens = Tokens(n, 77);
+  auto slots = testing::MakeSlots(host_->spec(), n, 13);
+  auto h = io_->Store(tokens, slots, 0, stream_);
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE((*h)->Wait().ok());
+  const auto want = GatherHost(host_->base(), slots);
+  std::unique_ptr<CudaLayerwiseLoad> load;
+  {
+    StreamGate gate(stream_);
+    // Earlier work on the caller's stream: it zeroes the whole KV, after
+    // the gate.
+    ASSERT_EQ(cudaMemsetAsync(dev_, 0, host_->bytes(), stream_), cudaSuccess);
+    std::vector<LayerwiseRequest> reqs(1);
+    reqs[0].tokens = tokens, reqs[0].slots = slots;
+    auto l = CudaLayerwiseLoad::Start(io_, reqs, stream_);
+    ASSERT_TRUE(l.ok()) << l.status().ToString();
+    load = std::move(*l);
+    EXPECT_FALSE(load->done()) << "the load finished while the caller's stream was held";
+    gate.Open();
+  }
+  ASSERT_TRUE(load->Wait().ok());
+  ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+  auto image = Download();
+  EXPECT_EQ(GatherHost(image.data(), slots), want);
 }
 
 }  // namespace

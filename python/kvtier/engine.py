@@ -29,7 +29,16 @@ from kvtier.kv_layout import stream_handle
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Engine", "KeyExtras", "LayerSignal", "LayerwiseLoadHandle", "MoveTask", "Namespace", "StoreHandle"]
+__all__ = [
+    "CudaLayerSignal",
+    "Engine",
+    "KeyExtras",
+    "LayerSignal",
+    "LayerwiseLoadHandle",
+    "MoveTask",
+    "Namespace",
+    "StoreHandle",
+]
 
 StoreHandle = _kvtier.StoreHandle
 # Engine.move()'s task: done() -> bool, wait(timeout_s=None) -> bool (True
@@ -38,6 +47,46 @@ StoreHandle = _kvtier.StoreHandle
 MoveTask = _kvtier.MoveTask
 LayerSignal = _kvtier.LayerSignal
 LayerwiseLoadHandle = _kvtier.LayerwiseLoadHandle
+
+
+class CudaLayerSignal:
+    """LayerSignal for paged KV on a CUDA device (``Engine.layer_signal``).
+
+    ``layer_ready(i)`` records a CUDA event on ``stream`` (default: torch's
+    current stream on the layout's device, where the forward pass runs),
+    after the kernels already enqueued there that wrote layer i's KV; a
+    layer-wise store gathers layer i on a stream of its own once that event
+    has completed, and no host thread waits for the GPU. ``all_ready()``
+    records every layer not reported yet; ``abort()`` makes waiting stores
+    give up (they store nothing).
+    """
+
+    def __init__(self, layout: Any, num_layers: int, timeout_ms: int) -> None:
+        native_cls = getattr(_kvtier, "CudaLayerSignal", None)
+        if native_cls is None:
+            raise _kvtier.FailedPreconditionError(
+                "this kvtier build has no CUDA kernels (built without --config=cuda); layout is on " + layout.device
+            )
+        device = int(str(layout.device).split(":")[1])
+        self._layout = layout
+        self.native = native_cls(device, int(num_layers), int(timeout_ms))
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.native.num_layers)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.native.finished)
+
+    def layer_ready(self, layer: int, stream: Any = None) -> None:
+        self.native.layer_ready(int(layer), stream_handle(self._layout, stream))
+
+    def all_ready(self, stream: Any = None) -> None:
+        self.native.all_ready(stream_handle(self._layout, stream))
+
+    def abort(self) -> None:
+        self.native.abort()
 
 
 @dataclass(frozen=True)
@@ -398,43 +447,65 @@ class Engine:
             )
         )
 
+    def layer_signal(self, num_layers: int | None = None, timeout_ms: int = 30000) -> LayerSignal | CudaLayerSignal:
+        """A signal for one forward pass's layer-wise stores, of the kind the
+        registered layout needs: a LayerSignal on the CPU, a CudaLayerSignal
+        (CUDA events on the forward's stream) on a GPU. num_layers defaults
+        to the layout's."""
+        layout = self._require_layout()
+        n = int(layout.num_layers if num_layers is None else num_layers)
+        if timeout_ms <= 0:
+            raise ValueError("timeout_ms must be > 0")
+        if layout.device == "cpu":
+            return LayerSignal(n, int(timeout_ms))
+        return CudaLayerSignal(layout, n, int(timeout_ms))
+
     def store_layerwise(
         self,
         tokens: Sequence[int] | np.ndarray,
         slot_mapping: Any,
         skip_tokens: int,
-        signal: LayerSignal,
+        signal: LayerSignal | CudaLayerSignal,
         *,
         extras: KeyExtras | None = None,
     ) -> StoreHandle:
         """store(), but each layer of a chunk is copied once ``signal`` reports
         it final (``signal.layer_ready(i)`` / ``all_ready()``), so the store
-        follows a forward pass layer by layer. CPU layouts only. A chunk whose
-        layers never all become final (``abort()``, the signal's timeout) is
-        not stored."""
+        follows a forward pass layer by layer. ``signal`` comes from
+        ``layer_signal()`` (a LayerSignal for CPU layouts, a CudaLayerSignal
+        for CUDA layouts). A chunk whose layers never all become final
+        (``abort()``, the signal's timeout) is not stored."""
         self._check_open()
         toks = _tokens(tokens)
         layout = self._require_layout()
+        native_signal = signal.native if isinstance(signal, CudaLayerSignal) else signal
         return self._native.store_paged_layerwise(
-            toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), layout, signal, extras=_extras(extras)
+            toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), layout, native_signal, extras=_extras(extras)
         )
 
     def load_layerwise(
         self,
         requests: Sequence[tuple[Sequence[int] | np.ndarray, Any, int, KeyExtras | None]],
+        stream: Any = None,
     ) -> LayerwiseLoadHandle:
         """Lease the cached prefix of each ``(tokens, slot_mapping, skip_tokens,
-        extras)`` and scatter it into the paged KV layer by layer on a thread
-        of its own. ``valid_tokens`` (one per request) is known on return;
+        extras)`` and load it into the paged KV layer by layer, layers in
+        order. ``valid_tokens`` (one per request) is known on return.
+
+        CPU layouts: a thread of the load's own copies the layers;
         ``wait_layer(i)`` returns once layer i of every request is in place.
-        CPU layouts only."""
+        CUDA layouts: the layers are enqueued on a stream of the load's own,
+        after the work already on ``stream`` (default: torch's current
+        stream); ``wait_layer(i)`` makes that stream (or the one given) wait
+        for layer i without blocking the caller, ``done()`` polls and
+        ``wait()`` blocks until every layer is in place."""
         self._check_open()
         layout = self._require_layout()
         native = []
         for tokens, slot_mapping, skip_tokens, extras in requests:
             toks = _tokens(tokens)
             native.append((toks, _slots(slot_mapping, toks.shape[0]), int(skip_tokens), _extras(extras)))
-        return self._native.load_paged_layerwise(native, layout)
+        return self._native.load_paged_layerwise(native, layout, stream_handle(layout, stream))
 
     def retrieve_on_stream(
         self,

@@ -17,6 +17,12 @@
 #include "cc/hash/chunk_hash.h"
 #include "python/src/status_to_exception.h"
 
+#ifdef KVTIER_WITH_CUDA
+namespace kvtier {
+class CudaPagedIo;
+}  // namespace kvtier
+#endif
+
 namespace kvtier::py {
 
 struct PyLayout;
@@ -67,6 +73,14 @@ std::optional<KeyExtras> ExtrasOf(const pybind11::handle& extras);
 
 // The pointer to hand the engine: null for no extras.
 inline const KeyExtras* ExtrasPtr(const std::optional<KeyExtras>& e) { return e ? &*e : nullptr; }
+
+#ifdef KVTIER_WITH_CUDA
+// The engine's CudaPagedIo for a CUDA layout, made on first use and cached on
+// the PyEngine with the layout (so the KV tensors outlive every copy). Needs
+// the GIL; throws when CUDA is unusable or the engine was closed meanwhile.
+std::shared_ptr<CudaPagedIo> CudaIoFor(PyEngine& e, const std::shared_ptr<Engine>& eng,
+                                       const std::shared_ptr<PyLayout>& layout);
+#endif
 
 // Token ids as every binding takes them: int32, C order. Its caster (below)
 // takes an ndarray, a sequence or anything numpy.asarray takes, of ANY

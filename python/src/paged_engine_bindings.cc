@@ -120,7 +120,12 @@ struct __attribute__((visibility("hidden"))) PyLoad {
 #ifdef KVTIER_WITH_CUDA
 bool OnCuda(const PyLayout& l) { return l.layout.device() == DeviceType::kCuda; }
 
-// Needs the GIL (reads and extends the engine's cache).
+CudaStream StreamOf(uintptr_t s) { return reinterpret_cast<CudaStream>(s); }
+#endif
+
+}  // namespace
+
+#ifdef KVTIER_WITH_CUDA
 std::shared_ptr<CudaPagedIo> CudaIoFor(PyEngine& e, const std::shared_ptr<Engine>& eng,
                                        const std::shared_ptr<PyLayout>& layout) {
   for (const auto& [l, io] : e.cuda_io) {
@@ -141,11 +146,7 @@ std::shared_ptr<CudaPagedIo> CudaIoFor(PyEngine& e, const std::shared_ptr<Engine
   e.cuda_io.emplace_back(layout, out);
   return out;
 }
-
-CudaStream StreamOf(uintptr_t s) { return reinterpret_cast<CudaStream>(s); }
 #endif
-
-}  // namespace
 
 void RegisterPagedEngine(pyb::module_& m) {
   auto cls = pyb::reinterpret_borrow<pyb::class_<PyEngine, std::shared_ptr<PyEngine>>>(m.attr("Engine"));

@@ -100,7 +100,36 @@ def test_bad_arguments(tmp_path):
     load = eng.load_layerwise([])
     with pytest.raises(ValueError, match="layer 9"):
         load.wait_layer(9)
+    # The signal must match the layout's device: a CPU layout takes a
+    # LayerSignal, and nothing is stored on a wrong one.
+    with pytest.raises(ValueError, match="CPU layout's layer-wise store takes a LayerSignal"):
+        eng._native.store_paged_layerwise(np.arange(32), np.arange(32), 0, eng.layout, object())
+    assert eng.lookup(np.arange(32)) == 0
+    with pytest.raises(ValueError, match="timeout_ms"):
+        eng.layer_signal(timeout_ms=0)
     eng.close()
+
+
+def test_layer_signal_follows_the_layout(tmp_path):
+    """Engine.layer_signal gives the kind of signal the registered layout
+    needs; on the CPU a LayerSignal of the layout's layer count."""
+    eng = engine(tmp_path)
+    with pytest.raises(_kvtier.FailedPreconditionError, match="register_kv_caches"):
+        eng.layer_signal()
+    eng.register_kv_caches(make_kv())
+    signal = eng.layer_signal()
+    assert isinstance(signal, LayerSignal)
+    assert signal.num_layers == LAYERS
+    assert eng.layer_signal(2).num_layers == 2
+    eng.close()
+
+
+@pytest.mark.skipif(not hasattr(_kvtier, "CudaLayerSignal"), reason="this build has no CUDA path")
+def test_cuda_layer_signal_without_a_device_is_a_clear_error():
+    if _kvtier.cuda_runtime_available():
+        pytest.skip("a CUDA device is usable here; tests/gpu covers the signal")
+    with pytest.raises(OSError, match="cudaSetDevice|cudaEventCreate"):
+        _kvtier.CudaLayerSignal(0, LAYERS)
 
 
 def test_many_threads_store_and_load_layerwise(tmp_path):

@@ -792,15 +792,6 @@ class KVTierConnector(KVConnectorBase_V1):
         self._cpu = vllm_config.device_config.device_type == "cpu"
         if self._cpu:
             self._config = _cpu_whole_blocks(self._config, self._block_size)
-        if self._layerwise and not self._cpu and role == KVConnectorRole.WORKER:
-            # GPU loads are already enqueued on the forward's stream ahead of
-            # its kernels, and stores start from an event on it.
-            logger.warning(
-                "KVTierConnector: layerwise: true is implemented for CPU devices only; on %s kvtier "
-                "moves whole chunks (loads enqueued on the forward's stream, stores after it)",
-                vllm_config.device_config.device_type,
-            )
-            self._layerwise = False
         self._chunk_size: int = int(self._config.chunk_size)
         # Disaggregated prefill (see the module docstring).
         self._transport = getattr(self._config, "transport", "none") == "ucx"
@@ -1330,7 +1321,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------ layer-wise
     #
-    # CPU ordering contract (layerwise: true), per forward pass:
+    # Ordering contract (layerwise: true), per forward pass. On the CPU:
     # - loads: start_load_kv leases every synchronous load's prefix and a
     #   thread scatters it layer by layer; wait_for_layer_load(layer l), which
     #   vLLM calls before layer l's attention, returns once layer l of every
@@ -1344,6 +1335,15 @@ class KVTierConnector(KVConnectorBase_V1):
     #   never reports) they are aborted and store nothing, so a layer that was
     #   never written is never stored. A model whose layers do not all report
     #   falls back to whole-chunk stores (logged once).
+    # On a GPU the same calls order the forward's stream, and no host thread
+    # waits for the GPU: the load's layers are enqueued on a stream of its
+    # own, after the work already on the forward's stream, each followed by
+    # an event; wait_for_layer_load(l) makes the forward's stream wait for
+    # layer l's event. save_kv_layer(l) records an event on the forward's
+    # stream, and the stores gather layer l on their own streams once it has
+    # completed. wait_for_save orders the forward's stream after the last
+    # layer of the load, whose chunks are released once the GPU is done with
+    # them (_reap_stream_loads, as for whole-chunk GPU loads).
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -1389,7 +1389,13 @@ class KVTierConnector(KVConnectorBase_V1):
         handle, specs = self._layer_load
         self._layer_load = None
         try:
-            handle.wait()
+            if self._cpu:
+                handle.wait()
+            else:
+                # The forward's stream waits for the last layer (so for all);
+                # the chunks stay leased until the GPU is done with them.
+                handle.wait_layer(len(self._layer_index) - 1)
+                self._stream_loads.append(handle)
         except Exception:
             logger.exception("kvtier layer-wise load failed")
             self._fail_layerwise_load(specs)
@@ -1425,9 +1431,7 @@ class KVTierConnector(KVConnectorBase_V1):
             assert isinstance(meta, KVTierConnectorMetadata)
             if not meta.saves:
                 return
-            from kvtier.engine import LayerSignal
-
-            self._layer_signal = LayerSignal(len(self._layer_index), LAYERWISE_TIMEOUT_MS)
+            self._layer_signal = self.engine.layer_signal(len(self._layer_index), LAYERWISE_TIMEOUT_MS)
             self._issue_saves(meta.saves, self._layer_signal)
             self._count(layerwise_store_passes=1)
         self._layers_reported.add(index)

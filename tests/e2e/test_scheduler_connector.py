@@ -345,6 +345,28 @@ def test_connector_option_type_is_checked() -> None:
     assert options == {"async_load": True} and overrides == {"chunk_size": 64}
 
 
+def test_layerwise_asks_vllm_for_piecewise_cuda_graphs() -> None:
+    """vLLM (config/vllm.py) asks the connector class, found through its own
+    factory, whether full CUDA graphs must give way to PIECEWISE: with
+    layerwise: true the per-layer hooks have to run between graph pieces."""
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    def ask(extra: dict[str, Any]) -> bool:
+        ktc = KVTransferConfig(
+            kv_connector="KVTierConnector",
+            kv_connector_module_path="kvtier.vllm.connector",
+            kv_role="kv_both",
+            kv_connector_extra_config=extra,
+        )
+        cls = KVConnectorFactory.get_connector_class(ktc)
+        return bool(cls.requires_piecewise_for_cudagraph(ktc.kv_connector_extra_config))
+
+    assert ask({"layerwise": True}) is True
+    assert ask({"layerwise": False}) is False
+    assert ask({"async_load": True, "chunk_size": 256}) is False
+
+
 def test_version_check() -> None:
     check_vllm_version("0.32.0")
     for untested in ("0.31.2", "0.33.1"):

@@ -927,6 +927,16 @@ class KVTierConnector(KVConnectorBase_V1):
         return out
 
     @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """layerwise: true needs vLLM's PIECEWISE CUDA graphs on a GPU (vLLM
+        asks this and overrides a FULL mode): wait_for_layer_load and
+        save_kv_layer run around each attention layer, between the graph's
+        pieces. A full graph replays the layers without them, so a layer
+        would read KV still in flight and a store would never hear of its
+        layers."""
+        return (extra_config or {}).get("layerwise") is True
+
+    @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return KVTierConnectorStats(data=dict(data or {}))
 

@@ -16,7 +16,7 @@
     }                                                                   \
   } while (0)
 
-// For a Status or StatusOr expression.
+// For a StatusOr expression.
 #define KVT_CHECK_OK(x)                                                         \
   do {                                                                          \
     auto&& kvt_r_ = (x);                                                        \

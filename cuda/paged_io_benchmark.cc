@@ -4,6 +4,12 @@
 // heads of 128 in fp16: 128 KiB per token, 256 MiB per request.
 //   store:  Store() .. handle Wait()   (hash, catalogue, gather into slabs)
 //   load:   Retrieve() .. Wait()       (lease, upload slots, scatter)
+//   layerwise load:  CudaLayerwiseLoad::Start .. Wait (32 layers, one launch
+//                    and one event each, on the load's own stream)
+//   layerwise store: CudaStoreLayerwise with every layer reported at once
+// The layer-wise rows against the whole-chunk ones give the cost of moving
+// a layer at a time (more launches, smaller copies); the overlap they buy
+// with a model's compute is `kvtier bench gpu-layerwise`.
 // Wall-clock times (manual), since the store runs on the engine's threads.
 #include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
@@ -16,6 +22,7 @@
 #include "cc/common/bench_main.h"
 #include "cuda/cuda_check.h"
 #include "cc/datapath/paged_test_util.h"
+#include "cuda/layerwise_io.h"
 #include "cuda/paged_io.h"
 
 namespace kvtier {
@@ -113,6 +120,52 @@ void BM_CudaLoad(benchmark::State& state) {
 }
 BENCHMARK(BM_CudaLoad)->UseManualTime();
 
+void BM_CudaLayerwiseLoad(benchmark::State& state) {
+  Setup& s = Get();
+  if (s.engine->Lookup(s.tokens) != kTokens) {
+    auto h = s.io->Store(s.tokens, s.slots, 0, s.stream);
+    KVT_CHECK_OK(h);
+    (void)(*h)->Wait();
+  }
+  for (auto _ : state) {
+    std::vector<LayerwiseRequest> reqs(1);
+    reqs[0].tokens = s.tokens;
+    reqs[0].slots = s.slots;
+    const auto t0 = std::chrono::steady_clock::now();
+    auto load = CudaLayerwiseLoad::Start(s.io, std::move(reqs), s.stream);
+    KVT_CHECK_OK(load);
+    if (!(*load)->Wait().ok() || (*load)->valid_tokens(0) != kTokens) {
+      state.SkipWithError("layer-wise load failed");
+      break;
+    }
+    state.SetIterationTime(Seconds(t0));
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * s.bytes));
+}
+BENCHMARK(BM_CudaLayerwiseLoad)->UseManualTime();
+
+void BM_CudaLayerwiseStore(benchmark::State& state) {
+  Setup& s = Get();
+  for (auto _ : state) {
+    s.engine->Clear();
+    auto signal = CudaLayerSignal::Create(s.io->layout().device_index(), s.io->layout().num_layers(),
+                                          std::chrono::seconds(60));
+    KVT_CHECK_OK(signal);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto h = CudaStoreLayerwise(*s.io, s.tokens, s.slots, 0, *signal);
+    KVT_CHECK_OK(h);
+    bool reported = true;
+    for (int l = 0; l < (*signal)->num_layers(); ++l) reported = reported && (*signal)->LayerReady(l, s.stream).ok();
+    if (!reported || !(*h)->Wait().ok() || (*h)->chunks_stored() != kTokens / 256) {
+      state.SkipWithError("layer-wise store failed");
+      break;
+    }
+    state.SetIterationTime(Seconds(t0));
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * s.bytes));
+}
+BENCHMARK(BM_CudaLayerwiseStore)->UseManualTime();
+
 // What the first GPU store/retrieve costs: registering (pinning) a CPU tier
 // of 4 GiB with CUDA. A fresh engine per iteration, so the pages are new.
 void BM_RegisterCpuTier(benchmark::State& state) {
@@ -166,6 +219,10 @@ KVTIER_BENCH_COMPARE("gpu_engine_store_8_threads_vs_memcpy_d2h", "BM_CudaStore/c
                      "BM_PinnedMemcpy/d2h0_h2d1:0/manual_time", kvtier::bench::Metric::kBytesPerSecond);
 KVTIER_BENCH_COMPARE("gpu_engine_load_vs_memcpy_h2d", "BM_CudaLoad/manual_time",
                      "BM_PinnedMemcpy/d2h0_h2d1:1/manual_time", kvtier::bench::Metric::kBytesPerSecond);
+KVTIER_BENCH_COMPARE("gpu_layerwise_load_vs_whole_load", "BM_CudaLayerwiseLoad/manual_time",
+                     "BM_CudaLoad/manual_time", kvtier::bench::Metric::kBytesPerSecond);
+KVTIER_BENCH_COMPARE("gpu_layerwise_store_vs_whole_store", "BM_CudaLayerwiseStore/manual_time",
+                     "BM_CudaStore/copy_threads:2/manual_time", kvtier::bench::Metric::kBytesPerSecond);
 
 }  // namespace
 }  // namespace kvtier

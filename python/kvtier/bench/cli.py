@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "pd-ttft": "kvtier.bench.pd_ttft",
     "demo": "kvtier.bench.demo",
     "gpu-recompute": "kvtier.bench.gpu_recompute",
+    "gpu-layerwise": "kvtier.bench.gpu_layerwise",
 }
 
 
@@ -30,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("  demo  the demo workload with per-request TTFT and a PNG plot", file=sys.stderr)
         print("  gpu-recompute  on a GPU: loading a prefix's KV from kvtier vs recomputing it "
               "(Llama shapes, transformers)", file=sys.stderr)
+        print("  gpu-layerwise  on a GPU: a prefix's KV loaded layer by layer under the forward pass "
+              "vs loaded whole before it (Llama shapes, transformers)", file=sys.stderr)
         return 0 if args and args[0] in ("-h", "--help") else 2
     import importlib
 

@@ -4,7 +4,8 @@
 # staged: the CUDA kernel tests against the CPU reference, the engine's GPU
 # data path tests (also under compute-sanitizer memcheck), both bandwidth
 # benchmarks, the GDS probe on each file system at hand and, when the
-# Python package was staged, tests/gpu through the Python API with torch.
+# Python package was staged, tests/gpu through the Python API with torch and
+# the Python GPU benchmarks (kvtier.bench.gpu_recompute, gpu_layerwise).
 # Writes under $OUT (few files: the device tool returns at most 8):
 #   summary.json          one object: gpu, ok, steps (rc, seconds), comparisons
 #   device_check.log      each step's command, the tail of its output, rc
@@ -88,6 +89,12 @@ if [[ -d "$DEV/python/kvtier" ]]; then
   PYTHONPATH="$DEV/python" PYTHONDONTWRITEBYTECODE=1 \
     step gpu_recompute_bench python3 -m kvtier.bench.gpu_recompute
   grep -h '^{"name"' "$OUT/gpu_recompute_bench.log" >> "$OUT/comparisons.jsonl" 2>/dev/null || true
+  # Layer-wise loads overlapped with the forward pass vs whole loads before
+  # it, same run (two prefix lengths per model).
+  PYTHONPATH="$DEV/python" PYTHONDONTWRITEBYTECODE=1 \
+    step gpu_layerwise_bench python3 -m kvtier.bench.gpu_layerwise \
+    --models llama-3.2-1b llama-3.1-8b --tokens 4096 16384 --repeats 5
+  grep -h '^{"name"' "$OUT/gpu_layerwise_bench.log" >> "$OUT/comparisons.jsonl" 2>/dev/null || true
 fi
 
 if [[ -d "$DEV/extra" ]]; then

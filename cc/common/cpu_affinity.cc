@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -33,12 +34,24 @@ bool ScanProcessCpus(cpu_set_t* out) {
   return any && CPU_COUNT(out) > 0;
 }
 
+// KVTIER_THREAD_AFFINITY: unset, empty or "process" (the default) or
+// "inherit". Anything else is a typo: said once on stderr, then the default
+// (the Python config refuses it outright: kvtier.config).
+bool InheritFromEnv() {
+  const char* v = std::getenv("KVTIER_THREAD_AFFINITY");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "process") == 0) return false;
+  if (std::strcmp(v, "inherit") == 0) return true;
+  static std::once_flag warned;
+  std::call_once(warned, [v] {
+    std::fprintf(stderr, "kvtier: KVTIER_THREAD_AFFINITY=%s is neither 'process' nor 'inherit'; using 'process'\n", v);
+  });
+  return false;
+}
+
 }  // namespace
 
 bool ProcessCpuSet(cpu_set_t* out) {
-  if (const char* v = std::getenv("KVTIER_THREAD_AFFINITY"); v != nullptr && std::strcmp(v, "inherit") == 0) {
-    return false;
-  }
+  if (InheritFromEnv()) return false;
   // StartThread runs on the copy path (cpu_copy starts helper threads per
   // large copy): the /proc scan is done at most every 100 ms.
   static std::mutex mu;

@@ -15,7 +15,8 @@
 // set of cores the process was given (a taskset or a cpuset on the process
 // still bounds it; nothing widens past what some thread of the process may
 // already use). KVTIER_THREAD_AFFINITY=inherit turns this off: threads then
-// inherit their creator's affinity.
+// inherit their creator's affinity ("process", empty or unset: the default;
+// another value is reported once on stderr and means the default).
 //
 // Thread safety: every function here may be called from any thread. A
 // thread's affinity is per thread; only the calling thread's is changed.

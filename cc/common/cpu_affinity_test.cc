@@ -131,5 +131,17 @@ TEST_F(Pinned, InheritTurnsItOff) {
   }
 }
 
+TEST_F(Pinned, UnknownValueMeansTheDefault) {
+  for (const char* v : {"process", "", "inherrit"}) {
+    SCOPED_TRACE(v);
+    setenv("KVTIER_THREAD_AFFINITY", v, 1);
+    cpu_set_t s;
+    ASSERT_TRUE(ProcessCpuSet(&s));
+    EXPECT_TRUE(CPU_ISSET(a_, &s) && CPU_ISSET(b_, &s));
+    const cpu_set_t got = Started();
+    EXPECT_TRUE(CPU_ISSET(a_, &got) && CPU_ISSET(b_, &got));
+  }
+}
+
 }  // namespace
 }  // namespace kvtier

@@ -733,9 +733,19 @@ def _check_memory(values: dict[str, Any], sources: dict[str, str]) -> None:
     sources["cpu_capacity"] = f"{sources['cpu_capacity']}, clamped to {_CLAMP_NUM}/{_CLAMP_DEN} of {what}"
 
 
+# Read by the C++ core itself (cc/common/cpu_affinity.h), not a config key;
+# checked here so a typo is an error rather than the default.
+ENV_THREAD_AFFINITY = "KVTIER_THREAD_AFFINITY"
+THREAD_AFFINITY_VALUES = ("", "process", "inherit")
+
+
 def _env_layer(environ: Mapping[str, str]) -> Iterable[tuple[str, object, str]]:
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        if name == ENV_THREAD_AFFINITY:
+            if raw not in THREAD_AFFINITY_VALUES:
+                raise ConfigError(f"{name}={raw!r}: allowed values are 'process' (the default) and 'inherit'")
             continue
         key = name[len(ENV_PREFIX):].lower()
         if key in _KEYS:

@@ -249,6 +249,15 @@ def test_env_typo_is_an_error() -> None:
         load_config(environ={"KVTIER_CPU_CAPACTY": "1GiB"})
 
 
+def test_thread_affinity_env_is_checked() -> None:
+    """KVTIER_THREAD_AFFINITY is read by the C++ core, not a config key; a
+    value it does not know is an error here, not a silent default."""
+    for ok in ("process", "inherit", ""):
+        load_config(environ={"KVTIER_THREAD_AFFINITY": ok})
+    with pytest.raises(ConfigError, match=r"KVTIER_THREAD_AFFINITY='inherrit'.*'process'.*'inherit'"):
+        load_config(environ={"KVTIER_THREAD_AFFINITY": "inherrit"})
+
+
 @pytest.mark.parametrize(
     ("key", "value", "allowed"),
     [

@@ -14,6 +14,9 @@ import glob
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -38,6 +41,41 @@ def kvtier_config(disk_path: Path) -> dict[str, Any]:
         "kv_role": "kv_both",
         "kv_connector_extra_config": {"cpu_capacity": "256MiB", "disk_path": str(disk_path)},
     }
+
+
+def free_port_run(n: int) -> int:
+    """A port p with p .. p+n-1 all free (the controller listens on PORT+rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for i in range(n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError(f"no run of {n} free ports")
+
+
+def controller_get(url: str, path: str) -> Any:
+    with urllib.request.urlopen(url + path, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def controller_post(url: str, path: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
 
 
 def shm_objects() -> set[str]:
@@ -94,9 +132,14 @@ def test_repeats_are_served_by_kvtier(
     model_path: str, reference: dict[int, list[list[int]]], tmp_path: Path, tp: int
 ) -> None:
     before = shm_objects()
+    config = kvtier_config(tmp_path / "disk")
+    # The operator's API too: each worker rank serves it at PORT+rank.
+    port = free_port_run(tp)
+    config["kv_connector_extra_config"]["controller_listen"] = f"127.0.0.1:{port}"
+    controllers = [f"http://127.0.0.1:{port + r}" for r in range(tp)]
     server = VllmServer(
         model_path,
-        kv_transfer_config=kvtier_config(tmp_path / "disk"),
+        kv_transfer_config=config,
         tensor_parallel_size=tp,
         log_path=tmp_path / "serve.log",
     )
@@ -111,6 +154,19 @@ def test_repeats_are_served_by_kvtier(
         metrics = server.metrics()
         with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
             page = r.read().decode()
+        # Each rank's controller answers for its own engine: its rank, its
+        # stored shards, and every prompt's whole chunks cached there.
+        for r, url in enumerate(controllers):
+            st = controller_get(url, "/v1/stats")
+            assert st["rank"] == r and st["stats"]["chunks_stored"] > 0, st
+            for prompt in PROMPTS:
+                found = controller_post(url, "/v1/lookup", {"tokens": prompt})
+                assert found["rank"] == r and found["cached_tokens"] >= len(prompt) // 256 * 256, found
+        cli = subprocess.run(
+            [sys.executable, "-m", "kvtier.cli", "stats", *[a for u in controllers for a in ("--url", u)]],
+            check=False, capture_output=True, text=True, timeout=120,
+        )
+        assert cli.returncode == 0 and all(f"rank {r}" in cli.stdout for r in range(tp)), (cli.stdout, cli.stderr)
     assert cold == reference[tp]
     assert warm == reference[tp]
     for prompt, n in zip(PROMPTS, hits):

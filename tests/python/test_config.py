@@ -460,9 +460,10 @@ def test_cli_gpu_recompute_without_gpu_says_so() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: tools/device_check.sh runs this benchmark")
-    result = run_cli("bench", "gpu-recompute", "--tokens", "256")
-    assert result.returncode == 2
-    assert "needs a CUDA GPU" in result.stderr
+    for bench in ("gpu-recompute", "gpu-layerwise"):
+        result = run_cli("bench", bench, "--tokens", "256")
+        assert result.returncode == 2, (bench, result.stderr)
+        assert "needs a CUDA GPU" in result.stderr, (bench, result.stderr)
 
 
 def test_index_capacity_limit_is_the_native_index_limit() -> None:

@@ -12,8 +12,6 @@
 namespace kvtier {
 namespace {
 
-
-
 // Process-wide registrations of host regions: several CudaPagedIo objects
 // (one per KV layout) share one engine's CPU tier region.
 struct Registration {

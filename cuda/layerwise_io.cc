@@ -151,43 +151,20 @@ StatusOr<std::unique_ptr<CudaLayerwiseLoad>> CudaLayerwiseLoad::Start(std::share
                                                                       CudaStream stream) {
   if (io == nullptr) return InvalidArgument("layer-wise load without a CudaPagedIo");
   const PagedKvLayout& lay = io->layout();
-  size_t total_slots = 0;
-  for (size_t i = 0; i < requests.size(); ++i) {
-    LayerwiseRequest& r = requests[i];
-    if (r.slots.size() != r.tokens.size()) {
-      return InvalidArgument("request " + std::to_string(i) + ": slot_mapping has " + std::to_string(r.slots.size()) +
-                             " entries for " + std::to_string(r.tokens.size()) + " tokens");
-    }
-    if (r.extras) KVT_RETURN_IF_ERROR(ValidateKeyExtras(&*r.extras).Annotate("request " + std::to_string(i)));
-    // Tokens the destination already holds are never written.
-    std::fill(r.slots.begin(), r.slots.begin() + static_cast<std::ptrdiff_t>(std::min(r.skip_tokens, r.slots.size())),
-              int64_t{-1});
-    KVT_RETURN_IF_ERROR(CheckSlots(lay, r.slots).Annotate("request " + std::to_string(i)));
-    total_slots += r.slots.size();
-  }
+  KVT_RETURN_IF_ERROR(CheckLayerwiseRequests(lay, &requests));
   if (lay.num_layers() < 1) return InvalidArgument("layer-wise load: the layout has no layers");
+  size_t total_slots = 0;
+  for (const LayerwiseRequest& r : requests) total_slots += r.slots.size();
   std::unique_ptr<CudaLayerwiseLoad> load(new CudaLayerwiseLoad());
   load->io_ = io;
   load->num_layers_ = lay.num_layers();
   load->stream_ = stream;
-  load->requests_ = std::move(requests);
-  const size_t n = load->requests_.size();
-  load->valid_.resize(n);
-  load->request_status_.resize(n);
-  load->leases_.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    const LayerwiseRequest& r = load->requests_[i];
-    StatusOr<Engine::PrefixLeases> got =
-        io->engine_->AcquirePrefix(r.tokens, r.skip_tokens, lay.layout_id(), r.extras ? &*r.extras : nullptr);
-    if (!got.ok()) {
-      load->request_status_[i] = got.status();
-      load->valid_[i] = std::min(r.skip_tokens, r.tokens.size());
-      continue;
-    }
-    load->valid_[i] = got->valid_tokens;
-    load->chunks_ += got->chunks.size();
-    load->leases_[i] = std::move(*got);
-  }
+  LayerwisePrefixes got = AcquireLayerwisePrefixes(*io->engine_, lay.layout_id(), requests);
+  load->valid_ = std::move(got.valid);
+  load->request_status_ = std::move(got.status);
+  load->leases_ = std::move(got.leases);
+  load->chunks_ = got.chunks;
+  const size_t n = requests.size();
   if (load->chunks_ == 0) {
     load->leases_.clear();
     return load;  // nothing to copy, nothing in flight: done
@@ -202,7 +179,7 @@ StatusOr<std::unique_ptr<CudaLayerwiseLoad>> CudaLayerwiseLoad::Start(std::share
   copies.reserve(load->chunks_);
   size_t offset = 0;
   for (size_t i = 0; i < n; ++i) {
-    const LayerwiseRequest& r = load->requests_[i];
+    const LayerwiseRequest& r = requests[i];
     std::copy(r.slots.begin(), r.slots.end(), lane->host_slots + offset);
     const Engine::PrefixLeases& p = load->leases_[i];
     for (size_t c = 0; c < p.chunks.size(); ++c) {

@@ -149,7 +149,6 @@ class CudaLayerwiseLoad {
   std::shared_ptr<CudaPagedIo> io_;
   int num_layers_ = 0;
   CudaStream stream_ = nullptr;
-  std::vector<LayerwiseRequest> requests_;
   std::vector<size_t> valid_;
   std::vector<Status> request_status_;
   std::vector<Engine::PrefixLeases> leases_;

@@ -122,6 +122,44 @@ StatusOr<std::shared_ptr<StoreHandle>> StoreLayerwise(Engine& engine, const Page
 // ---------------------------------------------------------------------------
 // LayerwiseLoad
 
+Status CheckLayerwiseRequests(const PagedKvLayout& layout, std::vector<LayerwiseRequest>* requests) {
+  for (size_t i = 0; i < requests->size(); ++i) {
+    LayerwiseRequest& r = (*requests)[i];
+    if (r.slots.size() != r.tokens.size()) {
+      return InvalidArgument("request " + std::to_string(i) + ": slot_mapping has " + std::to_string(r.slots.size()) +
+                             " entries for " + std::to_string(r.tokens.size()) + " tokens");
+    }
+    if (r.extras) KVT_RETURN_IF_ERROR(ValidateKeyExtras(&*r.extras).Annotate("request " + std::to_string(i)));
+    // Tokens the destination already holds are never written.
+    std::fill(r.slots.begin(), r.slots.begin() + static_cast<std::ptrdiff_t>(std::min(r.skip_tokens, r.slots.size())),
+              int64_t{-1});
+    KVT_RETURN_IF_ERROR(CheckSlots(layout, r.slots).Annotate("request " + std::to_string(i)));
+  }
+  return Status::Ok();
+}
+
+LayerwisePrefixes AcquireLayerwisePrefixes(Engine& engine, uint64_t layout_id,
+                                           const std::vector<LayerwiseRequest>& requests) {
+  LayerwisePrefixes out;
+  out.valid.resize(requests.size());
+  out.status.resize(requests.size());
+  out.leases.resize(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const LayerwiseRequest& r = requests[i];
+    StatusOr<Engine::PrefixLeases> got =
+        engine.AcquirePrefix(r.tokens, r.skip_tokens, layout_id, r.extras ? &*r.extras : nullptr);
+    if (!got.ok()) {
+      out.status[i] = got.status();
+      out.valid[i] = std::min(r.skip_tokens, r.tokens.size());
+      continue;
+    }
+    out.valid[i] = got->valid_tokens;
+    out.chunks += got->chunks.size();
+    out.leases[i] = std::move(*got);
+  }
+  return out;
+}
+
 LayerwiseLoad::LayerwiseLoad(std::shared_ptr<Engine> engine, const PagedKvLayout& layout)
     : engine_(std::move(engine)), layout_(layout) {}
 
@@ -133,38 +171,15 @@ StatusOr<std::unique_ptr<LayerwiseLoad>> LayerwiseLoad::Start(std::shared_ptr<En
   if (layout.device() != DeviceType::kCpu) {
     return FailedPrecondition("layer-wise load: layout (" + layout.DebugString() + ") is not on the CPU");
   }
-  for (size_t i = 0; i < requests.size(); ++i) {
-    LayerwiseRequest& r = requests[i];
-    if (r.slots.size() != r.tokens.size()) {
-      return InvalidArgument("request " + std::to_string(i) + ": slot_mapping has " + std::to_string(r.slots.size()) +
-                             " entries for " + std::to_string(r.tokens.size()) + " tokens");
-    }
-    if (r.extras) KVT_RETURN_IF_ERROR(ValidateKeyExtras(&*r.extras).Annotate("request " + std::to_string(i)));
-    // Tokens the destination already holds are never written.
-    std::fill(r.slots.begin(), r.slots.begin() + static_cast<std::ptrdiff_t>(std::min(r.skip_tokens, r.slots.size())),
-              int64_t{-1});
-    KVT_RETURN_IF_ERROR(CheckSlots(layout, r.slots).Annotate("request " + std::to_string(i)));
-  }
+  KVT_RETURN_IF_ERROR(CheckLayerwiseRequests(layout, &requests));
   std::unique_ptr<LayerwiseLoad> load(new LayerwiseLoad(std::move(engine), layout));
   load->requests_ = std::move(requests);
   load->test_before_layer_ = std::move(test_before_layer);
-  const size_t n = load->requests_.size();
-  load->valid_.resize(n);
-  load->request_status_.resize(n);
-  load->leases_.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    const LayerwiseRequest& r = load->requests_[i];
-    StatusOr<Engine::PrefixLeases> got = load->engine_->AcquirePrefix(
-        r.tokens, r.skip_tokens, layout.layout_id(), r.extras ? &*r.extras : nullptr);
-    if (!got.ok()) {
-      load->request_status_[i] = got.status();
-      load->valid_[i] = std::min(r.skip_tokens, r.tokens.size());
-      continue;
-    }
-    load->valid_[i] = got->valid_tokens;
-    load->chunks_ += got->chunks.size();
-    load->leases_[i] = std::move(*got);
-  }
+  LayerwisePrefixes got = AcquireLayerwisePrefixes(*load->engine_, layout.layout_id(), load->requests_);
+  load->valid_ = std::move(got.valid);
+  load->request_status_ = std::move(got.status);
+  load->leases_ = std::move(got.leases);
+  load->chunks_ = got.chunks;
   LayerwiseLoad* raw = load.get();
   Status started = StartThread(&load->thread_, [raw] { raw->CopyLayers(); });
   if (!started.ok()) raw->CopyLayers();  // same result, on this thread

@@ -113,6 +113,24 @@ struct LayerwiseRequest {
   std::optional<KeyExtras> extras;
 };
 
+// The start of a layer-wise load, shared with its CUDA counterpart
+// (cuda/layerwise_io.h). CheckLayerwiseRequests checks every request before
+// anything is leased (kInvalidArgument naming the request: slots per token,
+// extras, slot range) and sets the slots of tokens before skip_tokens to -1
+// (never written). AcquireLayerwisePrefixes then leases each request's
+// cached prefix; a request whose prefix cannot be acquired loads nothing
+// (valid == its skip_tokens, capped at its length; status says why).
+Status CheckLayerwiseRequests(const PagedKvLayout& layout, std::vector<LayerwiseRequest>* requests);
+
+struct LayerwisePrefixes {
+  std::vector<size_t> valid;          // per request
+  std::vector<Status> status;         // per request
+  std::vector<Engine::PrefixLeases> leases;  // per request
+  size_t chunks = 0;                  // leased, over every request
+};
+LayerwisePrefixes AcquireLayerwisePrefixes(Engine& engine, uint64_t layout_id,
+                                           const std::vector<LayerwiseRequest>& requests);
+
 class LayerwiseLoad {
  public:
   // test_before_layer (tests only): called on the copy thread before each

@@ -38,21 +38,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kvtier.bench.gpu_recompute import BLOCK, SHAPES, _median_ms
-
-
-def _model(shape: dict[str, int], max_positions: int) -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaModel
-
-    cfg = LlamaConfig(max_position_embeddings=max_positions, **shape)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            return LlamaModel(cfg).eval()
-    finally:
-        torch.set_default_dtype(old)
+from kvtier.bench.gpu_recompute import (
+    BLOCK,
+    SHAPES,
+    _median_ms,
+    build_model,
+    start_gpu_bench,
+)
 
 
 def _wait_for(holder: list[Any], fired: list[int], layer: int) -> Any:
@@ -153,23 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.suffix < 1 or min(args.tokens) < 1 or args.repeats < 1:
         ap.error("--suffix, --tokens and --repeats must be >= 1")
-    try:
-        import torch
-    except ImportError:
-        print("gpu-layerwise: needs torch with CUDA", file=sys.stderr)
+    if not start_gpu_bench("gpu-layerwise"):
         return 2
-    from kvtier.kv_layout import cuda_runtime_available
+    import torch
 
-    if not torch.cuda.is_available() or not cuda_runtime_available():
-        print("gpu-layerwise: needs a CUDA GPU and a kvtier build with CUDA (the wheel)", file=sys.stderr)
-        return 2
-    import transformers
-
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__}
-    print(json.dumps({"env": env}), flush=True)
     for name in args.models:
         shape = SHAPES[name]
-        model = _model(shape, max(args.tokens) + args.suffix)
+        model = build_model(shape, max(args.tokens) + args.suffix)
         holder: list[Any] = [None]  # the layer-wise load the forward pass waits on, if any
         fired: list[int] = []  # layers whose pre-hook ran during a layer-wise pass
 

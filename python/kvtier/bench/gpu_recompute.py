@@ -56,21 +56,48 @@ def _median_ms(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _recompute_ms(shape: dict[str, int], tokens: list[int], repeats: int) -> dict[int, float]:
+def build_model(shape: dict[str, int], max_positions: int) -> Any:
+    """Hugging Face's Llama decoder stack of `shape`, random weights, bf16, on the GPU."""
     import torch
     from transformers import LlamaConfig, LlamaModel
 
-    cfg = LlamaConfig(max_position_embeddings=max(tokens), **shape)
+    cfg = LlamaConfig(max_position_embeddings=max_positions, **shape)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            model = LlamaModel(cfg).eval()
+            return LlamaModel(cfg).eval()
     finally:
         torch.set_default_dtype(old)
+
+
+def start_gpu_bench(prog: str) -> bool:
+    """Checks for torch with CUDA, a GPU and a CUDA build of kvtier (says what
+    is missing on stderr: False), then prints the environment line."""
+    try:
+        import torch
+    except ImportError:
+        print(f"{prog}: needs torch with CUDA", file=sys.stderr)
+        return False
+    from kvtier.kv_layout import cuda_runtime_available
+
+    if not torch.cuda.is_available() or not cuda_runtime_available():
+        print(f"{prog}: needs a CUDA GPU and a kvtier build with CUDA (the wheel)", file=sys.stderr)
+        return False
+    import transformers
+
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__}
+    print(json.dumps({"env": env}), flush=True)
+    return True
+
+
+def _recompute_ms(shape: dict[str, int], tokens: list[int], repeats: int) -> dict[int, float]:
+    import torch
+
+    model = build_model(shape, max(tokens))
     out = {}
     for n in tokens:
-        ids = torch.randint(0, cfg.vocab_size, (1, n), device="cuda")
+        ids = torch.randint(0, shape["vocab_size"], (1, n), device="cuda")
 
         def prefill(model: Any = model, ids: Any = ids) -> None:
             with torch.inference_mode():
@@ -118,20 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096, 16384])
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        print("gpu-recompute: needs torch with CUDA", file=sys.stderr)
+    if not start_gpu_bench("gpu-recompute"):
         return 2
-    from kvtier.kv_layout import cuda_runtime_available
-
-    if not torch.cuda.is_available() or not cuda_runtime_available():
-        print("gpu-recompute: needs a CUDA GPU and a kvtier build with CUDA (the wheel)", file=sys.stderr)
-        return 2
-    import transformers
-
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__}
-    print(json.dumps({"env": env}), flush=True)
     for name in args.models:
         shape = SHAPES[name]
         recompute = _recompute_ms(shape, args.tokens, args.repeats)
